@@ -1,0 +1,39 @@
+"""The `heapr-serve` command line: compress, apply, inspect, eval, serve, bench, ab-proxy.
+
+Each command lives in its own module; this file only wires them into one Typer app and turns the
+project's expected errors (`HeaprError`) into a one-line message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from heapr_serve.errors import HeaprError
+
+app = typer.Typer(
+    name="heapr-serve",
+    help="HEAPr atomic-expert pruning for MoE LLMs, and serving the result in vLLM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# --- command registrations (one line per command; each module owns its command) ---
+# (lead adds compress/apply/inspect/eval; helpers add serve/bench/ab-proxy here)
+# --- end of command registrations ---
+
+
+def main() -> None:
+    """Console-script entry point: run the app, report HeaprError as one line."""
+    try:
+        app(standalone_mode=True)
+    except HeaprError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

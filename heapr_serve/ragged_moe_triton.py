@@ -1,0 +1,599 @@
+"""One-launch-per-GEMM fused MoE for experts of *different* widths (HEAPr-pruned layers), in Triton.
+
+A HEAPr-pruned MoE layer keeps, per routed expert e, only I_e of the I intermediate neurons; I_e may be
+0. Stock fused-MoE kernels need one width for every expert, so this module carries its own:
+
+* ``pack_ragged_experts`` packs per-expert (gate [I_e,H], up [I_e,H], down [H,I_e]) tensors into
+  two 2-D tensors with per-expert row offsets (the layout is described on ``PackedRaggedExperts``).
+* ``align_tokens`` (pure torch, CPU or GPU, no host sync so CUDA graphs can capture it) sorts the
+  (token, slot) pairs into BLOCK_M-row blocks, each block owned by one expert. Pairs routed to a width-0
+  expert are dropped here, so such experts cost no block, no program and no byte of weight traffic.
+* Three kernels: gate/up GEMM with per-expert N fused with SiLU-and-mul; down GEMM with per-expert K
+  and the router weight applied in fp32; a top-k combine that sums each token's rows in fp32.
+* ``ragged_fused_moe`` runs them; ``torch.ops.heapr.ragged_fused_moe`` is the same thing registered
+  as a custom op with a fake implementation, so torch.compile traces through it and CUDA graphs
+  capture it (every grid is a function of shapes only).
+
+Triton is imported under a guard: the module imports on machines with neither Triton nor a GPU, where
+``ragged_fused_moe`` falls back to a torch implementation. With ``TRITON_INTERPRET=1`` set before
+Triton is imported, CPU tensors run through the Triton kernels in the interpreter (that is how the tests
+check the kernels without a GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import torch
+
+try:  # guarded: the package must import where triton (or a GPU) is missing
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "PackedRaggedExperts",
+    "RaggedMoeConfig",
+    "align_tokens",
+    "choose_config",
+    "pack_ragged_experts",
+    "ragged_fused_moe",
+    "ragged_moe_reference",
+    "ragged_offsets",
+]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed layout
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRaggedExperts:
+    """The routed experts of one MoE layer in the layout the kernels read.
+
+    * ``w13`` [sum_e 2*I_e, H]: expert e occupies rows ``w13_offsets[e] : w13_offsets[e] + 2*I_e``,
+      its I_e gate rows first, then its I_e up rows (the per-expert order of vLLM's w13). One expert's
+      whole N-range is contiguous, every row is K(=H)-contiguous, so each gate or up tile a program
+      loads is BLOCK_N full-stride rows: coalesced, and the up tile sits at a fixed distance (I_e rows)
+      from the gate tile, so no second offset table is needed. Interleaving gate/up per tile would buy
+      nothing: the kernel issues two tile loads either way.
+    * ``w2t`` [sum_e I_e, H]: expert e's down projection *transposed*, rows ``w2_offsets[e] :
+      w2_offsets[e] + I_e`` (row k = neuron k's output column d_k). The down GEMM's ragged dimension is
+      its reduction dimension K; stored this way the stride is H for every expert (one shared stride
+      instead of one per expert), the ragged tail is whole masked rows, and the B tile is N-contiguous,
+      which Hopper's wgmma reads from shared memory as well as a K-major one.
+    * ``widths`` int32 [E] (I_e, 0 allowed), ``w13_offsets`` / ``w2_offsets`` int64 [E] (row offsets:
+      int64 because rows * H overflows int32 on DeepSeek-V3-sized layers).
+    * ``max_width``: max_e I_e as a Python int; it sizes grids and the intermediate buffer, so it must
+      be static (known at load time) for CUDA graphs.
+
+    Tensor parallelism: split every expert's neurons across ranks and pack each rank's share; the layer
+    all-reduces the outputs as for a dense MoE.
+    """
+
+    w13: torch.Tensor
+    w2t: torch.Tensor
+    widths: torch.Tensor
+    w13_offsets: torch.Tensor
+    w2_offsets: torch.Tensor
+    max_width: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.widths.numel()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w13.shape[1]
+
+    def to(self, device=None, dtype=None) -> PackedRaggedExperts:
+        """Move (and optionally cast the weights of) the packed layer; index tensors keep their dtype."""
+        return PackedRaggedExperts(
+            w13=self.w13.to(device=device, dtype=dtype),
+            w2t=self.w2t.to(device=device, dtype=dtype),
+            widths=self.widths.to(device=device),
+            w13_offsets=self.w13_offsets.to(device=device),
+            w2_offsets=self.w2_offsets.to(device=device),
+            max_width=self.max_width,
+        )
+
+
+def ragged_offsets(widths: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row offsets (w13_offsets, w2_offsets), int64 [E], of each expert in the packed tensors."""
+    w = torch.as_tensor(widths, dtype=torch.int64).reshape(-1).cpu()
+    if (w < 0).any():
+        raise ValueError(f"expert widths must be >= 0, got {w.tolist()}")
+    w2_off = torch.cumsum(w, 0) - w
+    return 2 * w2_off, w2_off
+
+
+def pack_ragged_experts(
+    experts: Sequence[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None],
+    hidden_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> PackedRaggedExperts:
+    """Pack per-expert (gate [I_e,H], up [I_e,H], down [H,I_e]) into the kernels' layout (load time).
+
+    A width-0 expert is given as ``None``, ``(None, None, None)`` or tensors with I_e = 0; it takes no
+    rows. Shapes are checked so that a wrong checkpoint fails here, with the expert named, rather
+    than as wrong numbers later. ``hidden_size`` is required only if every expert has width 0.
+    """
+    widths: list[int] = []
+    gate_up_parts: list[torch.Tensor] = []
+    down_parts: list[torch.Tensor] = []
+    H = hidden_size
+    for e, triple in enumerate(experts):
+        if triple is None or all(t is None for t in triple):
+            widths.append(0)
+            continue
+        if any(t is None for t in triple):
+            raise ValueError(f"expert {e}: gate, up and down must all be given or all be None")
+        gate, up, down = triple
+        if gate.dim() != 2 or up.dim() != 2 or down.dim() != 2:
+            raise ValueError(f"expert {e}: gate, up, down must be 2-D, got {tuple(gate.shape)}, "
+                             f"{tuple(up.shape)}, {tuple(down.shape)}")
+        i_e, h = gate.shape
+        if H is None:
+            H = h
+        if (tuple(gate.shape) != (i_e, H) or tuple(up.shape) != (i_e, H)
+                or tuple(down.shape) != (H, i_e)):
+            raise ValueError(
+                f"expert {e}: expected gate [I_e,{H}], up [I_e,{H}], down [{H},I_e] with one I_e, got "
+                f"gate {tuple(gate.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)}")
+        widths.append(i_e)
+        if i_e:
+            dt = dtype or gate.dtype
+            gate_up_parts += [gate.to(device=device, dtype=dt), up.to(device=device, dtype=dt)]
+            down_parts.append(down.to(device=device, dtype=dt).t())
+    if H is None:
+        raise ValueError("every expert has width 0: pass hidden_size")
+    if not widths:
+        raise ValueError("no experts given")
+    if dtype is None:
+        dtype = gate_up_parts[0].dtype if gate_up_parts else torch.bfloat16
+    if gate_up_parts:
+        w13 = torch.cat(gate_up_parts, 0).contiguous()
+        w2t = torch.cat(down_parts, 0).contiguous()
+    else:
+        w13 = torch.empty((0, H), dtype=dtype, device=device)
+        w2t = torch.empty((0, H), dtype=dtype, device=device)
+    w13_off, w2_off = ragged_offsets(widths)
+    return PackedRaggedExperts(
+        w13=w13,
+        w2t=w2t,
+        widths=torch.tensor(widths, dtype=torch.int32, device=w13.device),
+        w13_offsets=w13_off.to(w13.device),
+        w2_offsets=w2_off.to(w13.device),
+        max_width=max(widths),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Token alignment (pure torch)
+# --------------------------------------------------------------------------------------------------
+
+
+def max_blocks_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Static upper bound on the number of expert blocks (sum_e ceil(c_e / BLOCK_M), sum c_e <= n).
+
+    At most min(n, E) experts are non-empty and each wastes at most BLOCK_M - 1 padded rows, so the
+    bound depends on shapes only: grids and buffers are sized by it and CUDA graphs can replay them.
+    """
+    return (num_pairs + min(num_pairs, num_experts) * (block_m - 1)) // block_m
+
+
+def align_tokens(topk_ids: torch.Tensor, widths: torch.Tensor, block_m: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the (token, slot) pairs into per-expert blocks of ``block_m`` rows, without a host sync.
+
+    Returns ``sorted_ids`` int32 [max_blocks * block_m] and ``block_expert`` int32 [max_blocks]
+    (max_blocks = ``max_blocks_bound``). Block b covers sorted rows b*block_m .. (b+1)*block_m - 1;
+    each row holds a flat pair index t*topk + j, or topk_ids.numel() for padding. ``block_expert[b]``
+    is the expert of block b, or -1 for the unused tail. Experts appear in increasing order and a
+    pair keeps its original order inside its expert (stable sort), so results are deterministic.
+    Pairs routed to width-0 experts appear nowhere: those experts contribute exactly zero.
+    """
+    T, k = topk_ids.shape
+    E = widths.numel()
+    n = T * k
+    dev = topk_ids.device
+    max_blocks = max_blocks_bound(n, E, block_m)
+    size = max_blocks * block_m
+    if n == 0:
+        return (torch.empty(0, dtype=torch.int32, device=dev),
+                torch.empty(0, dtype=torch.int32, device=dev))
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    live = widths.to(device=dev)[flat] > 0
+    key = torch.where(live, flat, E)  # dropped pairs go to a virtual expert E that owns no block
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    blocks = (counts + block_m - 1) // block_m
+    blocks[E] = 0
+    cum_blocks = torch.cumsum(blocks, 0)
+    pad_start = (cum_blocks - blocks) * block_m  # first sorted row of each expert
+    unpadded_start = torch.cumsum(counts, 0) - counts  # first position of each expert in sort order
+    rank = torch.arange(n, device=dev) - unpadded_start[sorted_key]
+    dest = torch.where(sorted_key < E, pad_start[sorted_key] + rank, size)  # `size` = dump slot
+    sorted_ids = torch.full((size + 1,), n, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    block_idx = torch.arange(max_blocks, device=dev)
+    block_expert = torch.searchsorted(cum_blocks[:E].contiguous(), block_idx, right=True)
+    block_expert = torch.where(block_expert < E, block_expert, -1).to(torch.int32)
+    return sorted_ids[:size], block_expert
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedMoeConfig:
+    """Tile sizes. ``block_m`` is shared by both GEMMs (it is the alignment of the token sort)."""
+
+    block_m: int = 64
+    gu_block_n: int = 64
+    gu_block_k: int = 64
+    gu_warps: int = 8
+    gu_stages: int = 3
+    dn_block_n: int = 128
+    dn_block_k: int = 64
+    dn_warps: int = 8
+    dn_stages: int = 3
+    group_m: int = 1
+    combine_block: int = 1024
+
+
+def choose_config(num_tokens: int, topk: int, num_experts: int, hidden_size: int,
+                  max_width: int) -> RaggedMoeConfig:
+    """Heuristic tiles from the mean number of pairs per expert (what fills an M tile).
+
+    Small batches are weight-streaming bound: small M tile, long K tile, deep pipeline. Large batches
+    are tensor-core bound: 64/128-row tiles and 8 warps. The gate/up kernel keeps two fp32
+    accumulators (gate and up), so its N tile is half the down kernel's. These are starting points
+    to be replaced by ``tools/bench_kernel_gpu.py --tune`` results measured on the target GPU.
+    """
+    per_expert = num_tokens * topk / max(num_experts, 1)
+    if per_expert <= 16:
+        return RaggedMoeConfig(block_m=16, gu_block_n=32, gu_block_k=128, gu_warps=4, gu_stages=4,
+                               dn_block_n=64, dn_block_k=128, dn_warps=4, dn_stages=4, group_m=1)
+    if per_expert <= 48:
+        return RaggedMoeConfig(block_m=32, gu_block_n=64, gu_block_k=64, gu_warps=4, gu_stages=4,
+                               dn_block_n=64, dn_block_k=64, dn_warps=4, dn_stages=4, group_m=1)
+    if per_expert <= 160:
+        return RaggedMoeConfig(block_m=64, gu_block_n=64, gu_block_k=64, gu_warps=4, gu_stages=3,
+                               dn_block_n=128, dn_block_k=64, dn_warps=8, dn_stages=3, group_m=4)
+    return RaggedMoeConfig(block_m=128, gu_block_n=64, gu_block_k=64, gu_warps=8, gu_stages=3,
+                           dn_block_n=128, dn_block_k=64, dn_warps=8, dn_stages=3, group_m=8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """Map a flat program id to (m-block, n-tile) in GROUP_M-row groups, so the programs in flight
+        share weight tiles in L2 when an expert owns several consecutive blocks."""
+        per_group = GROUP_M * num_n
+        group = pid // per_group
+        first_m = group * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+        return pid_m, pid_n
+
+    @triton.jit
+    def _round_bf16_rtne(x):
+        """fp32 -> bf16 with round-to-nearest-even, by integer arithmetic. Interpreter only: its
+        fp32 -> bf16 cast truncates, which would double the rounding error the tests measure; the GPU
+        cast is already RTNE. (NaN/overflow handling is not needed for the tests' data.)"""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _ragged_gate_up_kernel(
+        x_ptr, w13_ptr, inter_ptr,
+        sorted_ids_ptr, block_expert_ptr, widths_ptr, w13_off_ptr,
+        K, num_pairs, topk, num_m, num_n,
+        stride_xm, stride_wn, stride_im,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, INTERP_BF16: tl.constexpr,
+    ):
+        """inter[row, n] = silu(x[tok] . gate_e[n]) * (x[tok] . up_e[n]) for n < I_e.
+
+        One program per (expert block, N tile). The grid covers max_width N tiles for every block;
+        tiles past the block's own expert width return at once (that is where pruning saves the
+        gate/up time). Both dot products share the A tile; accumulation is fp32 and the activation is
+        applied to the fp32 accumulators, so the intermediate is rounded once.
+        """
+        pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP_M)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        width = tl.load(widths_ptr + expert).to(tl.int64)
+        n0 = pid_n * BLOCK_N
+        if n0 >= width:
+            return
+        row0 = tl.load(w13_off_ptr + expert).to(tl.int64)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + offs_m)
+        m_mask = pair < num_pairs
+        tok = (pair // topk).to(tl.int64)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < width
+        offs_k = tl.arange(0, BLOCK_K)
+
+        a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+        g_rows = row0 + offs_n.to(tl.int64)
+        g_ptrs = w13_ptr + g_rows[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+        u_ptrs = g_ptrs + width * stride_wn  # the up rows follow the I_e gate rows
+
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+                g = tl.load(g_ptrs, mask=n_mask[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=n_mask[None, :], other=0.0)
+            else:
+                k_mask = offs_k < K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+            if INTERP_BF16:  # interpreter only: its tl.dot multiplies bf16 bit patterns (see _launch)
+                a = a.to(tl.float32)
+                g = g.to(tl.float32)
+                u = u.to(tl.float32)
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+
+        act = acc_g * tl.sigmoid(acc_g) * acc_u
+        if INTERP_BF16:
+            act = _round_bf16_rtne(act)
+        i_ptrs = inter_ptr + offs_m.to(tl.int64)[:, None] * stride_im + offs_n[None, :]
+        tl.store(i_ptrs, act.to(inter_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _ragged_down_kernel(
+        inter_ptr, w2t_ptr, buf_ptr, topk_w_ptr,
+        sorted_ids_ptr, block_expert_ptr, widths_ptr, w2_off_ptr,
+        N, num_pairs, num_m, num_n,
+        stride_im, stride_wk, stride_bm,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, INTERP_BF16: tl.constexpr,
+    ):
+        """buf[pair, n] = w_pair * sum_{k < I_e} inter[row, k] * w2t[off_e + k, n].
+
+        The reduction length is the block's own expert width: pruned neurons cost no iteration. The
+        router weight multiplies the fp32 accumulator before the single rounding to the output dtype.
+        """
+        pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP_M)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        width = tl.load(widths_ptr + expert)
+        row0 = tl.load(w2_off_ptr + expert).to(tl.int64)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + offs_m)
+        m_mask = pair < num_pairs
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+
+        a_ptrs = inter_ptr + offs_m.to(tl.int64)[:, None] * stride_im + offs_k[None, :]
+        b_ptrs = w2t_ptr + (row0 + offs_k.to(tl.int64))[:, None] * stride_wk + offs_n[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(width, BLOCK_K)):
+            k_mask = offs_k < width - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if INTERP_BF16:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_wk
+
+        w = tl.load(topk_w_ptr + pair, mask=m_mask, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
+        if INTERP_BF16:
+            acc = _round_bf16_rtne(acc)
+        o_ptrs = buf_ptr + pair.to(tl.int64)[:, None] * stride_bm + offs_n[None, :]
+        tl.store(o_ptrs, acc.to(buf_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _combine_kernel(
+        buf_ptr, out_ptr, topk_ids_ptr, widths_ptr,
+        N, topk, stride_bm, stride_om,
+        BLOCK: tl.constexpr, INTERP_BF16: tl.constexpr,
+    ):
+        """out[t] = sum_j buf[t*topk + j] in fp32, skipping slots whose expert has width 0 (their rows
+        of buf were never written, so this replaces a memset of the whole buffer)."""
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in range(0, topk):
+            p = t * topk + j
+            e = tl.load(topk_ids_ptr + p)
+            n_live = tl.where(tl.load(widths_ptr + e) > 0, N, 0)  # 0 masks the whole row off
+            acc += tl.load(buf_ptr + p * stride_bm + offs, mask=offs < n_live, other=0.0).to(tl.float32)
+        if INTERP_BF16:
+            acc = _round_bf16_rtne(acc)
+        tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(hidden: torch.Tensor, packed: PackedRaggedExperts, topk_ids: torch.Tensor,
+            topk_weights: torch.Tensor, cfg: RaggedMoeConfig) -> torch.Tensor:
+    T, H = hidden.shape
+    k = topk_ids.shape[1]
+    n = T * k
+    out = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device)
+    if packed.max_width == 0:
+        return out.zero_()
+    topk_ids = topk_ids.contiguous()
+    topk_weights = topk_weights.contiguous()
+    sorted_ids, block_expert = align_tokens(topk_ids, packed.widths, cfg.block_m)
+    num_m = block_expert.numel()
+    # Two bugs of Triton's CPU interpreter (3.x) with bf16, worked around only there (never on a GPU):
+    # tl.dot is a numpy matmul of the raw storage, i.e. of uint16 bit patterns, so the tiles are
+    # upcast to fp32 first (exact; the same products the GPU's bf16 MMA accumulates in fp32); and its
+    # fp32 -> bf16 cast truncates, so results are rounded to nearest even by hand before the store.
+    interp_bf16 = _interpreting() and hidden.dtype == torch.bfloat16
+
+    inter = torch.empty((num_m * cfg.block_m, packed.max_width), dtype=hidden.dtype,
+                        device=hidden.device)
+    num_n1 = _cdiv(packed.max_width, cfg.gu_block_n)
+    _ragged_gate_up_kernel[(num_m * num_n1,)](
+        hidden, packed.w13, inter,
+        sorted_ids, block_expert, packed.widths, packed.w13_offsets,
+        H, n, k, num_m, num_n1,
+        hidden.stride(0), packed.w13.stride(0), inter.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.gu_block_n, BLOCK_K=cfg.gu_block_k,
+        GROUP_M=cfg.group_m, EVEN_K=(H % cfg.gu_block_k == 0), INTERP_BF16=interp_bf16,
+        num_warps=cfg.gu_warps, num_stages=cfg.gu_stages,
+    )
+
+    buf = torch.empty((n, H), dtype=hidden.dtype, device=hidden.device)
+    num_n2 = _cdiv(H, cfg.dn_block_n)
+    _ragged_down_kernel[(num_m * num_n2,)](
+        inter, packed.w2t, buf, topk_weights,
+        sorted_ids, block_expert, packed.widths, packed.w2_offsets,
+        H, n, num_m, num_n2,
+        inter.stride(0), packed.w2t.stride(0), buf.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.dn_block_n, BLOCK_K=cfg.dn_block_k,
+        GROUP_M=cfg.group_m, INTERP_BF16=interp_bf16,
+        num_warps=cfg.dn_warps, num_stages=cfg.dn_stages,
+    )
+
+    block = min(cfg.combine_block, triton.next_power_of_2(H))
+    _combine_kernel[(T, _cdiv(H, block))](
+        buf, out, topk_ids, packed.widths,
+        H, k, buf.stride(0), out.stride(0),
+        BLOCK=block, INTERP_BF16=interp_bf16, num_warps=4 if block >= 512 else 1,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch implementation (reference for tests, fallback where the kernels cannot run)
+# --------------------------------------------------------------------------------------------------
+
+
+def ragged_moe_reference(hidden: torch.Tensor, packed: PackedRaggedExperts, topk_ids: torch.Tensor,
+                         topk_weights: torch.Tensor, compute_dtype: torch.dtype = torch.float32
+                         ) -> torch.Tensor:
+    """Per-expert loop in ``compute_dtype``, result in hidden's dtype. Slow (host syncs), exact
+    semantics: the fallback on machines without the kernels, and a cross-check of the packing."""
+    T, H = hidden.shape
+    x = hidden.to(compute_dtype)
+    out = torch.zeros((T, H), dtype=compute_dtype, device=hidden.device)
+    widths = packed.widths.tolist()
+    w13_off = packed.w13_offsets.tolist()
+    w2_off = packed.w2_offsets.tolist()
+    ids = topk_ids.to(hidden.device)
+    for e, i_e in enumerate(widths):
+        if i_e == 0:
+            continue
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        w13 = packed.w13[w13_off[e]: w13_off[e] + 2 * i_e].to(compute_dtype)
+        w2t = packed.w2t[w2_off[e]: w2_off[e] + i_e].to(compute_dtype)
+        xe = x[tok]
+        a = torch.nn.functional.silu(xe @ w13[:i_e].t()) * (xe @ w13[i_e:].t())
+        y = (a @ w2t) * topk_weights[tok, slot].to(compute_dtype)[:, None]
+        out.index_add_(0, tok, y)
+    return out.to(hidden.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_args(hidden, packed, topk_ids, topk_weights):
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [tokens, H], got {tuple(hidden.shape)}")
+    if hidden.shape[1] != packed.hidden_size:
+        raise ValueError(f"hidden size {hidden.shape[1]} != packed experts' {packed.hidden_size}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"topk_ids must be [tokens, topk], got {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} != topk_ids "
+                         f"{tuple(topk_ids.shape)}")
+    if packed.w13.dtype != hidden.dtype or packed.w2t.dtype != hidden.dtype:
+        raise ValueError(f"weights are {packed.w13.dtype}, hidden is {hidden.dtype}: cast at load time")
+
+
+def ragged_fused_moe(hidden: torch.Tensor, packed: PackedRaggedExperts, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor, config: RaggedMoeConfig | None = None
+                     ) -> torch.Tensor:
+    """Routed-expert output of one MoE layer: sum_j w[t,j] * expert_{ids[t,j]}(hidden[t]).
+
+    hidden [T, H] bf16/fp16 (fp32 works too), topk_ids [T, topk] int32/int64, topk_weights
+    [T, topk] (any float dtype; used in fp32). Returns [T, H] in hidden's dtype. On CUDA (or on CPU
+    under TRITON_INTERPRET=1) the Triton kernels run; elsewhere the torch reference does.
+    """
+    _check_args(hidden, packed, topk_ids, topk_weights)
+    hidden = hidden.contiguous()
+    if hidden.shape[0] == 0:
+        return torch.empty_like(hidden)
+    use_triton = HAS_TRITON and (hidden.is_cuda or (_interpreting() and hidden.device.type == "cpu"))
+    if not use_triton:
+        return ragged_moe_reference(hidden, packed, topk_ids, topk_weights)
+    if config is None:
+        config = choose_config(hidden.shape[0], topk_ids.shape[1], packed.num_experts,
+                               packed.hidden_size, packed.max_width)
+    return _launch(hidden, packed, topk_ids, topk_weights, config)
+
+
+@torch.library.custom_op("heapr::ragged_fused_moe", mutates_args=())
+def _ragged_fused_moe_op(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2t: torch.Tensor,
+    widths: torch.Tensor,
+    w13_offsets: torch.Tensor,
+    w2_offsets: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    max_width: int,
+) -> torch.Tensor:
+    """``torch.ops.heapr.ragged_fused_moe``: ``ragged_fused_moe`` with the packed layer spelled out
+    as tensors (a custom op cannot take a dataclass) and the heuristic config."""
+    packed = PackedRaggedExperts(w13, w2t, widths, w13_offsets, w2_offsets, max_width)
+    return ragged_fused_moe(hidden, packed, topk_ids, topk_weights)
+
+
+@_ragged_fused_moe_op.register_fake
+def _(hidden, w13, w2t, widths, w13_offsets, w2_offsets, topk_ids, topk_weights, max_width):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)

@@ -22,7 +22,18 @@ app = typer.Typer(
 )
 
 # --- command registrations (one line per command; each module owns its command) ---
-# (lead adds compress/apply/inspect/eval; helpers add serve/bench/ab-proxy here)
+from heapr_serve.compress import apply_command, compress_command  # noqa: E402
+from heapr_serve.evaluate import eval_command  # noqa: E402
+from heapr_serve.inspect_checkpoint import inspect_command  # noqa: E402
+
+app.command("compress")(compress_command)
+app.command("apply")(apply_command)
+app.command("eval")(eval_command)
+app.command("inspect")(inspect_command)
+from heapr_serve.ab_proxy import ab_proxy_command  # noqa: E402
+app.command("ab-proxy")(ab_proxy_command)
+from heapr_serve.ab_bench import bench_command  # noqa: E402
+app.command("bench")(bench_command)
 # --- end of command registrations ---
 
 

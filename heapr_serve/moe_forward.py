@@ -21,9 +21,11 @@ ExpertWeights = Callable[[int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class ActivationObserver(Protocol):
-    """Sees each expert's intermediate activation `a = act(G x) * (U x)` for its routed tokens."""
+    """Sees, per expert, which tokens were routed to it (indices into the flattened batch), their
+    intermediate activation `a = act(G x) * (U x)` and the expert output `y = D a` (before the router
+    weight multiplies it)."""
 
-    def observe(self, expert: int, activation: torch.Tensor) -> None: ...
+    def observe(self, expert: int, tokens: torch.Tensor, activation: torch.Tensor, output: torch.Tensor) -> None: ...
 
 
 def sorted_moe_forward(
@@ -61,9 +63,10 @@ def sorted_moe_forward(
         gate, up, down = weights
         xs = x[rows]
         activation = act_fn(xs @ gate.t()) * (xs @ up.t())
+        expert_out = activation @ down.t()
         if observer is not None:
-            observer.observe(expert, activation)
-        outputs.append(activation @ down.t())
+            observer.observe(expert, token_of[rows], activation, expert_out)
+        outputs.append(expert_out)
     out = hidden.new_zeros(hidden.shape)
     if not outputs:
         return out

@@ -1,0 +1,40 @@
+"""The README.md that travels with a pruned checkpoint: what was done, and the before/after table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_model_card(folder: Path, config: dict, plan, source_params: int, pruned_params: int) -> None:
+    heapr = config["heapr"]
+    calib = heapr.get("calibration", {})
+    lines = [
+        f"# {folder.name if not folder.name.startswith('.') else 'pruned model'}: HEAPr-pruned {heapr['source_architectures'][0]}",
+        "",
+        f"Pruned from `{heapr['source_model']}` with [heapr-serve](https://github.com/) (HEAPr, arXiv 2509.22299):",
+        "individual neurons of the routed experts were ranked by their second-order (Fisher) score and the",
+        "lowest removed, so each expert keeps its own width. Shared experts, attention and the router are unchanged.",
+        "",
+        "| | before | after |",
+        "|---|---:|---:|",
+        f"| parameters | {source_params:,} | {pruned_params:,} ({pruned_params / source_params:.1%}) |",
+        f"| routed-expert neurons | {plan.total:,} | {plan.kept:,} ({1 - plan.effective_ratio:.1%}) |",
+        f"| experts at width 0 | 0 | {plan.zero_width_experts} |",
+        "",
+        f"Requested ratio {heapr['ratio']:.2%}, effective {heapr['effective_ratio']:.2%}, scope `{heapr['scope']}`, align {heapr['align']}.",
+        f"Calibration: {calib.get('source', '?')}, {calib.get('nsamples', '?')} x {calib.get('seq_len', '?')} tokens, sha256 `{calib.get('sha256', '?')[:16]}`.",
+        "",
+        "| layer | kept share | min width | max width | width-0 experts |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for layer, share in plan.layer_kept_share().items():
+        w = plan.widths[layer]
+        lines.append(f"| {layer} | {share:.1%} | {min(w)} | {max(w)} | {sum(x == 0 for x in w)} |")
+    lines += [
+        "",
+        "Load it with `import heapr_serve` then `AutoModelForCausalLM.from_pretrained(folder)`, or serve it with",
+        "`heapr-serve serve folder` (vLLM with the heapr-serve plugin). The `heapr` section of config.json lists",
+        "every expert's width; `heapr_scores.safetensors` lets `heapr-serve apply` re-prune at another ratio.",
+        "",
+    ]
+    (folder / "README.md").write_text("\n".join(lines))

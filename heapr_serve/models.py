@@ -1,0 +1,67 @@
+"""Finding and loading models: a local folder or a hub id, dense or pruned, on the chosen device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from heapr_serve.errors import HeaprError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model(model: str) -> Path:
+    """A local folder as is; anything else is treated as a hub id and downloaded (where reachable)."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise HeaprError(f"{model}: the folder has no config.json; pass a Hugging Face model folder")
+        return path
+    if path.exists():
+        raise HeaprError(f"{model}: is a file; pass a model folder or a hub id")
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise HeaprError(f"{model}: no such folder; pass a local model folder or a hub id like org/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception as err:  # network, auth, missing repo: one line, not a traceback
+        raise HeaprError(f"{model}: not a local folder and could not be fetched from the hub ({type(err).__name__}); download it first and pass the folder") from None
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HeaprError(f"--device {device}: no CUDA GPU is visible; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise HeaprError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def pick_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise HeaprError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device):
+    """Dense or pruned (through our transformers patch), in eval mode on `device`."""
+    import heapr_serve  # noqa: F401  (installs the pruned-checkpoint patch)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:
+        raise HeaprError(f"{path}: could not load its tokenizer ({type(err).__name__}); the folder needs tokenizer files") from None

@@ -1,0 +1,59 @@
+"""The one-pass HEAPr statistics equal the paper's two-stage explicit-covariance definition."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from heapr_serve.calibration import CalibrationSet
+from heapr_serve.scoring import collect_stats
+from heapr_serve.scoring_reference import two_stage_scores
+
+from conftest import FAMILIES
+
+
+def _calibration(vocab: int) -> CalibrationSet:
+    g = torch.Generator().manual_seed(0)
+    samples = [torch.randint(0, vocab, (n,), generator=g) for n in (48, 48, 30, 41, 48)]  # ragged: padding is exercised
+    return CalibrationSet(samples, "random", 48)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_pass_matches_two_stage(tiny_models, family):
+    calib = _calibration(4096)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32)
+    reference = two_stage_scores(model, calib.batches(2, pad_id=0), loss_scale=96.0)
+    stats = collect_stats(model, calib.batches(2, pad_id=0), loss_scale=96.0)
+    scores = stats.scores()
+    assert set(scores) == set(reference) and scores
+    real_tokens = sum(len(s) for s in calib.samples)
+    for layer, ref in reference.items():
+        got = scores[layer]
+        assert int(stats.tokens[layer].sum()) == real_tokens * model.config.num_experts_per_tok  # padding excluded
+        routed = ~torch.isnan(ref)
+        assert torch.equal(routed, ~torch.isnan(got))
+        assert routed.any() and (ref[routed] > 0).all()
+        rel = ((got - ref).abs() / ref.abs())[routed].max().item()
+        assert rel < 1e-5, f"layer {layer}: relative difference {rel:.2e}"
+
+
+def test_statistics_memory_is_two_floats_per_atomic_expert(tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen3_moe"], dtype=torch.float32)
+    stats = collect_stats(model, _calibration(4096).batches(5, pad_id=0), loss_scale=240.0)
+    atomic = sum(t.numel() for t in stats.act_sq.values())
+    assert stats.nbytes() <= 1.1 * 8 * atomic
+    assert not any(p.grad is not None for p in model.parameters())  # no weight gradients were formed
+
+
+def test_scores_survive_save_and_load(tmp_path, tiny_models):
+    from heapr_serve.scoring import ExpertStats
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["mixtral"], dtype=torch.float32)
+    stats = collect_stats(model, _calibration(4096).batches(5, pad_id=0), loss_scale=240.0)
+    stats.metadata = {"source_model": "x", "model_type": "mixtral"}
+    stats.save(tmp_path / "s.safetensors")
+    back = ExpertStats.load(tmp_path / "s.safetensors")
+    assert back.metadata == stats.metadata
+    for layer in stats.act_sq:
+        assert torch.equal(back.act_sq[layer], stats.act_sq[layer])
+        assert torch.equal(back.grad_sq[layer], stats.grad_sq[layer])
+        assert torch.equal(back.tokens[layer], stats.tokens[layer])

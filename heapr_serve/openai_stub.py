@@ -1,0 +1,142 @@
+"""A tiny OpenAI-compatible streaming server, used as the *upstream* in the A/B tests.
+
+It is a test helper, not part of what users run: the proxy and the benchmark under test talk to it
+over real HTTP exactly as they talk to vLLM, but it answers in milliseconds and needs no model, so
+load and failover tests can use hundreds of requests on a small machine. Its timing is set on the
+command line (time to first token, delay between tokens), so a test knows which arm is faster and
+by how much. `/stats` tells a test how many requests it started, finished, and saw the client drop.
+
+Run it as a script (no package import, so it starts in well under a second):
+
+    python heapr_serve/openai_stub.py --port 9001 --model stub-a --ttft 0.02 --token-delay 0.005
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0) -> Starlette:
+    """Starlette app serving /v1/completions, /v1/chat/completions, /v1/models, /health, /stats."""
+    stats = {"started": 0, "finished": 0, "disconnected": 0}
+
+    async def completions(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return JSONResponse({"error": {"message": "body is not JSON", "type": "BadRequestError",
+                                           "code": 400}}, status_code=400)
+        if fail_status:
+            return JSONResponse({"error": {"message": "stub told to fail", "code": fail_status}},
+                                status_code=fail_status)
+        chat = request.url.path.endswith("/chat/completions")
+        if chat:
+            prompt = " ".join(str(m.get("content", "")) for m in body.get("messages") or [])
+        else:
+            prompt = body.get("prompt") or ""
+            if isinstance(prompt, list):
+                prompt = " ".join(map(str, prompt))
+        n_prompt = max(1, len(str(prompt).split()))
+        n_out = int(body.get("max_tokens") or 16)
+        stream = bool(body.get("stream"))
+        usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
+        rid = f"cmpl-{stats['started']}"
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                 "total_tokens": n_prompt + n_out}
+
+        def choice(text: str, finish: str | None) -> dict:
+            if chat:
+                return {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+            return {"index": 0, "text": text, "finish_reason": finish}
+
+        async def sse():
+            stats["started"] += 1
+            try:
+                if chat:
+                    first = {"id": rid, "object": obj, "created": created, "model": model,
+                             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None}]}
+                    yield f"data: {json.dumps(first)}\n\n"
+                await asyncio.sleep(ttft)
+                for i in range(n_out):
+                    if i:
+                        await asyncio.sleep(token_delay)
+                    finish = "length" if i == n_out - 1 else None
+                    ev = {"id": rid, "object": obj, "created": created, "model": model,
+                          "choices": [choice(f" tok{i}", finish)]}
+                    yield f"data: {json.dumps(ev)}\n\n"
+                if usage_in_stream:
+                    ev = {"id": rid, "object": obj, "created": created, "model": model,
+                          "choices": [], "usage": usage}
+                    yield f"data: {json.dumps(ev)}\n\n"
+                yield "data: [DONE]\n\n"
+                stats["finished"] += 1
+            except asyncio.CancelledError:
+                stats["disconnected"] += 1
+                raise
+
+        async def whole():
+            stats["started"] += 1
+            try:
+                await asyncio.sleep(ttft + token_delay * max(0, n_out - 1))
+                text = "".join(f" tok{i}" for i in range(n_out))
+                msg = ({"index": 0, "message": {"role": "assistant", "content": text},
+                        "finish_reason": "length"} if chat else
+                       {"index": 0, "text": text, "finish_reason": "length"})
+                out = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                       "created": created, "model": model, "choices": [msg], "usage": usage}
+                yield json.dumps(out)
+                stats["finished"] += 1
+            except asyncio.CancelledError:
+                stats["disconnected"] += 1
+                raise
+
+        if stream:
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        return StreamingResponse(whole(), media_type="application/json")
+
+    async def models(_: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": model, "object": "model",
+                                                         "owned_by": "stub"}]})
+
+    async def health(_: Request) -> Response:
+        return Response(status_code=200)
+
+    async def stat(_: Request) -> Response:
+        return JSONResponse(stats)
+
+    return Starlette(routes=[
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", completions, methods=["POST"]),
+        Route("/v1/models", models),
+        Route("/health", health),
+        Route("/stats", stat),
+    ])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", default="stub")
+    p.add_argument("--ttft", type=float, default=0.01, help="seconds before the first token")
+    p.add_argument("--token-delay", type=float, default=0.002, help="seconds between tokens")
+    p.add_argument("--fail-status", type=int, default=0, help="answer every completion with this status")
+    args = p.parse_args()
+    app = build_app(args.model, args.ttft, args.token_delay, args.fail_status)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -267,23 +267,27 @@ def choose_config(num_tokens: int, topk: int, num_experts: int, hidden_size: int
                   max_width: int) -> RaggedMoeConfig:
     """Heuristic tiles from the mean number of pairs per expert (what fills an M tile).
 
-    Small batches are weight-streaming bound: small M tile, long K tile, deep pipeline. Large batches
-    are tensor-core bound: 64/128-row tiles and 8 warps. The gate/up kernel keeps two fp32
-    accumulators (gate and up), so its N tile is half the down kernel's. These are starting points
-    to be replaced by ``tools/bench_kernel_gpu.py --tune`` results measured on the target GPU.
+    Up to a few hundred pairs per expert an H100 MoE layer is bound by streaming expert weights, so
+    the aim is to read every weight once at full bandwidth with enough programs in flight: small M
+    tiles and long K tiles while blocks are nearly empty, then one 128-row block per expert (fewer
+    blocks per expert = fewer passes over its weights) with 8 warps and a deep pipeline. The gate/up
+    kernel holds two fp32 accumulators, so its BLOCK_N=64 does the work of a 128-wide tile of stock
+    fused-MoE; 64 also matches a width alignment of 64, so pruned widths waste no N tile. Derived from
+    vLLM's tuned H100/H200 tables for these shapes, not measured here: re-derive with
+    ``tools/bench_kernel_gpu.py --tune`` on the target GPU.
     """
     per_expert = num_tokens * topk / max(num_experts, 1)
-    if per_expert <= 16:
+    if per_expert <= 4:
         return RaggedMoeConfig(block_m=16, gu_block_n=32, gu_block_k=128, gu_warps=4, gu_stages=4,
                                dn_block_n=64, dn_block_k=128, dn_warps=4, dn_stages=4, group_m=1)
-    if per_expert <= 48:
-        return RaggedMoeConfig(block_m=32, gu_block_n=64, gu_block_k=64, gu_warps=4, gu_stages=4,
-                               dn_block_n=64, dn_block_k=64, dn_warps=4, dn_stages=4, group_m=1)
-    if per_expert <= 160:
-        return RaggedMoeConfig(block_m=64, gu_block_n=64, gu_block_k=64, gu_warps=4, gu_stages=3,
-                               dn_block_n=128, dn_block_k=64, dn_warps=8, dn_stages=3, group_m=4)
-    return RaggedMoeConfig(block_m=128, gu_block_n=64, gu_block_k=64, gu_warps=8, gu_stages=3,
-                           dn_block_n=128, dn_block_k=64, dn_warps=8, dn_stages=3, group_m=8)
+    if per_expert <= 16:
+        return RaggedMoeConfig(block_m=16, gu_block_n=64, gu_block_k=128, gu_warps=4, gu_stages=3,
+                               dn_block_n=128, dn_block_k=128, dn_warps=4, dn_stages=3, group_m=1)
+    if per_expert <= 40:
+        return RaggedMoeConfig(block_m=32, gu_block_n=64, gu_block_k=128, gu_warps=4, gu_stages=3,
+                               dn_block_n=128, dn_block_k=64, dn_warps=4, dn_stages=3, group_m=1)
+    return RaggedMoeConfig(block_m=128, gu_block_n=64, gu_block_k=64, gu_warps=8, gu_stages=4,
+                           dn_block_n=256, dn_block_k=64, dn_warps=8, dn_stages=4, group_m=16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,8 +381,11 @@ if HAS_TRITON:
         act = acc_g * tl.sigmoid(acc_g) * acc_u
         if INTERP_BF16:
             act = _round_bf16_rtne(act)
+        # Whole tile, unmasked: padding rows (A masked to 0) and columns past I_e (B masked to 0)
+        # hold exact zeros, so the down kernel may read them without masks. The buffer is sized to a
+        # whole number of tiles in both directions.
         i_ptrs = inter_ptr + offs_m.to(tl.int64)[:, None] * stride_im + offs_n[None, :]
-        tl.store(i_ptrs, act.to(inter_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        tl.store(i_ptrs, act.to(inter_ptr.dtype.element_ty))
 
     @triton.jit
     def _ragged_down_kernel(
@@ -387,7 +394,7 @@ if HAS_TRITON:
         N, num_pairs, num_m, num_n,
         stride_im, stride_wk, stride_bm,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, INTERP_BF16: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_N: tl.constexpr, INTERP_BF16: tl.constexpr,
     ):
         """buf[pair, n] = w_pair * sum_{k < I_e} inter[row, k] * w2t[off_e + k, n].
 
@@ -411,16 +418,30 @@ if HAS_TRITON:
         a_ptrs = inter_ptr + offs_m.to(tl.int64)[:, None] * stride_im + offs_k[None, :]
         b_ptrs = w2t_ptr + (row0 + offs_k.to(tl.int64))[:, None] * stride_wk + offs_n[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(0, tl.cdiv(width, BLOCK_K)):
-            k_mask = offs_k < width - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        # Full K tiles need no mask on A (the gate/up kernel wrote zeros in padding rows), nor on B
+        # unless H is not a multiple of BLOCK_N; a K mask would vary along A's contiguous axis and
+        # cost the vectorised loads, so it is confined to the one ragged tail tile.
+        for kk in range(0, width // BLOCK_K):
+            a = tl.load(a_ptrs)
+            if EVEN_N:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
             if INTERP_BF16:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_wk
+        tail = width % BLOCK_K
+        if tail != 0:
+            k_mask = offs_k < tail
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if INTERP_BF16:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
 
         w = tl.load(topk_w_ptr + pair, mask=m_mask, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
@@ -469,9 +490,9 @@ def _launch(hidden: torch.Tensor, packed: PackedRaggedExperts, topk_ids: torch.T
     # fp32 -> bf16 cast truncates, so results are rounded to nearest even by hand before the store.
     interp_bf16 = _interpreting() and hidden.dtype == torch.bfloat16
 
-    inter = torch.empty((num_m * cfg.block_m, packed.max_width), dtype=hidden.dtype,
-                        device=hidden.device)
     num_n1 = _cdiv(packed.max_width, cfg.gu_block_n)
+    inter = torch.empty((num_m * cfg.block_m, num_n1 * cfg.gu_block_n), dtype=hidden.dtype,
+                        device=hidden.device)
     _ragged_gate_up_kernel[(num_m * num_n1,)](
         hidden, packed.w13, inter,
         sorted_ids, block_expert, packed.widths, packed.w13_offsets,
@@ -490,7 +511,7 @@ def _launch(hidden: torch.Tensor, packed: PackedRaggedExperts, topk_ids: torch.T
         H, n, num_m, num_n2,
         inter.stride(0), packed.w2t.stride(0), buf.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.dn_block_n, BLOCK_K=cfg.dn_block_k,
-        GROUP_M=cfg.group_m, INTERP_BF16=interp_bf16,
+        GROUP_M=cfg.group_m, EVEN_N=(H % cfg.dn_block_n == 0), INTERP_BF16=interp_bf16,
         num_warps=cfg.dn_warps, num_stages=cfg.dn_stages,
     )
 

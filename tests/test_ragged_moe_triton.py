@@ -110,7 +110,12 @@ def _interpreted_cases(fresh_seed):
              cfg=C(block_m=32, gu_block_n=32, gu_block_k=32, gu_warps=1, gu_stages=1,
                    dn_block_n=32, dn_block_k=32, dn_warps=1, dn_stages=1, group_m=3,
                    combine_block=64)),
-        dict(name="heuristic_config_bm64", widths=[96, 40, 0, 128], H=128, T=64, topk=2,
+        # choose_config's regimes by mean pairs per expert: <=4, <=16, <=40, more.
+        dict(name="heuristic_config_bm32", widths=[96, 40, 0, 128], H=128, T=64, topk=2,
+             dtype="bfloat16", cfg=None),
+        dict(name="heuristic_config_bm128", widths=[96, 40, 0, 128], H=128, T=96, topk=2,
+             dtype="bfloat16", cfg=None),
+        dict(name="heuristic_config_bm16", widths=[96, 40, 0, 128], H=128, T=24, topk=2,
              dtype="bfloat16", cfg=None),
         dict(name="custom_op_heuristic_config", widths=mixed, H=128, T=6, topk=3, dtype="bfloat16",
              cfg="op"),
@@ -168,7 +173,8 @@ def _run_interpreted(fresh_seed):
 CASE_NAMES = ["mixed_bf16", "mixed_fp16", "mixed_fp32", "hidden_not_multiple_of_block_k",
               "one_token_top8", "all_tokens_to_one_expert", "top1", "top8_16_experts",
               "tokens_only_on_width0_experts", "all_width0", "blocks32_group3",
-              "heuristic_config_bm64", "custom_op_heuristic_config",
+              "heuristic_config_bm32", "heuristic_config_bm128", "heuristic_config_bm16",
+              "custom_op_heuristic_config",
               "fresh_random_0", "fresh_random_1", "fresh_random_2"]
 
 
@@ -194,6 +200,16 @@ def test_kernel_matches_float64_reference(interpreted_results, name):
         assert r["rel_err"] == 0, r
     else:
         assert r["rel_err"] <= BOUNDS[r["dtype"]], r
+
+
+def test_heuristic_regimes_are_the_ones_tested(rmt):
+    """The heuristic cases above really run the four tile regimes (block_m 16 twice, 32, 128)."""
+    pick = lambda T: rmt.choose_config(T, 2, 4, 128, 128)  # noqa: E731  (topk 2, 4 experts)
+    op_case = rmt.choose_config(6, 3, 8, 128, 64)  # custom_op case: 2.25 pairs per expert
+    assert op_case.block_m == 16 and op_case.gu_block_n == 32
+    assert pick(24).block_m == 16 and pick(24).gu_block_n == 64
+    assert pick(64).block_m == 32
+    assert pick(96).block_m == 128 and pick(96).dn_block_n == 256
 
 
 def test_interpreted_cases_cover_the_edges(interpreted_results):

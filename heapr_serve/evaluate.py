@@ -68,8 +68,9 @@ def perplexity_table(paths, text: str | None, seq_len: int, batch_size: int, max
             rows.append((str(path), count_source_params(Path(path)), ppl))
             del model
     table = Table(title=f"held-out perplexity ({source}, {min(len(tokens), max_tokens or len(tokens))} tokens, windows of {seq_len})")
-    for col in ("checkpoint", "parameters", "perplexity", "vs first"):
-        table.add_column(col, justify="left" if col == "checkpoint" else "right")
+    table.add_column("checkpoint", overflow="fold")
+    for col in ("parameters", "perplexity", "vs first"):
+        table.add_column(col, justify="right", no_wrap=True)
     base = rows[0][2]
     for path, params, ppl in rows:
         table.add_row(path, f"{params:,}", f"{ppl:.3f}", f"{(ppl / base - 1):+.2%}")

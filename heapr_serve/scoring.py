@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from heapr_serve.errors import HeaprError
@@ -76,7 +76,7 @@ class ExpertStats:
                 for name in f.keys():
                     _, layer, kind = name.split(".")
                     getattr(stats, kind)[int(layer)] = f.get_tensor(name)
-        except (ValueError, OSError, KeyError, AttributeError) as err:
+        except (ValueError, OSError, KeyError, AttributeError, SafetensorError) as err:
             raise HeaprError(f"{path}: not a HEAPr scores file ({err})") from None
         if not stats.act_sq or set(stats.act_sq) != set(stats.grad_sq) or set(stats.act_sq) != set(stats.tokens):
             raise HeaprError(f"{path}: incomplete HEAPr scores file; re-run `heapr-serve compress`")

@@ -1,0 +1,138 @@
+"""Pruned checkpoints: format, loading in transformers, exact function, and refusal of bad folders."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from heapr_serve.calibration import CalibrationSet
+from heapr_serve.compress import prune_to_folder
+from heapr_serve.errors import HeaprError
+from heapr_serve.families import family_for, moe_blocks
+from heapr_serve.moe_forward import RaggedExperts
+from heapr_serve.pruned_format import validate_checkpoint
+from heapr_serve.scoring import collect_stats
+
+from conftest import FAMILIES
+
+
+def _stats(folder, unrouted_expert=None):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    calib = CalibrationSet([torch.randint(0, 4096, (40,), generator=g) for _ in range(6)], "random", 40)
+    stats = collect_stats(model, calib.batches(3, 0), 120.0)
+    if unrouted_expert is not None:
+        layer = min(stats.tokens)
+        stats.tokens[layer][unrouted_expert] = 0  # as if never routed: no score, removed first
+    stats.metadata = {"source_model": str(folder), "model_type": model.config.model_type}
+    return stats
+
+
+def _zeroed_dense(folder, plan):
+    """The dense model with every pruned neuron zeroed: the function the pruned model must compute."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        for layer, block in moe_blocks(model).items():
+            width = block.experts.down_proj.shape[-1]
+            for e, kept in enumerate(plan.keep[layer]):
+                dropped = torch.ones(width, dtype=torch.bool)
+                dropped[kept] = False
+                block.experts.gate_up_proj[e, :width][dropped] = 0
+                block.experts.gate_up_proj[e, width:][dropped] = 0
+                block.experts.down_proj[e][:, dropped] = 0
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_checkpoint_loads_and_computes_the_pruned_function(tmp_path, tiny_models, family):
+    source = tiny_models[family]
+    before = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
+    out = tmp_path / "pruned"
+    result = prune_to_folder(source, out, _stats(source, unrouted_expert=3), 0.4, "global", 1, False, overwrite=False)
+
+    # the source is untouched, the output is complete and self-describing
+    assert {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()} == before
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family and config["architectures"] == [family_for(config).pruned_architecture]
+    heapr = config["heapr"]
+    assert heapr["effective_ratio"] == pytest.approx(0.4, abs=1e-3)
+    first = min(int(k) for k in heapr["expert_widths"])
+    assert heapr["expert_widths"][str(first)][3] == 0
+    assert {"tokenizer.json", "README.md", "heapr_scores.safetensors", "generation_config.json"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    ckpt = validate_checkpoint(out)
+    assert ckpt.widths == {int(k): v for k, v in heapr["expert_widths"].items()}
+    assert result.pruned_params < result.source_params
+
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert all(isinstance(b.experts, RaggedExperts) for b in moe_blocks(pruned).values())
+    assert sum(t.numel() for t in pruned.state_dict().values()) == result.pruned_params  # nothing more, nothing less
+    reference = _zeroed_dense(source, result.plan)
+    ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = pruned(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
+@pytest.fixture(scope="module")
+def pruned_qwen2(tmp_path_factory, tiny_models):
+    out = tmp_path_factory.mktemp("pq2") / "pruned"
+    prune_to_folder(tiny_models["qwen2_moe"], out, _stats(tiny_models["qwen2_moe"]), 0.5, "global", 16, False, False)
+    return out
+
+
+def _tamper(tmp_path, pruned, edit):
+    bad = tmp_path / "bad"
+    shutil.copytree(pruned, bad)
+    edit(bad)
+    return bad
+
+
+def _resave(folder, change):
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+def test_shape_mismatch_is_refused_by_every_loader(tmp_path, pruned_qwen2):
+    name = "model.layers.1.mlp.experts.2.gate_proj.weight"
+
+    def widen(t):
+        t[name] = torch.zeros(t[name].shape[0] + 1, t[name].shape[1])
+
+    bad = _tamper(tmp_path, pruned_qwen2, lambda f: _resave(f, widen))
+    with pytest.raises(HeaprError, match=r"tensor model\.layers\.1\.mlp\.experts\.2\.gate_proj\.weight has shape"):
+        validate_checkpoint(bad)
+    with pytest.raises(HeaprError, match="has shape"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_missing_tensor_and_bad_widths_are_refused(tmp_path, pruned_qwen2):
+    widths = json.loads((pruned_qwen2 / "config.json").read_text())["heapr"]["expert_widths"]
+    expert = next(e for e, w in enumerate(widths["0"]) if w > 0)
+    name = f"model.layers.0.mlp.experts.{expert}.down_proj.weight"
+    bad = _tamper(tmp_path, pruned_qwen2, lambda f: _resave(f, lambda t: t.pop(name)))
+    with pytest.raises(HeaprError, match="is missing"):
+        validate_checkpoint(bad)
+
+    def drop_widths(folder):
+        config = json.loads((folder / "config.json").read_text())
+        del config["heapr"]["expert_widths"]
+        (folder / "config.json").write_text(json.dumps(config))
+
+    bad2 = _tamper(tmp_path / "b", pruned_qwen2, drop_widths)
+    with pytest.raises(HeaprError, match="expert_widths is missing"):
+        AutoModelForCausalLM.from_pretrained(bad2)
+
+
+def test_shared_expert_and_its_gate_are_kept_whole(pruned_qwen2, tiny_models):
+    with safe_open(pruned_qwen2 / "model.safetensors", "pt") as f, safe_open(tiny_models["qwen2_moe"] / "model.safetensors", "pt") as d:
+        for name in d.keys():
+            if "shared_expert" in name or ".mlp.gate." in name:
+                assert torch.equal(f.get_tensor(name), d.get_tensor(name))
+    widths = validate_checkpoint(pruned_qwen2).widths
+    assert all(w % 16 == 0 for ws in widths.values() for w in ws)

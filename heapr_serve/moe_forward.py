@@ -22,10 +22,11 @@ ExpertWeights = Callable[[int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 class ActivationObserver(Protocol):
     """Sees, per expert, which tokens were routed to it (indices into the flattened batch), their
-    intermediate activation `a = act(G x) * (U x)` and the expert output `y = D a` (before the router
-    weight multiplies it)."""
+    intermediate activation `a = act(G x) * (U x)`, the expert output `y = D a` (before the router
+    weight multiplies it) and those router weights."""
 
-    def observe(self, expert: int, tokens: torch.Tensor, activation: torch.Tensor, output: torch.Tensor) -> None: ...
+    def observe(self, expert: int, tokens: torch.Tensor, activation: torch.Tensor, output: torch.Tensor,
+                route_weights: torch.Tensor) -> None: ...
 
 
 def sorted_moe_forward(
@@ -48,6 +49,7 @@ def sorted_moe_forward(
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts).tolist()
     token_of = order // top_k
+    route_weights = top_k_weights.reshape(-1)[order]
     x = hidden[token_of]
     outputs = []
     start = 0
@@ -65,12 +67,12 @@ def sorted_moe_forward(
         activation = act_fn(xs @ gate.t()) * (xs @ up.t())
         expert_out = activation @ down.t()
         if observer is not None:
-            observer.observe(expert, token_of[rows], activation, expert_out)
+            observer.observe(expert, token_of[rows], activation, expert_out, route_weights[rows])
         outputs.append(expert_out)
     out = hidden.new_zeros(hidden.shape)
     if not outputs:
         return out
-    y = torch.cat(outputs) * top_k_weights.reshape(-1)[order[: start]].unsqueeze(-1).to(hidden.dtype)
+    y = torch.cat(outputs) * route_weights[:start].unsqueeze(-1).to(hidden.dtype)
     return out.index_add_(0, token_of[:start], y.to(out.dtype))
 
 

@@ -105,7 +105,7 @@ class _HeaprObserver(TokenMaskedObserver):
         self.grad_sq = stats.grad_sq[layer]
         self.tokens = stats.tokens[layer]
 
-    def observe(self, expert, tokens, activation, output) -> None:
+    def observe(self, expert, tokens, activation, output, route_weights) -> None:
         keep = self.real(tokens)
         a = activation.detach().float()
         if keep is not None:

@@ -15,7 +15,7 @@ class _OutputGradObserver(TokenMaskedObserver):
     def __init__(self, cov: torch.Tensor, counts: torch.Tensor):
         self.cov, self.counts = cov, counts
 
-    def observe(self, expert, tokens, activation, output):
+    def observe(self, expert, tokens, activation, output, route_weights):
         keep = self.real(tokens)
         self.counts[expert] += output.shape[0] if keep is None else int(keep.sum())
         cov = self.cov[expert]
@@ -33,7 +33,7 @@ class _ActivationObserver(TokenMaskedObserver):
     def __init__(self, act_sq: torch.Tensor):
         self.act_sq = act_sq
 
-    def observe(self, expert, tokens, activation, output):
+    def observe(self, expert, tokens, activation, output, route_weights):
         keep = self.real(tokens)
         a = activation.detach().double()
         self.act_sq[expert] += (a if keep is None else a[keep]).pow(2).sum(0)

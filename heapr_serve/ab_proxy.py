@@ -351,7 +351,8 @@ class _Exchange(Response):
                         failures.append(f"{_reason(exc)}: arm {arm.name} {_describe(exc)}")
                         continue
                     except httpx.TimeoutException as exc:
-                        failures.append(f"timeout: arm {arm.name} {_describe(exc)}")
+                        failures.append(f"timeout: arm {arm.name} gave no answer within "
+                                        f"--timeout {cfg.timeout:g}s ({exc.__class__.__name__})")
                         timed_out = True
                         break
                     if resp.status_code in FAILOVER_STATUSES and not last:
@@ -405,7 +406,8 @@ class _Exchange(Response):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.TimeoutException as exc:
             self.outcome = "timeout"
-            await self._abort_stream(send, 504, f"arm {arm.name} stalled: {_describe(exc)}", sse)
+            await self._abort_stream(send, 504, f"arm {arm.name} stalled for --timeout "
+                                     f"{self.proxy.cfg.timeout:g}s ({exc.__class__.__name__})", sse)
             return
         except httpx.HTTPError as exc:
             self.outcome = "stream_error"
@@ -427,9 +429,12 @@ class _Exchange(Response):
         self.status = code
         if sse:
             event = b"data: " + _error_body(code, message, "upstream_error") + b"\n\n"
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-            self.finished = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # shielded (with a bound): the overall deadline may fire while the error event is
+            # being written, and a half-written ending would hide the error from the client
+            with anyio.move_on_after(5, shield=True):
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                self.finished = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         # not SSE: return without completing the body; the server closes the connection, so the
         # client sees a truncated response instead of a well-formed wrong one.
 

@@ -16,7 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -86,25 +92,28 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0)
                 stats["disconnected"] += 1
                 raise
 
-        async def whole():
+        async def whole() -> Response:
+            # like vLLM: headers and body together at the end; a client that hangs up meanwhile
+            # is noticed (vLLM then aborts the request)
             stats["started"] += 1
-            try:
-                await asyncio.sleep(ttft + token_delay * max(0, n_out - 1))
-                text = "".join(f" tok{i}" for i in range(n_out))
-                msg = ({"index": 0, "message": {"role": "assistant", "content": text},
-                        "finish_reason": "length"} if chat else
-                       {"index": 0, "text": text, "finish_reason": "length"})
-                out = {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                       "created": created, "model": model, "choices": [msg], "usage": usage}
-                yield json.dumps(out)
-                stats["finished"] += 1
-            except asyncio.CancelledError:
-                stats["disconnected"] += 1
-                raise
+            end = time.monotonic() + ttft + token_delay * max(0, n_out - 1)
+            while time.monotonic() < end:
+                await asyncio.sleep(min(0.02, max(0.0, end - time.monotonic())))
+                if await request.is_disconnected():
+                    stats["disconnected"] += 1
+                    return Response(status_code=499)
+            text = "".join(f" tok{i}" for i in range(n_out))
+            msg = ({"index": 0, "message": {"role": "assistant", "content": text},
+                    "finish_reason": "length"} if chat else
+                   {"index": 0, "text": text, "finish_reason": "length"})
+            stats["finished"] += 1
+            return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                 "created": created, "model": model, "choices": [msg],
+                                 "usage": usage})
 
         if stream:
             return StreamingResponse(sse(), media_type="text/event-stream")
-        return StreamingResponse(whole(), media_type="application/json")
+        return await whole()
 
     async def models(_: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": model, "object": "model",
@@ -123,6 +132,70 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0)
         Route("/health", health),
         Route("/stats", stat),
     ])
+
+
+# --- launching processes from tests: the stub, and the real `heapr-serve` commands under test ---
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
+    """Poll `url` until it answers (any status); fail early if `proc` died."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args} exited with {proc.returncode} before {url} answered")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def spawn(args: list[str], log: Path | None = None) -> subprocess.Popen:
+    """Start a process in its own group, so stop() ends it and anything it started."""
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log:
+            out.close()
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """End a process started by spawn() (its whole group), waiting for it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+
+def start_stub(port: int, model: str, ttft: float, token_delay: float, fail_status: int = 0,
+               log: Path | None = None) -> subprocess.Popen:
+    """Run this file as a server on `port` and wait until it answers."""
+    proc = spawn([sys.executable, __file__, "--port", str(port), "--model", model, "--ttft", str(ttft),
+                  "--token-delay", str(token_delay), "--fail-status", str(fail_status)], log)
+    wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=30)
+    return proc
+
+
+def heapr_serve_exe() -> str:
+    """The `heapr-serve` console script of the running interpreter's environment."""
+    exe = Path(sys.executable).parent / "heapr-serve"
+    return str(exe) if exe.exists() else "heapr-serve"
 
 
 def main() -> None:

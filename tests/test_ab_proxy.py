@@ -1,0 +1,262 @@
+"""`heapr-serve ab-proxy` over real HTTP: the real command in front of two stub OpenAI servers.
+
+The stubs (heapr_serve/openai_stub.py) are the upstreams, with known timings: A gives its first
+token after 20 ms and then one every 10 ms, B is twice as fast. Everything the proxy does is
+observed from outside, as a client and a Prometheus scraper would.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from heapr_serve.ab_metrics import read_counter_sum
+from heapr_serve.openai_stub import free_port, heapr_serve_exe, spawn, start_stub, stop, wait_http
+
+KEY = "s3cret-proxy-key"
+AUTH = {"x-heapr-proxy-key": KEY}
+
+
+def start_proxy(tmp: Path, a: str, b: str, *extra: str, name: str = "proxy"):
+    port = free_port()
+    log = tmp / f"{name}.log"
+    proc = spawn([heapr_serve_exe(), "ab-proxy", "--a", a, "--b", b, "--port", str(port), *extra], log)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc, timeout=90)
+    return proc, url, log
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("abproxy")
+    pa, pb = free_port(), free_port()
+    sa = start_stub(pa, "dense-stub", ttft=0.02, token_delay=0.01)
+    sb = start_stub(pb, "pruned-stub", ttft=0.01, token_delay=0.005)
+    proxy, url, log = start_proxy(tmp, f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}",
+                                  "--share-b", "0.5", "--sticky-header", "X-User",
+                                  "--proxy-key", KEY, "--max-body-mb", "0.01", "--timeout", "20")
+    yield {"url": url, "a": f"http://127.0.0.1:{pa}", "b": f"http://127.0.0.1:{pb}", "log": log,
+           "proxy": proxy}
+    for p in (proxy, sa, sb):
+        stop(p)
+
+
+def _metrics(url: str) -> str:
+    return httpx.get(url + "/metrics", timeout=5).text
+
+
+def test_stream_is_passed_through_chunk_by_chunk(setup):
+    """Events reach the client as the upstream makes them: first one long before the last."""
+    body = {"model": "x", "prompt": "one two three", "max_tokens": 40, "stream": True,
+            "stream_options": {"include_usage": True}}
+    arrivals = []
+    t0 = time.perf_counter()
+    with httpx.stream("POST", setup["url"] + "/v1/completions", json=body,
+                      headers={**AUTH, "X-User": "alice"}, timeout=10) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        arm = r.headers["x-heapr-arm"]
+        text = b""
+        for chunk in r.iter_raw():
+            arrivals.append(time.perf_counter() - t0)
+            text += chunk
+    events = [ln for ln in text.decode().splitlines() if ln.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    tokens = [json.loads(e[6:]) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in tokens if c["choices"]) == "".join(
+        f" tok{i}" for i in range(40))
+    assert tokens[-1]["usage"]["completion_tokens"] == 40
+    # the upstream spends >= 0.2 s (B) or 0.4 s (A) between its first and last token: the client
+    # must see them spread over (most of) that time, in many reads, not in one lump at the end
+    spread = 0.195 if arm == "b" else 0.39
+    assert len(arrivals) >= 20
+    assert arrivals[-1] - arrivals[0] >= 0.8 * spread, (arrivals[0], arrivals[-1])
+
+
+def test_non_streaming_chat_models_health(setup):
+    url = setup["url"]
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=10, json={
+        "model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == " tok0 tok1 tok2"
+    assert r.headers["x-heapr-arm"] in ("a", "b")
+    m = httpx.get(url + "/v1/models", headers=AUTH, timeout=5)
+    assert m.status_code == 200 and m.json()["data"][0]["id"] == "dense-stub"
+    h = httpx.get(url + "/health", timeout=5).json()
+    assert h["status"] == "ok" and h["arms"]["a"]["up"] and h["arms"]["b"]["model"] == "pruned-stub"
+
+
+def test_sticky_header_and_split(setup):
+    """The same X-User always lands on the same arm; over many users the share is about 0.5."""
+    url = setup["url"]
+    body = {"model": "x", "prompt": "p", "max_tokens": 1}
+    with httpx.Client(timeout=10, headers=AUTH) as c:
+        arms = {c.post(url + "/v1/completions", json=body, headers={"X-User": "bob"}).headers[
+            "x-heapr-arm"] for _ in range(8)}
+        assert len(arms) == 1
+        users = [c.post(url + "/v1/completions", json=body, headers={"X-User": f"user-{i}"}).headers[
+            "x-heapr-arm"] for i in range(120)]
+    share = users.count("b") / len(users)
+    assert 0.3 < share < 0.7, share
+    text = _metrics(url)
+    assigned = read_counter_sum(text, "heapr_ab_assigned_total")
+    assert assigned >= 128
+    assert read_counter_sum(text, "heapr_ab_assigned_total", arm="b") >= users.count("b")
+
+
+def test_metrics_are_per_arm_and_model(setup):
+    body = {"model": "x", "prompt": "p", "max_tokens": 10, "stream": True}
+    with httpx.Client(timeout=10, headers=AUTH) as c:
+        for i in range(24):
+            r = c.post(setup["url"] + "/v1/completions", json=body, headers={"X-User": f"s{i}"})
+            assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    text = _metrics(setup["url"])
+    assert 'heapr_ab_ttft_seconds_bucket{arm="a",le="0.025",model="dense-stub"}' in text
+    ok_a = read_counter_sum(text, "heapr_ab_requests_total", arm="a", outcome="ok")
+    ok_b = read_counter_sum(text, "heapr_ab_requests_total", arm="b", outcome="ok")
+    assert ok_a > 0 and ok_b > 0
+    # B's stub emits tokens twice as fast: its mean TPOT must be clearly below A's
+    tpot = {arm: read_counter_sum(text, "heapr_ab_tpot_seconds_sum", arm=arm)
+            / max(1.0, read_counter_sum(text, "heapr_ab_tpot_seconds_count", arm=arm))
+            for arm in "ab"}
+    assert 0.008 < tpot["a"] < 0.03 and tpot["b"] < 0.8 * tpot["a"], tpot
+    assert read_counter_sum(text, "heapr_ab_output_tokens_total") > 0
+
+
+def test_malformed_requests_get_clear_errors_and_proxy_stays_up(setup):
+    url = setup["url"]
+    with httpx.Client(timeout=10) as c:
+        r = c.post(url + "/v1/completions", content=b'{"prompt": ', headers=AUTH)
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        r = c.post(url + "/v1/completions", json=[1, 2], headers=AUTH)
+        assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+        r = c.post(url + "/v1/completions", json={"prompt": "x" * 20000}, headers=AUTH)
+        assert r.status_code == 413 and "--max-body-mb" in r.json()["error"]["message"]
+        r = c.post(url + "/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 401 and "x-heapr-proxy-key" in r.json()["error"]["message"]
+        r = c.post(url + "/v1/completions", json={"prompt": "x"}, headers={"x-heapr-proxy-key": "no"})
+        assert r.status_code == 401
+        assert c.get(url + "/v1/completions", headers=AUTH).status_code == 405
+        assert c.get(url + "/v2/nothing", headers=AUTH).status_code == 404
+        text = c.get(url + "/metrics").text
+        assert read_counter_sum(text, "heapr_ab_rejected_total", reason="malformed") >= 2
+        assert read_counter_sum(text, "heapr_ab_rejected_total", reason="unauthorized") >= 2
+        r = c.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=AUTH)
+        assert r.status_code == 200
+    assert setup["proxy"].poll() is None
+
+
+def test_client_disconnect_cancels_the_upstream_request(setup):
+    """Dropping the client connection closes the upstream one (vLLM then aborts the generation)."""
+    url = setup["url"]
+
+    def disconnected() -> int:
+        return sum(httpx.get(setup[arm] + "/stats", timeout=5).json()["disconnected"] for arm in "ab")
+
+    before = disconnected()
+    body = {"model": "x", "prompt": "p", "max_tokens": 2000, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH, timeout=10) as r:
+        next(r.iter_raw())  # a first token arrived; now hang up mid-stream
+    # non-streaming: the client gives up while the proxy still waits for the upstream's headers
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 2000},
+                   headers=AUTH, timeout=httpx.Timeout(5, read=0.5))
+    deadline = time.monotonic() + 5
+    while disconnected() < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert disconnected() == before + 2
+    text = _metrics(url)
+    assert read_counter_sum(text, "heapr_ab_requests_total", outcome="client_cancelled") >= 2
+
+
+def test_prompts_are_not_logged(setup):
+    secret = "zebra-umbrella-prompt-7731"
+    httpx.post(setup["url"] + "/v1/completions", json={"prompt": secret, "max_tokens": 1},
+               headers=AUTH, timeout=10)
+    assert secret not in setup["log"].read_text()
+
+
+def test_failover_timeouts_and_unreachable_arm_at_start(tmp_path):
+    """B is unreachable from the start, A answers 503 on one port and hangs on another."""
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    p503, phang, pok = free_port(), free_port(), free_port()
+    s503 = start_stub(p503, "broken", 0.0, 0.0, fail_status=503)
+    shang = start_stub(phang, "hang", ttft=0.0, token_delay=60.0)
+    sok = start_stub(pok, "fine", 0.0, 0.001)
+    procs = [s503, shang, sok]
+    try:
+        # 1) unreachable B at start: proxy starts, says so on stderr, sends B's share to A
+        proxy, url, log = start_proxy(tmp_path, f"http://127.0.0.1:{pok}", dead, "--share-b", "1",
+                                      name="p1")
+        procs.append(proxy)
+        h = httpx.get(url + "/health", timeout=5)
+        assert h.status_code == 200 and h.json()["status"] == "degraded"
+        assert f"arm b ({dead}) not reachable" in log.read_text()
+        for _ in range(5):
+            r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 2}, timeout=10)
+            assert r.status_code == 200 and r.headers["x-heapr-arm"] == "a"
+        text = _metrics(url)
+        assert read_counter_sum(text, "heapr_ab_failovers_total", from_arm="b", to_arm="a") == 5
+        assert read_counter_sum(text, "heapr_ab_requests_total", arm="a", outcome="ok") == 5
+        stop(proxy)
+
+        # 2) no failover, 503 from B is passed through; hanging A gives 504 within --timeout,
+        #    also after the stream started (then as an SSE error event)
+        proxy, url, _ = start_proxy(tmp_path, f"http://127.0.0.1:{phang}", f"http://127.0.0.1:{p503}",
+                                    "--share-b", "0", "--timeout", "1.5", "--no-failover", name="p2")
+        procs.append(proxy)
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 5}, timeout=10)
+        assert r.status_code == 504 and "--timeout" in r.json()["error"]["message"]
+        assert 1.4 < time.perf_counter() - t0 < 4
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/completions", timeout=10,
+                       json={"prompt": "p", "max_tokens": 5, "stream": True})
+        assert r.status_code == 200 and 1.4 < time.perf_counter() - t0 < 4
+        last = [ln for ln in r.text.splitlines() if ln.startswith("data: ")][-1]
+        assert json.loads(last[6:])["error"]["code"] == 504
+        text = _metrics(url)
+        assert read_counter_sum(text, "heapr_ab_requests_total", arm="a", outcome="timeout") == 2
+        stop(proxy)
+
+        # 3) failover on 503: B answers 503 so its requests go to A; with both arms dead, a 502
+        proxy, url, _ = start_proxy(tmp_path, f"http://127.0.0.1:{pok}", f"http://127.0.0.1:{p503}",
+                                    "--share-b", "1", name="p3")
+        procs.append(proxy)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 200 and r.headers["x-heapr-arm"] == "a"
+        text = _metrics(url)
+        assert read_counter_sum(text, "heapr_ab_failovers_total", reason="http_503") == 1
+        stop(sok)
+        stop(s503)
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 502 and time.perf_counter() - t0 < 5
+        assert "no arm could answer" in r.json()["error"]["message"]
+        h = httpx.get(url + "/health", timeout=5)
+        assert proxy.poll() is None and h.status_code in (200, 503)
+    finally:
+        for p in procs:
+            stop(p)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--share-b", "1.5"], "--share-b must be between 0 and 1"),
+    (["--share-b", "0.1", "--a", "localhost:8000"], "--a 'localhost:8000' is not an http(s) URL"),
+])
+def test_bad_flags_exit_2_with_one_line(args, words):
+    base = {"--a": "http://127.0.0.1:1", "--b": "http://127.0.0.1:2"}
+    flags = list(args)
+    for k, v in base.items():
+        if k not in flags:
+            flags += [k, v]
+    r = subprocess.run([heapr_serve_exe(), "ab-proxy", *flags], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert words in err and len(err.splitlines()) == 1, err

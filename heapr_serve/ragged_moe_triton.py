@@ -43,6 +43,7 @@ __all__ = [
     "PackedRaggedExperts",
     "RaggedMoeConfig",
     "align_tokens",
+    "align_tokens_triton",
     "choose_config",
     "pack_ragged_experts",
     "ragged_fused_moe",
@@ -451,6 +452,51 @@ if HAS_TRITON:
         tl.store(o_ptrs, acc.to(buf_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
+    def _align_small_kernel(
+        ids_ptr, widths_ptr, sorted_ids_ptr, block_expert_ptr,
+        n, E, max_blocks,
+        BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        """``align_tokens`` in one program, for small batches (decode), where the torch version's
+        ~25 tiny launches would cost more than the GEMMs. Same output, bit for bit: two passes over
+        the pairs in CHUNK-sized pieces, expert counts and a stable rank by one-hot reductions."""
+        e_idx = tl.arange(0, E_P2)
+        j = tl.arange(0, CHUNK)
+        counts = tl.zeros((E_P2,), dtype=tl.int32)
+        for c in range(0, tl.cdiv(n, CHUNK)):
+            offs = c * CHUNK + j
+            ids = tl.load(ids_ptr + offs, mask=offs < n, other=0).to(tl.int32)
+            live = (offs < n) & (tl.load(widths_ptr + ids, mask=offs < n, other=0) > 0)
+            hit = (ids[:, None] == e_idx[None, :]) & live[:, None]
+            counts += tl.sum(hit.to(tl.int32), axis=0)
+        blocks = (counts + BLOCK_M - 1) // BLOCK_M
+        cum = tl.cumsum(blocks, axis=0)  # blocks through expert e; entries >= E stay at the total
+        start = (cum - blocks) * BLOCK_M
+
+        for c in range(0, tl.cdiv(max_blocks, CHUNK)):
+            b = c * CHUNK + j
+            owner = tl.sum((cum[None, :] <= b[:, None]).to(tl.int32), axis=1)
+            owner = tl.where(owner < E, owner, -1)
+            tl.store(block_expert_ptr + b, owner, mask=b < max_blocks)
+        size = max_blocks * BLOCK_M
+        for c in range(0, tl.cdiv(size, CHUNK)):
+            r = c * CHUNK + j
+            tl.store(sorted_ids_ptr + r, tl.zeros((CHUNK,), dtype=tl.int32) + n, mask=r < size)
+        tl.debug_barrier()  # the padding fill above must land before the scatter below
+
+        seen = tl.zeros((E_P2,), dtype=tl.int32)
+        for c in range(0, tl.cdiv(n, CHUNK)):
+            offs = c * CHUNK + j
+            ids = tl.load(ids_ptr + offs, mask=offs < n, other=0).to(tl.int32)
+            live = (offs < n) & (tl.load(widths_ptr + ids, mask=offs < n, other=0) > 0)
+            hit = (ids[:, None] == e_idx[None, :]) & live[:, None]
+            base = tl.sum(tl.where(hit, (start + seen)[None, :], 0), axis=1)
+            earlier = (ids[:, None] == ids[None, :]) & (j[None, :] < j[:, None]) & live[None, :]
+            dest = base + tl.sum(earlier.to(tl.int32), axis=1)
+            tl.store(sorted_ids_ptr + dest, offs, mask=live)
+            seen += tl.sum(hit.to(tl.int32), axis=0)
+
+    @triton.jit
     def _combine_kernel(
         buf_ptr, out_ptr, topk_ids_ptr, widths_ptr,
         N, topk, stride_bm, stride_om,
@@ -472,6 +518,30 @@ if HAS_TRITON:
         tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Up to this many (token, slot) pairs the alignment runs as one Triton program; above it the torch
+# version's fixed launch cost is small next to the GEMMs and its sort scales better than one program.
+TRITON_ALIGN_MAX_PAIRS = 1024
+
+
+def align_tokens_triton(topk_ids: torch.Tensor, widths: torch.Tensor, block_m: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``align_tokens`` as a single Triton program: identical output, one launch (small batches)."""
+    T, k = topk_ids.shape
+    E = widths.numel()
+    n = T * k
+    max_blocks = max_blocks_bound(n, E, block_m)
+    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=topk_ids.device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=topk_ids.device)
+    if n == 0:
+        return sorted_ids, block_expert
+    _align_small_kernel[(1,)](
+        topk_ids.contiguous(), widths, sorted_ids, block_expert, n, E, max_blocks,
+        BLOCK_M=block_m, E_P2=triton.next_power_of_2(E),
+        CHUNK=min(64, max(16, triton.next_power_of_2(n))), num_warps=4,
+    )
+    return sorted_ids, block_expert
+
+
 def _launch(hidden: torch.Tensor, packed: PackedRaggedExperts, topk_ids: torch.Tensor,
             topk_weights: torch.Tensor, cfg: RaggedMoeConfig) -> torch.Tensor:
     T, H = hidden.shape
@@ -482,7 +552,8 @@ def _launch(hidden: torch.Tensor, packed: PackedRaggedExperts, topk_ids: torch.T
         return out.zero_()
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
-    sorted_ids, block_expert = align_tokens(topk_ids, packed.widths, cfg.block_m)
+    align = align_tokens_triton if n <= TRITON_ALIGN_MAX_PAIRS else align_tokens
+    sorted_ids, block_expert = align(topk_ids, packed.widths, cfg.block_m)
     num_m = block_expert.numel()
     # Two bugs of Triton's CPU interpreter (3.x) with bf16, worked around only there (never on a GPU):
     # tl.dot is a numpy matmul of the raw storage, i.e. of uint16 bit patterns, so the tiles are

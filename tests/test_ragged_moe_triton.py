@@ -119,6 +119,9 @@ def _interpreted_cases(fresh_seed):
              dtype="bfloat16", cfg=None),
         dict(name="custom_op_heuristic_config", widths=mixed, H=128, T=6, topk=3, dtype="bfloat16",
              cfg="op"),
+        # Small batches align with the one-program Triton kernel; this forces the torch sort path.
+        dict(name="torch_alignment_path", widths=mixed, H=64, T=37, topk=2, dtype="bfloat16",
+             cfg=small, torch_align=True),
     ]
     # Fresh random ragged layouts every run (the seed is reported so a failure can be replayed).
     rng = torch.Generator().manual_seed(fresh_seed)
@@ -139,16 +142,41 @@ def _interpreted_cases(fresh_seed):
     return cases
 
 
+def _check_triton_alignment(rmt, fresh_seed):
+    """The one-program Triton alignment must give exactly the torch alignment's output."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    mismatches, n_cases = [], 0
+    for E in [1, 5, 16, 40]:
+        for T, k in [(1, 1), (1, 8), (3, 2), (17, 4), (64, 8)]:
+            if k > E:
+                continue
+            for bm in [16, 32]:
+                widths = (torch.randint(0, 4, (E,), generator=g)
+                          * (torch.rand(E, generator=g) > 0.3)).to(torch.int32)
+                ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k]
+                ids = ids.to(torch.int32 if n_cases % 2 else torch.int64)
+                a = rmt.align_tokens(ids, widths, bm)
+                b = rmt.align_tokens_triton(ids, widths, bm)
+                n_cases += 1
+                if not (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])):
+                    mismatches.append(dict(E=E, T=T, k=k, block_m=bm, widths=widths.tolist()))
+    print(json.dumps({"name": "align_triton_equals_torch", "cases": n_cases,
+                      "mismatches": mismatches, "seed": fresh_seed}), flush=True)
+
+
 def _run_interpreted(fresh_seed):
     assert os.environ.get("TRITON_INTERPRET") == "1", "the child must run under TRITON_INTERPRET=1"
+    import heapr_serve.ragged_moe_triton as rmt
     from heapr_serve.ragged_moe_triton import pack_ragged_experts, ragged_fused_moe
 
+    _check_triton_alignment(rmt, fresh_seed)
     for k, case in enumerate(_interpreted_cases(fresh_seed)):
         dtype = getattr(torch, case["dtype"])
         experts, hidden, ids, weights = make_case(case["widths"], case["H"], case["T"], case["topk"],
                                                   dtype, seed=1000 + k + fresh_seed,
                                                   routing=case.get("routing", "random"))
         packed = pack_ragged_experts(experts, hidden_size=case["H"])
+        rmt.TRITON_ALIGN_MAX_PAIRS = 0 if case.get("torch_align") else 1024
         if case["cfg"] == "op":
             out = torch.ops.heapr.ragged_fused_moe(
                 hidden, packed.w13, packed.w2t, packed.widths, packed.w13_offsets,
@@ -174,7 +202,7 @@ CASE_NAMES = ["mixed_bf16", "mixed_fp16", "mixed_fp32", "hidden_not_multiple_of_
               "one_token_top8", "all_tokens_to_one_expert", "top1", "top8_16_experts",
               "tokens_only_on_width0_experts", "all_width0", "blocks32_group3",
               "heuristic_config_bm32", "heuristic_config_bm128", "heuristic_config_bm16",
-              "custom_op_heuristic_config",
+              "custom_op_heuristic_config", "torch_alignment_path",
               "fresh_random_0", "fresh_random_1", "fresh_random_2"]
 
 
@@ -189,6 +217,11 @@ def interpreted_results():
         pytest.fail(f"interpreted kernel run failed (seed {seed}):\n{proc.stdout}\n{proc.stderr}")
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {r["name"]: r for r in rows}
+
+
+def test_triton_alignment_equals_torch_alignment(interpreted_results):
+    r = interpreted_results["align_triton_equals_torch"]
+    assert r["cases"] == 28 and r["mismatches"] == [], r
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -214,7 +247,7 @@ def test_heuristic_regimes_are_the_ones_tested(rmt):
 
 def test_interpreted_cases_cover_the_edges(interpreted_results):
     """The issue's edge cases are really in the set (not just named)."""
-    assert set(interpreted_results) == set(CASE_NAMES)
+    assert set(interpreted_results) == set(CASE_NAMES) | {"align_triton_equals_torch"}
     r = interpreted_results
     assert 0 in r["mixed_bf16"]["widths"] and any(w % 16 for w in r["mixed_bf16"]["widths"])
     assert r["one_token_top8"]["T"] == 1 and r["one_token_top8"]["topk"] == 8

@@ -464,7 +464,7 @@ def validate_config(cfg: ProxyConfig) -> None:
     if not 0.0 <= cfg.share_b <= 1.0:
         raise HeaprError(f"--share-b must be between 0 and 1 (the fraction sent to B), got {cfg.share_b}")
     if cfg.connect_timeout <= 0 or cfg.timeout <= 0:
-        raise HeaprError("--connect-timeout and --timeout must be positive seconds")
+        raise HeaprError("--connect-timeout and --timeout must be positive (seconds)")
     if cfg.max_connections < 1:
         raise HeaprError("--max-connections must be at least 1")
     if cfg.health_interval <= 0:

@@ -192,6 +192,34 @@ def start_stub(port: int, model: str, ttft: float, token_delay: float, fail_stat
     return proc
 
 
+class ServerThread:
+    """Run an ASGI app with uvicorn in a background thread of this process (tests of the proxy
+    in-process: real sockets and HTTP, without paying a second interpreter start-up)."""
+
+    def __init__(self, app, port: int) -> None:
+        import threading
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                access_log=False, server_header=False, date_header=False,
+                                lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.url = f"http://127.0.0.1:{port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"in-process server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
 def heapr_serve_exe() -> str:
     """The `heapr-serve` console script of the running interpreter's environment."""
     exe = Path(sys.executable).parent / "heapr-serve"

@@ -1,34 +1,36 @@
-"""`heapr-serve ab-proxy` over real HTTP: the real command in front of two stub OpenAI servers.
+"""`heapr-serve ab-proxy` over real HTTP, in front of two stub OpenAI servers.
 
 The stubs (heapr_serve/openai_stub.py) are the upstreams, with known timings: A gives its first
-token after 20 ms and then one every 10 ms, B is twice as fast. Everything the proxy does is
-observed from outside, as a client and a Prometheus scraper would.
+token after 20 ms and then one every 10 ms, B is twice as fast. The proxy runs in this process under
+uvicorn on a real socket (the same app the command serves; starting the command costs an interpreter
+start-up per configuration, which tests/test_ab_load.py pays once). Everything is observed from
+outside, as a client and a Prometheus scraper would.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
+import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
+from heapr_serve import cli
 from heapr_serve.ab_metrics import read_counter_sum
-from heapr_serve.openai_stub import free_port, heapr_serve_exe, spawn, start_stub, stop, wait_http
+from heapr_serve.ab_proxy import ABProxy, ProxyConfig
+from heapr_serve.openai_stub import ServerThread, free_port, start_stub, stop
 
 KEY = "s3cret-proxy-key"
 AUTH = {"x-heapr-proxy-key": KEY}
 
 
-def start_proxy(tmp: Path, a: str, b: str, *extra: str, name: str = "proxy"):
-    port = free_port()
-    log = tmp / f"{name}.log"
-    proc = spawn([heapr_serve_exe(), "ab-proxy", "--a", a, "--b", b, "--port", str(port), *extra], log)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/health", proc, timeout=90)
-    return proc, url, log
+def proxy(a: str, b: str, **kw) -> ServerThread:
+    """The proxy app on a free loopback port (use as a context manager); `.proxy` is the ABProxy."""
+    ab = ABProxy(ProxyConfig(a_url=a, b_url=b, **kw))
+    srv = ServerThread(ab.app, free_port())
+    srv.proxy = ab
+    return srv
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +39,12 @@ def setup(tmp_path_factory):
     pa, pb = free_port(), free_port()
     sa = start_stub(pa, "dense-stub", ttft=0.02, token_delay=0.01)
     sb = start_stub(pb, "pruned-stub", ttft=0.01, token_delay=0.005)
-    proxy, url, log = start_proxy(tmp, f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}",
-                                  "--share-b", "0.5", "--sticky-header", "X-User",
-                                  "--proxy-key", KEY, "--max-body-mb", "0.01", "--timeout", "20")
-    yield {"url": url, "a": f"http://127.0.0.1:{pa}", "b": f"http://127.0.0.1:{pb}", "log": log,
-           "proxy": proxy}
-    for p in (proxy, sa, sb):
+    srv = proxy(f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}", share_b=0.5,
+                sticky_header="X-User", proxy_key=KEY, max_body_bytes=10_000, timeout=20)
+    with srv:
+        yield {"url": srv.url, "a": f"http://127.0.0.1:{pa}", "b": f"http://127.0.0.1:{pb}",
+               "server": srv}
+    for p in (sa, sb):
         stop(p)
 
 
@@ -137,6 +139,8 @@ def test_malformed_requests_get_clear_errors_and_proxy_stays_up(setup):
         assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
         r = c.post(url + "/v1/completions", json={"prompt": "x" * 20000}, headers=AUTH)
         assert r.status_code == 413 and "--max-body-mb" in r.json()["error"]["message"]
+        r = c.post(url + "/v1/completions", content=b"", headers=AUTH)
+        assert r.status_code == 400
         r = c.post(url + "/v1/completions", json={"prompt": "x"})
         assert r.status_code == 401 and "x-heapr-proxy-key" in r.json()["error"]["message"]
         r = c.post(url + "/v1/completions", json={"prompt": "x"}, headers={"x-heapr-proxy-key": "no"})
@@ -148,7 +152,7 @@ def test_malformed_requests_get_clear_errors_and_proxy_stays_up(setup):
         assert read_counter_sum(text, "heapr_ab_rejected_total", reason="unauthorized") >= 2
         r = c.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=AUTH)
         assert r.status_code == 200
-    assert setup["proxy"].poll() is None
+    assert setup["server"].thread.is_alive()
 
 
 def test_client_disconnect_cancels_the_upstream_request(setup):
@@ -174,72 +178,85 @@ def test_client_disconnect_cancels_the_upstream_request(setup):
     assert read_counter_sum(text, "heapr_ab_requests_total", outcome="client_cancelled") >= 2
 
 
-def test_prompts_are_not_logged(setup):
+def test_prompts_are_not_logged(setup, capfd):
     secret = "zebra-umbrella-prompt-7731"
-    httpx.post(setup["url"] + "/v1/completions", json={"prompt": secret, "max_tokens": 1},
-               headers=AUTH, timeout=10)
-    assert secret not in setup["log"].read_text()
+    app_proxy = setup["server"].proxy
+    app_proxy.cfg.log_requests = True  # the per-request log line (--log-requests) for this test
+    try:
+        r = httpx.post(setup["url"] + "/v1/completions", json={"prompt": secret, "max_tokens": 1},
+                       headers=AUTH, timeout=10)
+        assert r.status_code == 200
+    finally:
+        app_proxy.cfg.log_requests = False
+    out, err = capfd.readouterr()
+    assert "ab-proxy: /v1/completions arm=" in err
+    assert secret not in out + err
 
 
-def test_failover_timeouts_and_unreachable_arm_at_start(tmp_path):
-    """B is unreachable from the start, A answers 503 on one port and hangs on another."""
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
-    p503, phang, pok = free_port(), free_port(), free_port()
-    s503 = start_stub(p503, "broken", 0.0, 0.0, fail_status=503)
+def test_failover_timeouts_and_unreachable_arm_at_start(capfd):
+    """B is unreachable at start, then comes up answering 503; a hanging arm gives 504s."""
+    pdead, phang, pok = free_port(), free_port(), free_port()
+    dead = f"http://127.0.0.1:{pdead}"  # nothing listens here, at first
     shang = start_stub(phang, "hang", ttft=0.0, token_delay=60.0)
     sok = start_stub(pok, "fine", 0.0, 0.001)
-    procs = [s503, shang, sok]
+    procs = [shang, sok]
     try:
-        # 1) unreachable B at start: proxy starts, says so on stderr, sends B's share to A
-        proxy, url, log = start_proxy(tmp_path, f"http://127.0.0.1:{pok}", dead, "--share-b", "1",
-                                      name="p1")
-        procs.append(proxy)
-        h = httpx.get(url + "/health", timeout=5)
-        assert h.status_code == 200 and h.json()["status"] == "degraded"
-        assert f"arm b ({dead}) not reachable" in log.read_text()
-        for _ in range(5):
+        # 1) unreachable B at start: the proxy comes up, says so, and sends B's share to A
+        with proxy(f"http://127.0.0.1:{pok}", dead, share_b=1.0, health_interval=0.3) as srv:
+            url = srv.url
+            h = httpx.get(url + "/health", timeout=5)
+            assert h.status_code == 200 and h.json()["status"] == "degraded"
+            assert f"arm b ({dead}) not reachable" in capfd.readouterr().err
+            for _ in range(5):
+                r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 2},
+                               timeout=10)
+                assert r.status_code == 200 and r.headers["x-heapr-arm"] == "a"
+            text = _metrics(url)
+            assert read_counter_sum(text, "heapr_ab_failovers_total", from_arm="b", to_arm="a",
+                                    reason="down") == 5
+            assert read_counter_sum(text, "heapr_ab_requests_total", arm="a", outcome="ok") == 5
+            assert read_counter_sum(text, "heapr_ab_upstream_up", arm="b") == 0
+
+            # 2) B comes up but answers 503: the health check sees it up, requests go to B, get
+            #    503, and fail over to A; with A gone too, a clear 502 right away
+            procs.append(start_stub(pdead, "broken", 0.0, 0.0, fail_status=503))
+            deadline = time.monotonic() + 10
+            while not httpx.get(url + "/health", timeout=5).json()["arms"]["b"]["up"]:
+                assert time.monotonic() < deadline, "proxy never saw arm b come up"
+                time.sleep(0.1)
+            assert "arm b" in capfd.readouterr().err  # "back up"
             r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 2}, timeout=10)
             assert r.status_code == 200 and r.headers["x-heapr-arm"] == "a"
-        text = _metrics(url)
-        assert read_counter_sum(text, "heapr_ab_failovers_total", from_arm="b", to_arm="a") == 5
-        assert read_counter_sum(text, "heapr_ab_requests_total", arm="a", outcome="ok") == 5
-        stop(proxy)
+            assert read_counter_sum(_metrics(url), "heapr_ab_failovers_total", reason="http_503") == 1
+            stop(sok)
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 2}, timeout=10)
+            assert r.status_code == 502 and time.perf_counter() - t0 < 5
+            assert "no arm could answer" in r.json()["error"]["message"]
+            assert httpx.get(url + "/health", timeout=5).status_code in (200, 503)
 
-        # 2) no failover, 503 from B is passed through; hanging A gives 504 within --timeout,
-        #    also after the stream started (then as an SSE error event)
-        proxy, url, _ = start_proxy(tmp_path, f"http://127.0.0.1:{phang}", f"http://127.0.0.1:{p503}",
-                                    "--share-b", "0", "--timeout", "1.5", "--no-failover", name="p2")
-        procs.append(proxy)
-        t0 = time.perf_counter()
-        r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 5}, timeout=10)
-        assert r.status_code == 504 and "--timeout" in r.json()["error"]["message"]
-        assert 1.4 < time.perf_counter() - t0 < 4
-        t0 = time.perf_counter()
-        r = httpx.post(url + "/v1/completions", timeout=10,
-                       json={"prompt": "p", "max_tokens": 5, "stream": True})
-        assert r.status_code == 200 and 1.4 < time.perf_counter() - t0 < 4
-        last = [ln for ln in r.text.splitlines() if ln.startswith("data: ")][-1]
-        assert json.loads(last[6:])["error"]["code"] == 504
-        text = _metrics(url)
-        assert read_counter_sum(text, "heapr_ab_requests_total", arm="a", outcome="timeout") == 2
-        stop(proxy)
-
-        # 3) failover on 503: B answers 503 so its requests go to A; with both arms dead, a 502
-        proxy, url, _ = start_proxy(tmp_path, f"http://127.0.0.1:{pok}", f"http://127.0.0.1:{p503}",
-                                    "--share-b", "1", name="p3")
-        procs.append(proxy)
-        r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 2}, timeout=10)
-        assert r.status_code == 200 and r.headers["x-heapr-arm"] == "a"
-        text = _metrics(url)
-        assert read_counter_sum(text, "heapr_ab_failovers_total", reason="http_503") == 1
-        stop(sok)
-        stop(s503)
-        t0 = time.perf_counter()
-        r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 2}, timeout=10)
-        assert r.status_code == 502 and time.perf_counter() - t0 < 5
-        assert "no arm could answer" in r.json()["error"]["message"]
-        h = httpx.get(url + "/health", timeout=5)
-        assert proxy.poll() is None and h.status_code in (200, 503)
+        # 3) no failover: B's 503 is passed through as is; a hanging A gives 504 within --timeout,
+        #    also after its stream started (then as an SSE error event)
+        with proxy(f"http://127.0.0.1:{phang}", dead, share_b=0.0, timeout=1.5,
+                   failover=False) as srv:
+            url = srv.url
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 5}, timeout=10)
+            assert r.status_code == 504 and "--timeout" in r.json()["error"]["message"]
+            assert 1.4 < time.perf_counter() - t0 < 4
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/completions", timeout=10,
+                           json={"prompt": "p", "max_tokens": 5, "stream": True})
+            assert r.status_code == 200 and 1.4 < time.perf_counter() - t0 < 4
+            last = [ln for ln in r.text.splitlines() if ln.startswith("data: ")][-1]
+            assert json.loads(last[6:])["error"]["code"] == 504
+            assert read_counter_sum(_metrics(url), "heapr_ab_requests_total", arm="a",
+                                    outcome="timeout") == 2
+        with proxy(f"http://127.0.0.1:{phang}", dead, share_b=1.0, failover=False) as srv:
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": "p"}, timeout=10)
+            assert r.status_code == 503 and r.headers["x-heapr-arm"] == "b"
+            text = _metrics(srv.url)
+            assert read_counter_sum(text, "heapr_ab_requests_total", outcome="upstream_5xx") == 1
     finally:
         for p in procs:
             stop(p)
@@ -247,16 +264,19 @@ def test_failover_timeouts_and_unreachable_arm_at_start(tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--share-b", "1.5"], "--share-b must be between 0 and 1"),
-    (["--share-b", "0.1", "--a", "localhost:8000"], "--a 'localhost:8000' is not an http(s) URL"),
+    (["--share-b", "-0.1"], "--share-b must be between 0 and 1"),
+    (["--a", "localhost:8000"], "--a 'localhost:8000' is not an http(s) URL"),
+    (["--timeout", "0"], "--timeout must be positive"),
 ])
-def test_bad_flags_exit_2_with_one_line(args, words):
-    base = {"--a": "http://127.0.0.1:1", "--b": "http://127.0.0.1:2"}
+def test_bad_flags_exit_2_with_one_line(args, words, monkeypatch, capsys):
+    """`heapr-serve ab-proxy` with a bad value: one line naming the flag, exit code 2."""
     flags = list(args)
-    for k, v in base.items():
+    for k, v in {"--a": "http://127.0.0.1:1", "--b": "http://127.0.0.1:2"}.items():
         if k not in flags:
             flags += [k, v]
-    r = subprocess.run([heapr_serve_exe(), "ab-proxy", *flags], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2
-    err = r.stderr.strip()
+    monkeypatch.setattr(sys, "argv", ["heapr-serve", "ab-proxy", *flags])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1, err

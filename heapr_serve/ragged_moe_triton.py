@@ -23,6 +23,7 @@ check the kernels without a GPU).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 
@@ -45,6 +46,7 @@ __all__ = [
     "align_tokens",
     "align_tokens_triton",
     "choose_config",
+    "fit_to_shared_memory",
     "pack_ragged_experts",
     "ragged_fused_moe",
     "ragged_moe_reference",
@@ -103,6 +105,13 @@ class PackedRaggedExperts:
     @property
     def hidden_size(self) -> int:
         return self.w13.shape[1]
+
+    def op(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+           ) -> torch.Tensor:
+        """Call ``torch.ops.heapr.ragged_fused_moe`` on this layer: the whole per-forward boundary."""
+        return torch.ops.heapr.ragged_fused_moe(hidden, self.w13, self.w2t, self.widths,
+                                                self.w13_offsets, self.w2_offsets, topk_ids,
+                                                topk_weights, self.max_width)
 
     def to(self, device=None, dtype=None) -> PackedRaggedExperts:
         """Move (and optionally cast the weights of) the packed layer; index tensors keep their dtype."""
@@ -289,6 +298,28 @@ def choose_config(num_tokens: int, topk: int, num_experts: int, hidden_size: int
                                dn_block_n=128, dn_block_k=64, dn_warps=4, dn_stages=3, group_m=1)
     return RaggedMoeConfig(block_m=128, gu_block_n=64, gu_block_k=64, gu_warps=8, gu_stages=4,
                            dn_block_n=256, dn_block_k=64, dn_warps=8, dn_stages=4, group_m=16)
+
+
+def fit_to_shared_memory(cfg: RaggedMoeConfig, itemsize: int, smem_bytes: int) -> RaggedMoeConfig:
+    """Lower the pipeline depth (never the tiles) until each GEMM's staged tiles fit in shared
+    memory, so the H100-sized heuristic still launches on GPUs with less of it (A100: 164 KB)."""
+    def need(stages, bn, bk, b_tiles):
+        return stages * (cfg.block_m * bk + b_tiles * bk * bn) * itemsize
+
+    gs, ds = cfg.gu_stages, cfg.dn_stages
+    while gs > 1 and need(gs, cfg.gu_block_n, cfg.gu_block_k, 2) > smem_bytes:
+        gs -= 1
+    while ds > 1 and need(ds, cfg.dn_block_n, cfg.dn_block_k, 1) > smem_bytes:
+        ds -= 1
+    return dataclasses.replace(cfg, gu_stages=gs, dn_stages=ds)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_memory(index: int) -> int:
+    try:  # what Triton itself checks a launch against
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:
+        return int(torch.cuda.get_device_properties(index).shared_memory_per_multiprocessor) - 1024
 
 
 # --------------------------------------------------------------------------------------------------
@@ -665,6 +696,9 @@ def ragged_fused_moe(hidden: torch.Tensor, packed: PackedRaggedExperts, topk_ids
     if config is None:
         config = choose_config(hidden.shape[0], topk_ids.shape[1], packed.num_experts,
                                packed.hidden_size, packed.max_width)
+        if hidden.is_cuda:
+            config = fit_to_shared_memory(config, hidden.element_size(),
+                                          _device_shared_memory(hidden.device.index or 0))
     return _launch(hidden, packed, topk_ids, topk_weights, config)
 
 

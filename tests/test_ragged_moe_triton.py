@@ -177,10 +177,8 @@ def _run_interpreted(fresh_seed):
                                                   routing=case.get("routing", "random"))
         packed = pack_ragged_experts(experts, hidden_size=case["H"])
         rmt.TRITON_ALIGN_MAX_PAIRS = 0 if case.get("torch_align") else 1024
-        if case["cfg"] == "op":
-            out = torch.ops.heapr.ragged_fused_moe(
-                hidden, packed.w13, packed.w2t, packed.widths, packed.w13_offsets,
-                packed.w2_offsets, ids, weights, packed.max_width)
+        if case["cfg"] == "op":  # through the registered op, as the vLLM layer calls it
+            out = packed.op(hidden, ids, weights)
         else:
             out = ragged_fused_moe(hidden, packed, ids, weights, config=case["cfg"])
         ref = reference64(experts, hidden, ids, weights)
@@ -243,6 +241,42 @@ def test_heuristic_regimes_are_the_ones_tested(rmt):
     assert pick(24).block_m == 16 and pick(24).gu_block_n == 64
     assert pick(64).block_m == 32
     assert pick(96).block_m == 128 and pick(96).dn_block_n == 256
+
+
+def test_fit_to_shared_memory(rmt):
+    big = rmt.choose_config(8192, 8, 128, 2048, 768)  # 128x256x64 down tiles, 4 stages = 192 KB
+    assert rmt.fit_to_shared_memory(big, 2, 227 * 1024) == big  # H100 / H200: unchanged
+    a100 = rmt.fit_to_shared_memory(big, 2, 163 * 1024)
+    assert a100.dn_stages == 3 and a100.gu_stages == big.gu_stages  # gate/up needs 128 KB only
+    assert (a100.block_m, a100.dn_block_n, a100.dn_block_k) == (128, 256, 64)  # tiles kept
+    assert rmt.fit_to_shared_memory(big, 2, 1).dn_stages == 1
+
+
+def test_bench_script_without_gpu_exits_with_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                         "bench_kernel_gpu.py")
+    proc = subprocess.run([sys.executable, bench, "--tokens", "1"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc
+    assert len(proc.stderr.strip().splitlines()) == 1 and "GPU" in proc.stderr, proc.stderr
+
+
+def test_bench_pruned_widths_hit_the_ratio():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "bench_kernel_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_kernel_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for E, I in [(128, 768), (256, 2048)]:
+        for r in (0.25, 0.5):
+            w = bench.pruned_widths(E, I, r, 64, seed=1)
+            assert len(w) == E and all(0 <= x <= I and x % 64 == 0 for x in w)
+            assert abs(sum(w) - (1 - r) * E * I) < 64
+            assert min(w) < max(w)  # ragged, not uniform
 
 
 def test_interpreted_cases_cover_the_edges(interpreted_results):

@@ -429,8 +429,10 @@ class Bench:
         dur = {"a": 0.0, "b": 0.0}
         label = f"{'c' if plan.mode == 'concurrency' else 'rate'}={level:g}"
         nblocks = 1
+        order: list[str] = []
         if plan.schedule == "concurrent":
             self.progress.update(self.task, description=f"{label} A+B together")
+            order.append("a+b")
             (ra, da), (rb, db) = await asyncio.gather(self._run_block(a, items, level, gaps),
                                                       self._run_block(b, items, level, gaps))
             res["a"], res["b"], dur["a"], dur["b"] = ra, rb, da, db
@@ -447,11 +449,12 @@ class Bench:
                 for name in (("a", "b") if k % 2 == 0 else ("b", "a")):
                     self.progress.update(self.task, description=f"{label} block {k + 1}/{nblocks} "
                                          f"arm {name.upper()}")
+                    order.append(name)
                     r, d = await self._run_block(self.arms[name], chunk, level, cgaps)
                     res[name] += r
                     dur[name] += d
         sa, sb = summarize(res["a"], dur["a"]), summarize(res["b"], dur["b"])
-        return {plan.mode: level, "blocks": nblocks,
+        return {plan.mode: level, "blocks": nblocks, "order": "".join(order).upper(),
                 "a": sa, "b": sb, "b_over_a": ratios(sa, sb)}
 
 
@@ -495,6 +498,8 @@ async def run_bench(arms: dict[str, Arm], plan: Plan, prompt_items: Optional[lis
         for name, arm in arms.items():
             await discover(client, arm, f"--{name}", headers)
             metrics.init_arm(name, arm.model)
+        print(f"bench: A={arms['a'].model} at {arms['a'].url}, B={arms['b'].model} at "
+              f"{arms['b'].url}; {describe_schedule(plan)}", file=sys.stderr, flush=True)
         exact = None
         level_items: list[list[dict]] = []
         for li, _ in enumerate(plan.levels):
@@ -775,7 +780,6 @@ def bench_command(
             from prometheus_client import start_http_server
 
             start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
-        print(f"bench: {describe_schedule(plan)}", file=sys.stderr, flush=True)
         run = asyncio.run(run_bench(arms, plan, prompt_items, headers, metrics, timeout))
     signal.signal(signal.SIGTERM, old)
 

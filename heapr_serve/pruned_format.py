@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
+from contextlib import contextmanager
+
+from safetensors import SafetensorError, safe_open
 
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family, family_for
@@ -36,6 +38,16 @@ class PrunedCheckpoint:
     @property
     def heapr(self) -> dict:
         return self.config["heapr"]
+
+
+@contextmanager
+def open_safetensors(file: Path, device: str = "cpu"):
+    """`safe_open` whose failures (truncated or corrupt file) become one-line HeaprErrors."""
+    try:
+        with safe_open(file, "pt", device=device) as f:
+            yield f
+    except (SafetensorError, OSError) as err:
+        raise HeaprError(f"{file}: not a readable safetensors file ({err}); re-download or re-create it") from None
 
 
 def read_config(path: Path) -> dict:
@@ -71,7 +83,7 @@ def safetensors_files(path: Path) -> dict[str, str]:
         return dict(weight_map)
     single = path / "model.safetensors"
     if single.is_file():
-        with safe_open(single, "pt") as f:
+        with open_safetensors(single) as f:
             return {k: single.name for k in f.keys()}
     raise HeaprError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are supported)")
 
@@ -130,7 +142,7 @@ def validate_checkpoint(path: str | Path) -> PrunedCheckpoint:
 
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for file in sorted(set(files.values())):
-        with safe_open(path / file, "pt") as f:
+        with open_safetensors(path / file) as f:
             for name in f.keys():
                 shapes[name] = (tuple(f.get_slice(name).get_shape()), file)
 

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 _installed = False
 
@@ -46,7 +45,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device
     from heapr_serve.errors import HeaprError
     from heapr_serve.families import moe_blocks
     from heapr_serve.moe_forward import RaggedExperts
-    from heapr_serve.pruned_format import validate_checkpoint
+    from heapr_serve.pruned_format import open_safetensors, validate_checkpoint
 
     ckpt = validate_checkpoint(path)
     config = AutoConfig.from_pretrained(path)
@@ -67,7 +66,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device
 
     state = {}
     for file in sorted(set(ckpt.tensor_files.values())):
-        with safe_open(Path(path) / file, "pt", device=str(device)) as f:
+        with open_safetensors(Path(path) / file, device=str(device)) as f:
             for name in f.keys():
                 state[_disk_to_module_name(name, ckpt.family)] = f.get_tensor(name).to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

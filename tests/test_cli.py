@@ -98,3 +98,15 @@ def test_overwrite_replaces_an_existing_output(tmp_path, tiny_models, capsys):
     code, _, err = run_cli("compress", tiny_models["qwen2_moe"], "-o", out, "--overwrite", *FAST, capsys=capsys)
     assert code == 0, err
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+
+
+def test_corrupt_weights_are_one_line(tmp_path, tiny_models, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["qwen3_moe"], broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
+    code, _, err = run_cli("compress", broken, "-o", tmp_path / "o", *FAST, capsys=capsys)
+    _one_line_error(code, err, "model.safetensors", "not a readable safetensors file")
+    assert not (tmp_path / "o").exists()

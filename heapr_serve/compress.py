@@ -24,12 +24,13 @@ from heapr_serve.calibration import load_calibration
 from heapr_serve.checkpoint import check_output_path, count_source_params, staging_folder, write_pruned_checkpoint
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import family_for
+from heapr_serve.methods import METHODS, collect_method_stats, get_method, plan_for_method
 from heapr_serve.model_card import write_model_card
 from heapr_serve.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model
 from heapr_serve.progress import console, progress_bar
 from heapr_serve.pruned_format import dense_expert_width, num_routed_experts, read_config, safetensors_files
 from heapr_serve.pruning import PruningPlan, plan_pruning
-from heapr_serve.scoring import SCORES_FILE, ExpertStats, collect_stats
+from heapr_serve.scoring import SCORES_FILE, ExpertStats
 
 
 @dataclass
@@ -40,6 +41,7 @@ class PruneResult:
     pruned_params: int
     pruned_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
+    method: str = "heapr"
 
 
 def _check_source(source: Path) -> dict:
@@ -52,26 +54,29 @@ def _check_source(source: Path) -> dict:
 
 
 def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, scope: str, align: int,
-                    keep_unrouted: bool, overwrite: bool, method: str = "heapr") -> PruneResult:
-    """Plan from `stats` and write the pruned checkpoint (with the statistics) to `out`."""
+                    keep_unrouted: bool, overwrite: bool, method: str = "heapr", seed: int = 0) -> PruneResult:
+    """Plan with `method` (heapr_serve.methods) from `stats` and write the pruned checkpoint (with the
+    statistics, so any method can re-prune it later) to `out`."""
     config = read_config(source)
     family = family_for(config)
     expected = (num_routed_experts(config), dense_expert_width(config))
     for layer, act in stats.act_sq.items():
         if tuple(act.shape) != expected:
             raise HeaprError(f"scores for layer {layer} have shape {list(act.shape)} but {source} has {expected[0]} experts of width {expected[1]}; pass the model the scores were computed on")
-    plan = plan_pruning(stats.scores(), ratio, scope, align, keep_unrouted)
+    plan = plan_for_method(method, stats, source, ratio, scope, align, keep_unrouted, seed)
     source_params = count_source_params(source)
     heapr = {
         "method": method,
+        "method_summary": get_method(method).summary,
         "source_architectures": config.get("architectures", [family.architecture]),
         "source_model": stats.metadata.get("source_model", str(source)),
         "dense_width": plan.dense_width,
         "expert_widths": {str(layer): widths for layer, widths in plan.widths.items()},
         "ratio": ratio,
         "effective_ratio": round(plan.effective_ratio, 6),
-        "align": align,
-        "scope": scope,
+        "align": plan.align,
+        "scope": plan.scope,
+        **({"seed": seed} if method == "random" else {}),
         "keep_unrouted": keep_unrouted,
         "unrouted_experts": {str(layer): e for layer, e in plan.unrouted.items() if e},
         "calibration": stats.metadata.get("calibration", {}),
@@ -88,7 +93,7 @@ def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, s
         config_file.write_text(json.dumps(saved, indent=2) + "\n")
         stats.save(folder / SCORES_FILE)
         write_model_card(folder, saved, plan, source_params, written["params"])
-    return PruneResult(out, plan, source_params, written["params"], written["bytes"])
+    return PruneResult(out, plan, source_params, written["params"], written["bytes"], method=method)
 
 
 def _peak_memory_gib(device: torch.device) -> str:
@@ -104,6 +109,7 @@ def summary_table(result: PruneResult, wall: float, peak: str) -> Table:
     table = Table(title=f"heapr-serve: {result.out}", show_header=True, header_style="bold")
     table.add_column("")
     table.add_column("value", justify="right")
+    table.add_row("method", get_method(result.method).summary)
     table.add_row("parameters before", f"{result.source_params:,}")
     table.add_row("parameters after", f"{result.pruned_params:,} ({result.pruned_params / result.source_params:.1%})")
     table.add_row("requested ratio (routed-expert neurons)", f"{plan.ratio:.2%}")
@@ -144,15 +150,17 @@ def compress_command(
     nsamples: int = typer.Option(64, help="Number of calibration sequences."),
     seq_len: int = typer.Option(256, help="Tokens per calibration sequence."),
     batch_size: int = typer.Option(8, help="Sequences per forward/backward pass."),
-    seed: int = typer.Option(0, help="Seed for drawing calibration windows."),
+    seed: int = typer.Option(0, help="Seed for drawing calibration windows (and for --method random)."),
     dtype: str = typer.Option("float32", help="Calibration dtype: float32 or bfloat16 (statistics are float32)."),
     device: str = typer.Option("auto", help="auto (a CUDA GPU when present), cpu, cuda, cuda:N."),
     keep_unrouted: bool = typer.Option(False, help="Keep experts that received no calibration tokens."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
     evaluate: bool = typer.Option(False, "--eval", help="Afterwards, compare held-out perplexity of dense and pruned."),
+    method: str = typer.Option("heapr", "--method", help=f"Pruning method: {', '.join(METHODS)} (baselines: docs/quality.md)."),
 ) -> None:
-    """Score every atomic expert with HEAPr and write a smaller checkpoint."""
+    """Score every atomic expert with HEAPr (or a baseline --method) and write a smaller checkpoint."""
     start = time.perf_counter()
+    get_method(method)
     torch_dtype, torch_device = pick_dtype(dtype), pick_device(device)
     plan_pruning({0: torch.zeros(1, 1)}, ratio, scope, align)  # validates ratio/scope/align in a millisecond
     if batch_size < 1:
@@ -169,12 +177,12 @@ def compress_command(
     loss_scale = float(batch_size * calibration.seq_len)
     with progress_bar() as progress:
         task = progress.add_task("HEAPr statistics", total=calibration.num_tokens)
-        stats = collect_stats(model_obj, calibration.batches(batch_size, pad_id), loss_scale, lambda n: progress.advance(task, n))
-    stats.metadata = {"source_model": str(source), "model_type": config["model_type"], "calibration": calibration.describe()}
+        stats = collect_method_stats(model_obj, calibration.batches(batch_size, pad_id), loss_scale, lambda n: progress.advance(task, n))
+    stats.metadata.update({"source_model": str(source), "model_type": config["model_type"], "calibration": calibration.describe()})
     del model_obj
     gc.collect()
 
-    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite)
+    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed)
     _warn_unrouted(result.plan, keep_unrouted)
     console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch_device)))
     if evaluate:
@@ -191,9 +199,12 @@ def apply_command(
     keep_unrouted: bool = typer.Option(False, help="Keep experts that received no calibration tokens."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
     evaluate: bool = typer.Option(False, "--eval", help="Afterwards, compare held-out perplexity of dense and pruned."),
+    method: str = typer.Option("heapr", "--method", help=f"Pruning method: {', '.join(METHODS)}."),
+    seed: int = typer.Option(0, help="Seed for --method random."),
 ) -> None:
-    """Re-prune at another ratio from saved HEAPr scores, without calibrating again."""
+    """Re-prune at another ratio (or with another --method) from saved statistics, without calibrating again."""
     start = time.perf_counter()
+    get_method(method)
     plan_pruning({0: torch.zeros(1, 1)}, ratio, scope, align)
     stats = ExpertStats.load(scores)
     recorded = stats.metadata.get("source_model")
@@ -204,7 +215,7 @@ def apply_command(
     config = _check_source(source)
     if stats.metadata.get("model_type") not in (None, config["model_type"]):
         raise HeaprError(f"{scores}: scores are for a {stats.metadata['model_type']} model but {source} is {config['model_type']}; pass the right --model")
-    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite)
+    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed)
     _warn_unrouted(result.plan, keep_unrouted)
     console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch.device("cpu"))))
     if evaluate:

@@ -8,8 +8,9 @@ A HEAPr-pruned MoE layer keeps, per routed expert e, only I_e of the I intermedi
 * ``align_tokens`` (pure torch, CPU or GPU, no host sync so CUDA graphs can capture it) sorts the
   (token, slot) pairs into BLOCK_M-row blocks, each block owned by one expert. Pairs routed to a width-0
   expert are dropped here, so such experts cost no block, no program and no byte of weight traffic.
-* Three kernels: gate/up GEMM with per-expert N fused with SiLU-and-mul; down GEMM with per-expert K
-  and the router weight applied in fp32; a top-k combine that sums each token's rows in fp32.
+  For small batches ``align_tokens_triton`` produces the identical result in one launch.
+* Kernels: gate/up GEMM with per-expert N fused with SiLU-and-mul; down GEMM with per-expert K and
+  the router weight applied in fp32; a top-k combine that sums each token's rows in fp32.
 * ``ragged_fused_moe`` runs them; ``torch.ops.heapr.ragged_fused_moe`` is the same thing registered
   as a custom op with a fake implementation, so torch.compile traces through it and CUDA graphs
   capture it (every grid is a function of shapes only).

@@ -458,14 +458,19 @@ class Bench:
                 "a": sa, "b": sb, "b_over_a": ratios(sa, sb)}
 
 
-async def scrape_vllm(client: httpx.AsyncClient, arm: Arm) -> dict[str, float]:
+async def scrape_vllm(client: httpx.AsyncClient, arm: Arm,
+                      save_dir: Path | None = None) -> dict[str, float]:
+    """The arm's vllm:* values ({} if it has none); with save_dir, keep the raw text as evidence."""
     try:
         r = await client.get(arm.url + "/metrics", timeout=5.0)
         if r.status_code != 200:
             return {}
-        return parse_vllm_metrics(r.text)
+        vals = parse_vllm_metrics(r.text)
     except (httpx.HTTPError, ValueError):
         return {}
+    if save_dir is not None and vals:
+        (save_dir / f"vllm-metrics-{arm.name}.txt").write_text(r.text)
+    return vals
 
 
 async def discover(client: httpx.AsyncClient, arm: Arm, flag: str, headers: dict[str, str]) -> None:
@@ -487,7 +492,8 @@ async def discover(client: httpx.AsyncClient, arm: Arm, flag: str, headers: dict
 
 
 async def run_bench(arms: dict[str, Arm], plan: Plan, prompt_items: Optional[list[dict]],
-                    headers: dict[str, str], metrics: ABMetrics, timeout: float) -> dict:
+                    headers: dict[str, str], metrics: ABMetrics, timeout: float,
+                    raw_dir: Path | None = None) -> dict:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
@@ -510,18 +516,33 @@ async def run_bench(arms: dict[str, Arm], plan: Plan, prompt_items: Optional[lis
                 items, exact = await synthetic_prompts(client, arms["a"], plan.num_prompts,
                                                        plan.input_len, plan.seed + li)
             level_items.append(items)
+        n_warm = plan.warmup + (conc_cap if plan.mode == "concurrency" else min(conc_cap, 8))
+        if prompt_items is not None:
+            warm_items = [prompt_items[-1 - (i % len(prompt_items))] for i in range(n_warm)]
+        else:
+            warm_items, _ = await synthetic_prompts(client, arms["a"], n_warm, plan.input_len,
+                                                    plan.seed + 10_000)
         total = len(plan.levels) * plan.num_prompts * 2
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TimeRemainingColumn(), transient=False) as progress:
             task = progress.add_task("warm-up", total=total)
             bench = Bench(arms, plan, client, headers, metrics, progress, task)
-            warm = level_items[0][: max(0, plan.warmup)]
-            for name in ("a", "b"):
-                for item in warm:
-                    r = await bench._send(arms[name], item, record=False)
-                    if not r.ok:
+            # warm-up (not measured): a few requests one at a time, then one burst at the highest
+            # concurrency, so first-request and new-batch-size costs land here; own prompts, so no
+            # measured prompt finds its prefix cached
+            if plan.warmup:
+                burst = conc_cap if plan.mode == "concurrency" else min(conc_cap, 8)
+                for name in ("a", "b"):
+                    progress.update(task, description=f"warm-up arm {name.upper()}")
+                    rs = [await bench._send(arms[name], item, record=False)
+                          for item in warm_items[:plan.warmup]]
+                    if burst > 1:
+                        rs += await asyncio.gather(*(bench._send(arms[name], item, record=False)
+                                                     for item in warm_items[plan.warmup:]))
+                    bad = [r for r in rs if not r.ok]
+                    if bad:
                         raise HeaprError(f"--{name} {arms[name].url}: warm-up request failed "
-                                         f"({r.error}); check the server")
+                                         f"({bad[0].error}); check the server")
             before = {n: await scrape_vllm(client, arm) for n, arm in arms.items()}
             stop = asyncio.Event()
             poller = asyncio.create_task(bench.poll_vllm(stop))
@@ -533,7 +554,7 @@ async def run_bench(arms: dict[str, Arm], plan: Plan, prompt_items: Optional[lis
             finally:
                 stop.set()
                 await poller
-            after = {n: await scrape_vllm(client, arm) for n, arm in arms.items()}
+            after = {n: await scrape_vllm(client, arm, raw_dir) for n, arm in arms.items()}
     vllm = {}
     for n in arms:
         entry = {}
@@ -607,7 +628,7 @@ def markdown_report(report: dict) -> str:
         lines.append(
             f"| {arm.upper()} | {_fmt(v.get('generation_tokens_delta'), 0)} | "
             f"{v['client_output_tokens']} | {_fmt(v.get('prompt_tokens_delta'), 0)} | "
-            f"{'-' if kv is None else f'{kv * 100:.1f}%'} | {_fmt(v.get('peak_requests_running'), 0)} | "
+            f"{'-' if kv is None else f'{kv * 100:.2f}%'} | {_fmt(v.get('peak_requests_running'), 0)} | "
             f"{_fmt(v.get('peak_requests_waiting'), 0)} | {_fmt(v.get('preemptions_delta'), 0)} |")
     return "\n".join(lines) + "\n"
 
@@ -702,7 +723,8 @@ def bench_command(
     schedule: str = typer.Option("alternate", "--schedule", help="alternate (ABBA blocks, one arm "
                                  "at a time) or concurrent (both arms at once)."),
     blocks: int = typer.Option(4, "--blocks", help="Blocks per level for --schedule alternate."),
-    warmup: int = typer.Option(2, "--warmup", help="Unmeasured requests per arm first."),
+    warmup: int = typer.Option(2, "--warmup", help="Unmeasured requests per arm first, one at a "
+                               "time (then one burst at the top concurrency); 0 for none."),
     ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos", help="Pin output "
                                     "lengths (vLLM's ignore_eos) so both arms generate the same."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds per request."),
@@ -780,7 +802,7 @@ def bench_command(
             from prometheus_client import start_http_server
 
             start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
-        run = asyncio.run(run_bench(arms, plan, prompt_items, headers, metrics, timeout))
+        run = asyncio.run(run_bench(arms, plan, prompt_items, headers, metrics, timeout, out))
     signal.signal(signal.SIGTERM, old)
 
     report = {

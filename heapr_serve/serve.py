@@ -1,0 +1,94 @@
+"""`heapr-serve serve PATH [vLLM server flags]`: vLLM's OpenAI-compatible server, with the plugin.
+
+A pruned folder is validated first (config widths against every tensor header, family, unsupported
+flags), so a bad folder fails in about a second with one line instead of after vLLM's start-up. Then
+this process becomes `python -m vllm.entrypoints.openai.api_server --model PATH ...` (exec, so signals
+and the exit code are vLLM's own). vLLM picks CPU or GPU from the installed build; the plugin that
+registers the heapr-serve architectures is loaded by vLLM itself through its entry point. A dense
+folder (no `heapr` section) is served by stock vLLM unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from heapr_serve.errors import HeaprError
+
+# flags whose feature the ragged MoE layer refuses; refusing here saves vLLM's start-up time
+_REFUSED_FOR_PRUNED = {
+    "--quantization": "quantised weights are not supported for pruned checkpoints yet; drop --quantization",
+    "-q": "quantised weights are not supported for pruned checkpoints yet; drop -q/--quantization",
+    "--enable-expert-parallel": "expert parallelism is not supported for pruned checkpoints yet; use --tensor-parallel-size",
+    "-ep": "expert parallelism is not supported for pruned checkpoints yet; use --tensor-parallel-size",
+    "--enable-eplb": "EPLB is not supported for pruned checkpoints yet; drop --enable-eplb",
+}
+
+
+def _plugin_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.value.startswith("model_patches.vllm_plugin") for ep in entry_points(group="vllm.general_plugins"))
+
+
+def _vllm_importable() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("vllm") is not None
+
+
+def preflight(path: str, extra: list[str]) -> str:
+    """Everything `serve` checks before starting vLLM; returns a one-line description of the model."""
+    for flag in extra:
+        if flag in ("--model",) or flag.startswith("--model="):
+            raise HeaprError("pass the model folder as PATH (heapr-serve serve PATH ...), not with --model")
+    if not _vllm_importable():
+        raise HeaprError("vLLM is not installed; install heapr-serve[cpu] (CPU) or heapr-serve[gpu] (CUDA)")
+    folder = Path(path)
+    if not folder.exists():
+        if "/" in path and not path.startswith(("/", ".", "~")) and path.count("/") == 1:
+            return f"{path} (Hugging Face Hub id, served by stock vLLM)"
+        raise HeaprError(f"{path}: no such folder; pass a model folder (e.g. the output of `heapr-serve compress`)")
+    from heapr_serve.pruned_format import is_pruned, read_config, validate_checkpoint
+
+    if not folder.is_dir():
+        raise HeaprError(f"{path}: not a folder; pass a model folder")
+    config = read_config(folder)
+    archs = config.get("architectures") or []
+    if not is_pruned(folder):
+        if any(str(a).startswith("Heapr") for a in archs):
+            raise HeaprError(f"{folder / 'config.json'}: architecture {archs[0]} but no `heapr` section with expert widths; re-create the folder with `heapr-serve compress`")
+        return f"{path} (dense, served by stock vLLM)"
+    ckpt = validate_checkpoint(folder)  # family, widths, every tensor shape (headers only)
+    expected = ckpt.family.pruned_architecture
+    if archs != [expected]:
+        raise HeaprError(f"{folder / 'config.json'}: architectures is {archs}, a pruned {ckpt.family.model_type} folder needs [{expected!r}]")
+    for flag in extra:
+        reason = _REFUSED_FOR_PRUNED.get(flag.split("=", 1)[0])
+        if reason:
+            raise HeaprError(reason)
+    if not _plugin_installed():
+        raise HeaprError("the heapr-serve vLLM plugin is not registered; reinstall the package (pip install -e .) so its entry point exists")
+    widths = [w for ws in ckpt.widths.values() for w in ws]
+    ratio = 1 - sum(widths) / (len(widths) * ckpt.dense_width)
+    return f"{path} (pruned {ckpt.family.model_type}, {ratio:.1%} of routed-expert neurons removed, {widths.count(0)} experts at width 0)"
+
+
+def server_argv(path: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, *extra]
+
+
+def serve_command(
+    ctx: typer.Context,
+    path: str = typer.Argument(..., help="Model folder: a pruned output of `heapr-serve compress`, or a dense model."),
+) -> None:
+    """Serve PATH with vLLM's OpenAI-compatible server (any vLLM server flag may follow PATH)."""
+    extra = list(ctx.args)
+    what = preflight(path, extra)
+    argv = server_argv(path, extra)
+    print(f"heapr-serve: serving {what}", file=sys.stderr, flush=True)
+    print("heapr-serve: exec " + " ".join(argv[1:]), file=sys.stderr, flush=True)
+    os.execv(argv[0], argv)

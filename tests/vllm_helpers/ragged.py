@@ -1,0 +1,86 @@
+"""Make pruned (ragged-width) checkpoints by slicing a tiny model's per-expert tensors.
+
+Independent of `heapr-serve compress` on purpose: the serving tests then check the vLLM side against
+docs/checkpoint_format.md directly, with widths we choose (0, unaligned, full) rather than scored ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from heapr_serve.families import family_for
+
+_EXPERT = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+
+
+def _all_tensors(src: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(src.glob("*.safetensors")):
+        if file.name != "heapr_scores.safetensors":
+            tensors.update(load_file(file))
+    return tensors
+
+
+def make_ragged(src: Path, out: Path, widths_for_layer, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+    """Write `out`: `src` with expert e of layer l cut to `widths_for_layer(l, num_experts, dense)[e]`
+    neurons (a random subset kept in original order, as HEAPr keeps them)."""
+    src, out = Path(src), Path(out)
+    config = json.loads((src / "config.json").read_text())
+    family = family_for(config)
+    tensors = _all_tensors(src)
+    gen = torch.Generator().manual_seed(seed)
+    layers = sorted({int(m["layer"]) for n in tensors if (m := _EXPERT.match(n))})
+    num_experts = int(config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts"))
+    dense = int(config.get("moe_intermediate_size") or config["intermediate_size"])
+    gate_n, up_n, down_n = family.disk_projs
+    widths = {}
+    new = {n: t for n, t in tensors.items() if not _EXPERT.match(n)}
+    for layer in layers:
+        ws = list(widths_for_layer(layer, num_experts, dense))
+        widths[str(layer)] = ws
+        for e, w in enumerate(ws):
+            keep = torch.randperm(dense, generator=gen)[:w].sort().values
+            for proj in (gate_n, up_n, down_n):
+                name = next(n for n in tensors if (m := _EXPERT.match(n)) and int(m["layer"]) == layer
+                            and int(m["expert"]) == e and m["proj"] == proj)
+                if w == 0:
+                    continue
+                t = tensors[name]
+                new[name] = (t[:, keep] if proj == down_n else t[keep]).contiguous()
+    if dtype is not None:
+        new = {n: t.to(dtype) if t.is_floating_point() else t for n, t in new.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(new, out / "model.safetensors", metadata={"format": "pt"})
+    total = sum(len(v) for v in widths.values()) * dense
+    kept = sum(sum(v) for v in widths.values())
+    config["architectures"] = ["Heapr" + family.architecture]
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+    config["heapr"] = {
+        "format_version": 1, "method": "heapr", "source_architectures": [family.architecture],
+        "source_model": str(src), "dense_width": dense, "expert_widths": widths,
+        "ratio": round(1 - kept / total, 4), "effective_ratio": round(1 - kept / total, 4),
+        "align": 1, "scope": "test", "calibration": None,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def mixed_widths(layer: int, num_experts: int, dense: int) -> list[int]:
+    """A layer pattern with every case: full, aligned, unaligned, width 0."""
+    pattern = [dense, dense // 2, 0, (3 * dense) // 4, 16, dense, dense // 4 + 8, 0]
+    return [pattern[(e + layer) % len(pattern)] for e in range(num_experts)]
+
+
+def full_widths(layer: int, num_experts: int, dense: int) -> list[int]:
+    return [dense] * num_experts

@@ -1,0 +1,185 @@
+"""MoE layer time in vLLM: stock dense vs heapr-serve's ragged layer, unpruned and pruned.
+
+Builds real vLLM MoE layers (the same `FusedMoEFactory` -> `MoERunner` the models use, the stock gate
+and router included) at one set of layer shapes with random weights, and times `runner.forward` at
+several token counts, interleaving the variants round by round so that load from other processes
+hits them alike; reports the median.
+
+  (a) stock: vLLM's own RoutedExperts (one [E, 2I, H] stack, the platform's stock kernel)
+  (b) ours, unpruned: HeaprRoutedExperts with every expert at full width
+  (c) ours, pruned r: widths from a random HEAPr-like pattern removing r of the neurons, aligned
+
+Default shapes are Qwen3-30B-A3B's (hidden 2048, 128 experts of 768, top-8), bf16.
+
+  python -m tools.bench_moe_layer --tokens 1 16 256 --ratios 0.25 0.5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def pruned_widths(num_experts: int, dense: int, ratio: float, align: int, seed: int) -> list[int]:
+    """Per-expert widths removing about `ratio` of the neurons, spread unevenly as HEAPr's global
+    ranking does (some experts keep most, a few drop to 0), each a multiple of `align`."""
+    if ratio <= 0:
+        return [dense] * num_experts
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.distributions.Beta(torch.tensor(4.0), torch.tensor(4.0 * ratio / (1 - ratio))).sample((num_experts,))
+    widths = (keep * dense / align).round().clamp(0, dense // align).long() * align
+    target = round((1 - ratio) * num_experts * dense / align) * align
+    order = torch.randperm(num_experts, generator=gen).tolist()
+    i = 0
+    while int(widths.sum()) != target:  # re-balance to the exact target, one block at a time
+        e = order[i % num_experts]
+        if widths.sum() > target and widths[e] > 0:
+            widths[e] -= align
+        elif widths.sum() < target and widths[e] < dense:
+            widths[e] += align
+        i += 1
+    return widths.tolist()
+
+
+def _setup_vllm(dtype: torch.dtype, max_tokens: int):
+    from vllm.config import CompilationConfig, ModelConfig, ParallelConfig, SchedulerConfig, VllmConfig
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    from vllm.config import set_current_vllm_config
+
+    cfg = VllmConfig(
+        parallel_config=ParallelConfig(),
+        scheduler_config=SchedulerConfig(max_num_batched_tokens=max(2048, max_tokens), max_num_seqs=max(256, max_tokens), max_model_len=4096, is_encoder_decoder=False),
+        compilation_config=CompilationConfig(),
+    )
+    tmp = tempfile.mkdtemp()
+    with set_current_vllm_config(cfg):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=f"file://{tmp}/dist", backend="gloo")
+        initialize_model_parallel(1, 1)
+    return cfg
+
+
+def build_layer(cfg, name: str, hidden: int, experts: int, width: int, top_k: int, dtype, widths=None, weights=None):
+    """One MoE layer as Qwen3-MoE builds it (gate inside the runner), with given (or random) weights."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
+
+    from model_patches.vllm_ragged_moe import HeaprRoutedExperts
+
+    torch.set_default_dtype(dtype)
+    with set_current_vllm_config(cfg):
+        gate = GateLinear(hidden, experts, prefix=f"{name}.gate")
+        kwargs = {}
+        if widths is not None:
+            kwargs = dict(routed_experts_cls=HeaprRoutedExperts, routed_experts_args={"heapr_widths": widths})
+        runner = FusedMoEFactory(
+            gate=gate, num_experts=experts, top_k=top_k, hidden_size=hidden, intermediate_size=width,
+            renormalize=True, params_dtype=dtype, prefix=f"{name}.experts", **kwargs,
+        )
+    torch.set_default_dtype(torch.float32)
+    gate_w, gate_up, down = weights
+    gate.weight.data.copy_(gate_w)
+    routed = runner.routed_experts
+    if widths is None:
+        routed.w13_weight.data.copy_(gate_up)
+        routed.w2_weight.data.copy_(down)
+    else:
+        for e, w in enumerate(widths):
+            if w:
+                routed.load_expert(e, 0, gate_up[e, :w], "gate")
+                routed.load_expert(e, 1, gate_up[e, width : width + w], "up")
+                routed.load_expert(e, 2, down[e, :, :w], "down")
+        routed.check_complete()
+    for module in (gate, routed):  # as vLLM's loader does after loading (prepacking for the CPU)
+        module.quant_method.process_weights_after_loading(module)
+    return runner
+
+
+def time_forward(cfg, runner, x: torch.Tensor) -> float:
+    from vllm.forward_context import set_forward_context
+
+    with torch.inference_mode(), set_forward_context(None, cfg, num_tokens=x.shape[0]):
+        start = time.perf_counter()
+        runner.forward(x, x)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--align", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="OMP threads; default as vLLM's CPU worker binds them (all cores but one reserved)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    cfg = _setup_vllm(dtype, max(args.tokens))
+
+    torch.manual_seed(args.seed)
+    H, E, I = args.hidden, args.experts, args.width
+    weights = (
+        torch.randn(E, H) * 0.05,
+        (torch.randn(E, 2 * I, H) * H**-0.5).to(dtype),
+        (torch.randn(E, H, I) * I**-0.5).to(dtype),
+    )
+    variants = {"stock": None, "ours_unpruned": [I] * E}
+    for r in args.ratios:
+        variants[f"ours_pruned_{int(round(r * 100))}"] = pruned_widths(E, I, r, args.align, args.seed + 1)
+    runners = {}
+    for i, (name, widths) in enumerate(variants.items()):
+        runners[name] = build_layer(cfg, f"model.layers.{i}.mlp", H, E, I, args.top_k, dtype, widths, weights)
+    buckets = {n: len(r.routed_experts.quant_method.buckets) for n, r in runners.items() if n != "stock"}
+
+    results = {"shapes": dict(hidden=H, experts=E, width=I, top_k=args.top_k, dtype=args.dtype),
+               "threads": torch.get_num_threads(), "buckets": buckets, "ms": {}, "ratio_to_stock": {},
+               "effective_ratio": {n: 1 - sum(w) / (E * I) for n, w in variants.items() if w}}
+    for T in args.tokens:
+        x = (torch.randn(T, H)).to(dtype)
+        samples = {n: [] for n in runners}
+        for name, runner in runners.items():  # warm-up
+            time_forward(cfg, runner, x)
+        for _ in range(args.rounds):
+            for name, runner in runners.items():
+                samples[name].append(time_forward(cfg, runner, x))
+        ms = {n: statistics.median(s) * 1e3 for n, s in samples.items()}
+        results["ms"][T] = ms
+        results["ratio_to_stock"][T] = {n: ms[n] / ms["stock"] for n in ms}
+        line = "  ".join(f"{n}={ms[n]:.2f}ms ({ms[n] / ms['stock']:.2f}x)" for n in ms)
+        print(f"tokens={T:4d}  {line}", flush=True)
+    # correctness guard: unpruned ours must equal stock on the same weights
+    x = torch.randn(16, H).to(dtype)
+    from vllm.forward_context import set_forward_context
+
+    with torch.inference_mode(), set_forward_context(None, cfg, num_tokens=16):
+        a = runners["stock"].forward(x, x).float()
+        b = runners["ours_unpruned"].forward(x, x).float()
+    results["max_abs_diff_unpruned_vs_stock"] = float((a - b).abs().max())
+    print(f"buckets per layer: {buckets}; max |ours_unpruned - stock| = {results['max_abs_diff_unpruned_vs_stock']:.3g}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

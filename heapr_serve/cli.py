@@ -34,6 +34,8 @@ from heapr_serve.ab_proxy import ab_proxy_command  # noqa: E402
 app.command("ab-proxy")(ab_proxy_command)
 from heapr_serve.ab_bench import bench_command  # noqa: E402
 app.command("bench")(bench_command)
+from heapr_serve.serve import serve_command  # noqa: E402
+app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_command)
 # --- end of command registrations ---
 
 

@@ -119,6 +119,12 @@ def _interpreted_cases(fresh_seed):
              dtype="bfloat16", cfg=None),
         dict(name="custom_op_heuristic_config", widths=mixed, H=128, T=6, topk=3, dtype="bfloat16",
              cfg="op"),
+        # Every float buffer the launcher allocates starts as NaN: reading any element the kernels did
+        # not write (even to multiply it by zero) would make the output non-finite.
+        dict(name="nan_poisoned_buffers", widths=mixed, H=80, T=37, topk=2, dtype="bfloat16",
+             cfg=small, poison=True),
+        dict(name="nan_poisoned_buffers_heuristic", widths=[96, 40, 0, 128, 17], H=128, T=96,
+             topk=2, dtype="bfloat16", cfg=None, poison=True),
         # Small batches align with the one-program Triton kernel; this forces the torch sort path.
         dict(name="torch_alignment_path", widths=mixed, H=64, T=37, topk=2, dtype="bfloat16",
              cfg=small, torch_align=True),
@@ -177,10 +183,19 @@ def _run_interpreted(fresh_seed):
                                                   routing=case.get("routing", "random"))
         packed = pack_ragged_experts(experts, hidden_size=case["H"])
         rmt.TRITON_ALIGN_MAX_PAIRS = 0 if case.get("torch_align") else 1024
-        if case["cfg"] == "op":  # through the registered op, as the vLLM layer calls it
-            out = packed.op(hidden, ids, weights)
-        else:
-            out = ragged_fused_moe(hidden, packed, ids, weights, config=case["cfg"])
+        real_empty = torch.empty
+        if case.get("poison"):
+            def poisoned_empty(*args, **kwargs):
+                t = real_empty(*args, **kwargs)
+                return t.fill_(float("nan")) if t.is_floating_point() else t
+            torch.empty = poisoned_empty
+        try:
+            if case["cfg"] == "op":  # through the registered op, as the vLLM layer calls it
+                out = packed.op(hidden, ids, weights)
+            else:
+                out = ragged_fused_moe(hidden, packed, ids, weights, config=case["cfg"])
+        finally:
+            torch.empty = real_empty
         ref = reference64(experts, hidden, ids, weights)
         dead = [t for t in range(case["T"])
                 if all(case["widths"][int(e)] == 0 for e in ids[t])]
@@ -200,7 +215,8 @@ CASE_NAMES = ["mixed_bf16", "mixed_fp16", "mixed_fp32", "hidden_not_multiple_of_
               "one_token_top8", "all_tokens_to_one_expert", "top1", "top8_16_experts",
               "tokens_only_on_width0_experts", "all_width0", "blocks32_group3",
               "heuristic_config_bm32", "heuristic_config_bm128", "heuristic_config_bm16",
-              "custom_op_heuristic_config", "torch_alignment_path",
+              "custom_op_heuristic_config", "nan_poisoned_buffers",
+              "nan_poisoned_buffers_heuristic", "torch_alignment_path",
               "fresh_random_0", "fresh_random_1", "fresh_random_2"]
 
 

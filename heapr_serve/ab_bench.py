@@ -405,7 +405,8 @@ class Bench:
         return res, time.perf_counter() - t0
 
     async def poll_vllm(self, stop: asyncio.Event) -> None:
-        """Sample both servers' vLLM gauges once a second for their peaks during the run."""
+        """Sample both servers' vLLM gauges every 2 s for their peaks during the run (not more
+        often: rendering /metrics costs the server CPU that the benchmark is measuring)."""
         while not stop.is_set():
             for name, arm in self.arms.items():
                 vals = await scrape_vllm(self.client, arm)
@@ -414,7 +415,7 @@ class Bench:
                     if k in vals:
                         peak[k] = max(peak.get(k, 0.0), vals[k])
             try:
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
+                await asyncio.wait_for(stop.wait(), timeout=2.0)
             except asyncio.TimeoutError:
                 pass
 
@@ -558,9 +559,13 @@ async def run_bench(arms: dict[str, Arm], plan: Plan, prompt_items: Optional[lis
     vllm = {}
     for n in arms:
         entry = {}
+        delta = {k: after[n][k] - before[n][k] for k in after[n] if k in before[n]}
         for k in ("prompt_tokens", "generation_tokens", "request_success", "preemptions"):
-            if k in after[n] and k in before[n]:
-                entry[k + "_delta"] = after[n][k] - before[n][k]
+            if k in delta:
+                entry[k + "_delta"] = delta[k]
+        for k in ("ttft", "itl", "e2e"):  # the server's own view, to set against the client's
+            if delta.get(k + "_count"):
+                entry[f"server_{k}_ms_mean"] = 1000 * delta[k + "_sum"] / delta[k + "_count"]
         entry.update({f"peak_{k}": v for k, v in bench.vllm_peak[n].items()})
         entry["client_output_tokens"] = sum(lv[n]["output_tokens"] for lv in levels)
         vllm[n] = entry if len(entry) > 1 else {"note": "no vllm:* metrics on this server"}
@@ -617,17 +622,20 @@ def markdown_report(report: dict) -> str:
             f"{_fmt(r['output_tokens_per_s'], 2)} | {_fmt(r['requests_per_s'], 2)} | |")
     lines += ["", "Servers' own vLLM metrics over the measured run (from their `/metrics`):", "",
               "| arm | generation tokens (vLLM) | output tokens (client) | prompt tokens (vLLM) | "
-              "peak KV-cache usage | peak running | peak waiting | preemptions |",
-              "|---|---|---|---|---|---|---|---|"]
+              "server TTFT / ITL / E2E mean (ms) | peak KV-cache usage | peak running | "
+              "peak waiting | preemptions |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for arm in ("a", "b"):
         v = report["vllm"][arm]
         if "note" in v:
-            lines.append(f"| {arm.upper()} | {v['note']} | | | | | | |")
+            lines.append(f"| {arm.upper()} | {v['note']} | | | | | | | |")
             continue
         kv = v.get("peak_kv_cache_usage")
         lines.append(
             f"| {arm.upper()} | {_fmt(v.get('generation_tokens_delta'), 0)} | "
             f"{v['client_output_tokens']} | {_fmt(v.get('prompt_tokens_delta'), 0)} | "
+            f"{_fmt(v.get('server_ttft_ms_mean'))} / {_fmt(v.get('server_itl_ms_mean'), 2)} / "
+            f"{_fmt(v.get('server_e2e_ms_mean'))} | "
             f"{'-' if kv is None else f'{kv * 100:.2f}%'} | {_fmt(v.get('peak_requests_running'), 0)} | "
             f"{_fmt(v.get('peak_requests_waiting'), 0)} | {_fmt(v.get('preemptions_delta'), 0)} |")
     return "\n".join(lines) + "\n"

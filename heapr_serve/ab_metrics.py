@@ -225,6 +225,13 @@ VLLM_COUNTERS = {
     "generation_tokens": "vllm:generation_tokens_total",
     "request_success": "vllm:request_success_total",
     "preemptions": "vllm:num_preemptions_total",
+    # the server's own latency histograms (sum and count give its mean over a run)
+    "ttft_sum": "vllm:time_to_first_token_seconds_sum",
+    "ttft_count": "vllm:time_to_first_token_seconds_count",
+    "itl_sum": "vllm:inter_token_latency_seconds_sum",
+    "itl_count": "vllm:inter_token_latency_seconds_count",
+    "e2e_sum": "vllm:e2e_request_latency_seconds_sum",
+    "e2e_count": "vllm:e2e_request_latency_seconds_count",
 }
 VLLM_GAUGES = {
     "kv_cache_usage": "vllm:kv_cache_usage_perc",

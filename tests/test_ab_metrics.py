@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -101,3 +102,16 @@ def test_parse_vllm_metrics_sums_counters_and_takes_max_of_gauges():
     vals = parse_vllm_metrics(text)
     assert vals == {"generation_tokens": 150.0, "prompt_tokens": 512.0, "kv_cache_usage": 0.5}
     assert parse_vllm_metrics("# nothing here\n") == {}
+
+
+def test_parse_vllm_metrics_on_a_real_vllm_exposition():
+    """tests/test_ab_vllm_metrics.txt: the vllm:* lines of a real vLLM 0.32 CPU server's /metrics
+    after 38 requests of 32 tokens (histogram bucket lines dropped to keep the file small)."""
+    text = (Path(__file__).parent / "test_ab_vllm_metrics.txt").read_text()
+    vals = parse_vllm_metrics(text)
+    assert vals["generation_tokens"] == 1216.0 and vals["prompt_tokens"] == 2432.0
+    assert vals["request_success"] == 38.0 and vals["preemptions"] == 0.0
+    assert vals["kv_cache_usage"] == 0.0 and vals["requests_running"] == 0.0
+    assert vals["ttft_count"] == vals["e2e_count"] == 38.0
+    assert vals["itl_count"] == 1216.0 - 38.0  # one gap per token after the first
+    assert 0 < vals["itl_sum"] / vals["itl_count"] < 1.0

@@ -68,10 +68,11 @@ async def _traffic(url: str, n: int, concurrency: int) -> list[int]:
 def test_prometheus_scrapes_per_arm_quantiles_and_ratio(tmp_path):
     prometheus = _binary("prometheus")
     pa, pb = free_port(), free_port()
-    # A: first token after 40 ms, then 20 ms per token; B twice as fast. 10 tokens each:
-    # end-to-end about 0.22 s on A and 0.11 s on B, so B/A is about 0.5.
-    sa = start_stub(pa, "dense-stub", ttft=0.04, token_delay=0.02)
-    sb = start_stub(pb, "pruned-stub", ttft=0.02, token_delay=0.01)
+    # A: first token after 150 ms, then 30 ms per token; B: 30 ms, then 10 ms. 10 tokens each:
+    # end-to-end about 0.42 s on A and 0.12 s on B, so B/A is about 0.3 (a loaded machine adds
+    # the same overhead to both, which moves the ratio towards 1, hence the loose bounds below).
+    sa = start_stub(pa, "dense-stub", ttft=0.15, token_delay=0.03)
+    sb = start_stub(pb, "pruned-stub", ttft=0.03, token_delay=0.01)
     procs = [sa, sb]
     proxy = ABProxy(ProxyConfig(a_url=f"http://127.0.0.1:{pa}", b_url=f"http://127.0.0.1:{pb}",
                                 share_b=0.5))
@@ -107,18 +108,18 @@ def test_prometheus_scrapes_per_arm_quantiles_and_ratio(tmp_path):
             assert total["a"] + total["b"] == 160 and min(total.values()) > 30, total
             e2e = _by_arm(_query(prom, "histogram_quantile(0.5, sum by (le, arm) "
                                        "(rate(heapr_ab_e2e_latency_seconds_bucket[1m])))"))
-            ttft = _by_arm(_query(prom, "histogram_quantile(0.9, sum by (le, arm) "
+            ttft = _by_arm(_query(prom, "histogram_quantile(0.5, sum by (le, arm) "
                                         "(rate(heapr_ab_ttft_seconds_bucket[1m])))"))
-            assert 0.15 < e2e["a"] < 0.5 and 0.07 < e2e["b"] < 0.3, e2e
-            assert ttft["b"] < ttft["a"], ttft
+            assert 0.3 < e2e["a"] < 2.0 and 0.08 < e2e["b"] < e2e["a"], e2e
+            assert 0.1 < ttft["a"] and ttft["b"] < ttft["a"], ttft
             ratio = _query(prom, "histogram_quantile(0.5, sum by (le) (rate("
                                  "heapr_ab_e2e_latency_seconds_bucket{arm=\"b\"}[1m]))) / "
                                  "histogram_quantile(0.5, sum by (le) (rate("
                                  "heapr_ab_e2e_latency_seconds_bucket{arm=\"a\"}[1m])))")
             r = float(ratio[0]["value"][1])
             print(f"\nPrometheus: E2E p50 A={e2e['a']:.3f}s B={e2e['b']:.3f}s, B/A={r:.2f}; "
-                  f"TTFT p90 A={ttft['a']:.3f}s B={ttft['b']:.3f}s")
-            assert 0.3 < r < 0.8, r
+                  f"TTFT p50 A={ttft['a']:.3f}s B={ttft['b']:.3f}s")
+            assert 0.15 < r < 0.75, r
 
             # every query of the shipped dashboard is valid PromQL; the heapr_ab_* ones have data
             dash = json.loads(DASHBOARD.read_text())

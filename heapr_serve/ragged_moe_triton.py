@@ -220,7 +220,8 @@ def align_tokens(topk_ids: torch.Tensor, widths: torch.Tensor, block_m: int
     each row holds a flat pair index t*topk + j, or topk_ids.numel() for padding. ``block_expert[b]``
     is the expert of block b, or -1 for the unused tail. Experts appear in increasing order and a
     pair keeps its original order inside its expert (stable sort), so results are deterministic.
-    Pairs routed to width-0 experts appear nowhere: those experts contribute exactly zero.
+    Pairs routed to width-0 experts appear nowhere: those experts contribute exactly zero. So do
+    pairs with a negative id (how vLLM's expert_map marks experts that live on another rank).
     """
     T, k = topk_ids.shape
     E = widths.numel()
@@ -232,7 +233,7 @@ def align_tokens(topk_ids: torch.Tensor, widths: torch.Tensor, block_m: int
         return (torch.empty(0, dtype=torch.int32, device=dev),
                 torch.empty(0, dtype=torch.int32, device=dev))
     flat = topk_ids.reshape(-1).to(torch.int64)
-    live = widths.to(device=dev)[flat] > 0
+    live = (flat >= 0) & (widths.to(device=dev)[flat.clamp(min=0)] > 0)
     key = torch.where(live, flat, E)  # dropped pairs go to a virtual expert E that owns no block
     sorted_key, order = torch.sort(key, stable=True)
     counts = torch.zeros(E + 1, dtype=torch.int64, device=dev)
@@ -497,8 +498,8 @@ if HAS_TRITON:
         counts = tl.zeros((E_P2,), dtype=tl.int32)
         for c in range(0, tl.cdiv(n, CHUNK)):
             offs = c * CHUNK + j
-            ids = tl.load(ids_ptr + offs, mask=offs < n, other=0).to(tl.int32)
-            live = (offs < n) & (tl.load(widths_ptr + ids, mask=offs < n, other=0) > 0)
+            ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int32)
+            live = (ids >= 0) & (tl.load(widths_ptr + ids, mask=ids >= 0, other=0) > 0)
             hit = (ids[:, None] == e_idx[None, :]) & live[:, None]
             counts += tl.sum(hit.to(tl.int32), axis=0)
         blocks = (counts + BLOCK_M - 1) // BLOCK_M
@@ -519,8 +520,8 @@ if HAS_TRITON:
         seen = tl.zeros((E_P2,), dtype=tl.int32)
         for c in range(0, tl.cdiv(n, CHUNK)):
             offs = c * CHUNK + j
-            ids = tl.load(ids_ptr + offs, mask=offs < n, other=0).to(tl.int32)
-            live = (offs < n) & (tl.load(widths_ptr + ids, mask=offs < n, other=0) > 0)
+            ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int32)
+            live = (ids >= 0) & (tl.load(widths_ptr + ids, mask=ids >= 0, other=0) > 0)
             hit = (ids[:, None] == e_idx[None, :]) & live[:, None]
             base = tl.sum(tl.where(hit, (start + seen)[None, :], 0), axis=1)
             earlier = (ids[:, None] == ids[None, :]) & (j[None, :] < j[:, None]) & live[None, :]
@@ -543,7 +544,8 @@ if HAS_TRITON:
         for j in range(0, topk):
             p = t * topk + j
             e = tl.load(topk_ids_ptr + p)
-            n_live = tl.where(tl.load(widths_ptr + e) > 0, N, 0)  # 0 masks the whole row off
+            w = tl.load(widths_ptr + e, mask=e >= 0, other=0)  # id < 0: no expert (expert_map)
+            n_live = tl.where(w > 0, N, 0)  # 0 masks the whole row off
             acc += tl.load(buf_ptr + p * stride_bm + offs, mask=offs < n_live, other=0.0).to(tl.float32)
         if INTERP_BF16:
             acc = _round_bf16_rtne(acc)
@@ -683,9 +685,11 @@ def ragged_fused_moe(hidden: torch.Tensor, packed: PackedRaggedExperts, topk_ids
                      ) -> torch.Tensor:
     """Routed-expert output of one MoE layer: sum_j w[t,j] * expert_{ids[t,j]}(hidden[t]).
 
-    hidden [T, H] bf16/fp16 (fp32 works too), topk_ids [T, topk] int32/int64, topk_weights
-    [T, topk] (any float dtype; used in fp32). Returns [T, H] in hidden's dtype. On CUDA (or on CPU
-    under TRITON_INTERPRET=1) the Triton kernels run; elsewhere the torch reference does.
+    hidden [T, H] bf16/fp16 (fp32 works too, with TF32 products on a GPU), topk_ids [T, topk]
+    int32/int64 indices into the packed experts (a negative id is a slot with no expert, as vLLM's
+    expert_map marks non-local experts; it contributes 0), topk_weights [T, topk] (any float dtype;
+    used in fp32). Returns [T, H] in hidden's dtype. On CUDA (or on CPU under TRITON_INTERPRET=1)
+    the Triton kernels run; elsewhere the torch reference does.
     """
     _check_args(hidden, packed, topk_ids, topk_weights)
     hidden = hidden.contiguous()

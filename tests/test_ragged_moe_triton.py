@@ -50,6 +50,9 @@ def make_case(widths, H, T, topk, dtype, seed, routing="random"):
         ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :topk]
     elif isinstance(routing, int):  # every token to this expert (topk must be 1)
         ids = torch.full((T, topk), routing, dtype=torch.int64)
+    elif routing == "some_negative":  # vLLM's expert_map marks non-local experts with -1
+        ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :topk]
+        ids[torch.rand(T, topk, generator=g) < 0.3] = -1
     else:
         raise ValueError(routing)
     weights = torch.softmax(torch.randn(T, topk, generator=g), dim=-1)
@@ -63,7 +66,8 @@ def reference64(experts, hidden, ids, weights):
     out = torch.zeros(T, H, dtype=torch.float64)
     for t in range(T):
         for j in range(ids.shape[1]):
-            ex = experts[int(ids[t, j])]
+            e = int(ids[t, j])
+            ex = experts[e] if e >= 0 else None  # a negative id is a slot with no expert
             if ex is None:
                 continue
             gate, up, down = (w.double() for w in ex)
@@ -119,6 +123,8 @@ def _interpreted_cases(fresh_seed):
              dtype="bfloat16", cfg=None),
         dict(name="custom_op_heuristic_config", widths=mixed, H=128, T=6, topk=3, dtype="bfloat16",
              cfg="op"),
+        dict(name="negative_ids_are_empty_slots", widths=mixed, H=64, T=23, topk=3,
+             dtype="bfloat16", cfg=small, routing="some_negative"),
         # Every float buffer the launcher allocates starts as NaN: reading any element the kernels did
         # not write (even to multiply it by zero) would make the output non-finite.
         dict(name="nan_poisoned_buffers", widths=mixed, H=80, T=37, topk=2, dtype="bfloat16",
@@ -161,6 +167,8 @@ def _check_triton_alignment(rmt, fresh_seed):
                           * (torch.rand(E, generator=g) > 0.3)).to(torch.int32)
                 ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k]
                 ids = ids.to(torch.int32 if n_cases % 2 else torch.int64)
+                if n_cases % 3 == 0:  # empty slots (expert_map's -1)
+                    ids[torch.rand(ids.shape, generator=g) < 0.25] = -1
                 a = rmt.align_tokens(ids, widths, bm)
                 b = rmt.align_tokens_triton(ids, widths, bm)
                 n_cases += 1
@@ -198,7 +206,7 @@ def _run_interpreted(fresh_seed):
             torch.empty = real_empty
         ref = reference64(experts, hidden, ids, weights)
         dead = [t for t in range(case["T"])
-                if all(case["widths"][int(e)] == 0 for e in ids[t])]
+                if all(int(e) < 0 or case["widths"][int(e)] == 0 for e in ids[t])]
         print(json.dumps({
             "name": case["name"], "dtype": case["dtype"], "seed": fresh_seed,
             "widths": case["widths"], "H": case["H"], "T": case["T"], "topk": case["topk"],
@@ -215,7 +223,7 @@ CASE_NAMES = ["mixed_bf16", "mixed_fp16", "mixed_fp32", "hidden_not_multiple_of_
               "one_token_top8", "all_tokens_to_one_expert", "top1", "top8_16_experts",
               "tokens_only_on_width0_experts", "all_width0", "blocks32_group3",
               "heuristic_config_bm32", "heuristic_config_bm128", "heuristic_config_bm16",
-              "custom_op_heuristic_config", "nan_poisoned_buffers",
+              "custom_op_heuristic_config", "negative_ids_are_empty_slots", "nan_poisoned_buffers",
               "nan_poisoned_buffers_heuristic", "torch_alignment_path",
               "fresh_random_0", "fresh_random_1", "fresh_random_2"]
 
@@ -449,6 +457,15 @@ def test_align_tokens_invariants(rmt, block_m):
                 assert (rows[1:] > rows[:-1]).all()  # stable order inside an expert
         counts = torch.bincount(flat[live], minlength=E) if live else torch.zeros(E, dtype=torch.long)
         assert used.numel() == int(((counts + block_m - 1) // block_m).sum())
+
+
+def test_align_tokens_drops_negative_ids(rmt):
+    widths = torch.tensor([2, 0, 5], dtype=torch.int32)
+    ids = torch.tensor([[0, -1], [-1, 2], [1, 2], [-1, -1]])
+    sorted_ids, block_expert = rmt.align_tokens(ids, widths, 2)
+    n = ids.numel()
+    assert sorted(sorted_ids[sorted_ids < n].tolist()) == [0, 3, 5]  # pairs on experts 0 and 2
+    assert block_expert.tolist()[:2] == [0, 2] and (block_expert[2:] == -1).all()
 
 
 def test_align_tokens_all_dead_and_empty(rmt):

@@ -809,7 +809,14 @@ def bench_command(
         if metrics_port:
             from prometheus_client import start_http_server
 
-            start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+            try:
+                httpd, _ = start_http_server(metrics_port, addr="127.0.0.1",
+                                             registry=metrics.registry)
+            except OSError as exc:
+                raise HeaprError(f"--metrics-port {metrics_port}: cannot listen ({exc.strerror}); "
+                                 "pick a free port") from None
+            stack.callback(httpd.server_close)
+            stack.callback(httpd.shutdown)  # (callbacks run last-in first-out)
         run = asyncio.run(run_bench(arms, plan, prompt_items, headers, metrics, timeout, out))
     signal.signal(signal.SIGTERM, old)
 

@@ -33,7 +33,9 @@ from starlette.routing import Route
 
 def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0) -> Starlette:
     """Starlette app serving /v1/completions, /v1/chat/completions, /v1/models, /health, /stats."""
-    stats = {"started": 0, "finished": 0, "disconnected": 0}
+    # what the last request carried, so a test can check what a proxy forwarded
+    stats = {"started": 0, "finished": 0, "disconnected": 0, "last_model": None,
+             "last_authorization": None, "last_headers": []}
 
     async def completions(request: Request) -> Response:
         try:
@@ -44,6 +46,9 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0)
         if fail_status:
             return JSONResponse({"error": {"message": "stub told to fail", "code": fail_status}},
                                 status_code=fail_status)
+        stats["last_model"] = body.get("model") if isinstance(body, dict) else None
+        stats["last_authorization"] = request.headers.get("authorization")
+        stats["last_headers"] = sorted(request.headers.keys())
         chat = request.url.path.endswith("/chat/completions")
         if chat:
             prompt = " ".join(str(m.get("content", "")) for m in body.get("messages") or [])

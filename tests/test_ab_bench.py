@@ -7,8 +7,12 @@ HTTP; the results JSON, Markdown table, PNG plot and Prometheus exposition it wr
 from __future__ import annotations
 
 import json
+import socket
 import sys
+import threading
+import time
 
+import httpx
 import pytest
 
 from heapr_serve import cli
@@ -79,9 +83,32 @@ def test_bench_prompt_file_chat_rate_concurrent(stubs, tmp_path, monkeypatch):
                        '{"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4}\n'
                        '"just a string"\n')
     out = tmp_path / "bench"
-    run_cli(monkeypatch, "bench", "--a", a, "--b", b, "--request-rate", "20", "--num-prompts", "6",
-            "--prompts", str(prompts), "--endpoint", "chat", "--schedule", "concurrent",
-            "--output-len", "6", "--warmup", "0", "--out", str(out))
+    mport = free_port()
+    scraped: list[str] = []
+    done = threading.Event()
+
+    def scrape() -> None:  # what a Prometheus scraping --metrics-port during the run would see
+        while not done.is_set():
+            try:
+                scraped.append(httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=2).text)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+
+    t = threading.Thread(target=scrape, daemon=True)
+    t.start()
+    try:
+        run_cli(monkeypatch, "bench", "--a", a, "--b", b, "--request-rate", "20", "--num-prompts",
+                "6", "--prompts", str(prompts), "--endpoint", "chat", "--schedule", "concurrent",
+                "--output-len", "6", "--warmup", "0", "--out", str(out), "--metrics-port", str(mport))
+    finally:
+        done.set()
+        t.join(5)
+    assert any(read_counter_sum(x, "heapr_ab_requests_total", outcome="ok") > 0 for x in scraped)
+    with socket.socket() as sock:  # the metrics server was shut down with the run
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (its closed connections linger)
+        sock.bind(("127.0.0.1", mport))
+        sock.listen()
     report = json.loads((out / "results.json").read_text())
     assert report["plan"]["mode"] == "rate" and report["levels"][0]["rate"] == 20
     assert report["levels"][0]["order"] == "A+B" and "concurrent" in report["schedule"]

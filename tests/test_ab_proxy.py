@@ -93,6 +93,27 @@ def test_non_streaming_chat_models_health(setup):
     assert h["status"] == "ok" and h["arms"]["a"]["up"] and h["arms"]["b"]["model"] == "pruned-stub"
 
 
+def test_api_key_passes_through_proxy_key_and_model_rewrite_do_not(setup):
+    """Authorization reaches the arm untouched; the proxy's own key header is not forwarded."""
+    r = httpx.post(setup["url"] + "/v1/completions", timeout=10,
+                   json={"model": "client-name", "prompt": "p", "max_tokens": 1},
+                   headers={**AUTH, "Authorization": "Bearer sk-upstream-123", "X-User": "carol"})
+    assert r.status_code == 200
+    seen = httpx.get(setup[r.headers["x-heapr-arm"]] + "/stats", timeout=5).json()
+    assert seen["last_authorization"] == "Bearer sk-upstream-123"
+    assert seen["last_model"] == "client-name"
+    assert "x-heapr-proxy-key" not in seen["last_headers"]
+    # with --model-a/--model-b, each arm gets its own model name
+    with proxy(setup["a"], setup["b"], share_b=1.0, model_a="dense-x", model_b="pruned-y") as srv:
+        r = httpx.post(srv.url + "/v1/completions", timeout=10,
+                       json={"model": "client-name", "prompt": "p", "max_tokens": 1})
+        assert r.status_code == 200 and r.headers["x-heapr-arm"] == "b"
+        assert httpx.get(setup["b"] + "/stats", timeout=5).json()["last_model"] == "pruned-y"
+        text = _metrics(srv.url)
+        assert read_counter_sum(text, "heapr_ab_requests_total", arm="b", model="pruned-y",
+                                outcome="ok") == 1
+
+
 def test_sticky_header_and_split(setup):
     """The same X-User always lands on the same arm; over many users the share is about 0.5."""
     url = setup["url"]

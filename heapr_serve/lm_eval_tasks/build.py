@@ -1,0 +1,118 @@
+"""Build the JSONL behind the local lm-eval tasks, and load it for lm-eval (`custom_dataset`).
+
+The source is `builtin_text("test")`, the held-out split that no calibration or training sees. Prose
+paragraphs (mostly letters, ending in full sentences) are cut into sentences; code, grammar rules,
+interactive examples and headings are skipped.
+
+- next sentence: context = one or two sentences, choices = the true next sentence of the same
+  paragraph and three sentences of similar length from other paragraphs (seeded), shuffled.
+- cloze: context = the previous sentence and the sentence without its last word; target = that word.
+
+The JSONL files are committed (pydoc's text changes between CPython releases); regenerate them with
+`python -m heapr_serve.lm_eval_tasks.build`. This module is also loaded by lm-eval straight from its
+file (`!function build.nextsent`), so it imports only absolutely and lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FILES = {"heapr_nextsent": HERE / "heapr_nextsent.jsonl", "heapr_cloze": HERE / "heapr_cloze.jsonl"}
+SEED = 1234
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\"”][.!?])\s+(?=[A-Z\"“])")
+
+
+def _prose(block: str) -> list[str]:
+    """The sentences of one prose block, or [] for code, grammar rules, examples and headings."""
+    lines = [line.strip() for line in block.strip("\n").split("\n")]
+    if ">>>" in block or "::=" in block or any(re.fullmatch(r"[*=\-]{3,}", line) for line in lines):
+        return []
+    prose = re.sub(r"\s+", " ", re.sub(r"^(\*|\d+\.)\s+", "", " ".join(lines).strip()))
+    if len(prose) < 40 or sum(c.isalpha() or c.isspace() for c in prose) < 0.85 * len(prose):
+        return []
+    return [s for s in (s.strip() for s in _SENTENCE_END.split(prose)) if 25 <= len(s) <= 300 and s[-1] in ".!?"]
+
+
+def _paragraphs(text: str) -> list[list[str]]:
+    """Runs of consecutive prose blocks (a passage a reader reads in one go) as lists of sentences."""
+    runs, current = [], []
+    for block in text.split("\n\n"):
+        sentences = _prose(block)
+        if sentences:
+            current += sentences
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
+def nextsent_rows(text: str, seed: int = SEED) -> list[dict]:
+    rng = random.Random(seed)
+    paragraphs = _paragraphs(text)
+    pool = [(p, s) for p, sentences in enumerate(paragraphs) for s in sentences]
+    rows = []
+    for p, sentences in enumerate(paragraphs):
+        for i in range(1, len(sentences)):
+            answer = sentences[i]
+            context = " ".join(sentences[max(0, i - 2) : i])
+            others = sorted((abs(len(s) - len(answer)), s) for q, s in pool if q != p and s != answer)
+            nearest = [s for _, s in others[:20]]
+            distractors = rng.sample(nearest, 3)
+            choices = distractors + [answer]
+            rng.shuffle(choices)
+            rows.append({"context": context, "choices": choices, "label": choices.index(answer)})
+    return rows
+
+
+def cloze_rows(text: str) -> list[dict]:
+    rows = []
+    for sentences in _paragraphs(text):
+        for i, sentence in enumerate(sentences):
+            words = sentence[:-1].split(" ")
+            last = words[-1]
+            if len(words) < 6 or not re.fullmatch(r"[A-Za-z]{3,}", last):
+                continue
+            prefix = " ".join(words[:-1])
+            context = (sentences[i - 1] + " " + prefix) if i > 0 else prefix
+            rows.append({"context": context, "target": last})
+    return rows
+
+
+def build() -> dict[str, int]:
+    """Write both JSONL files from the held-out built-in text; returns rows per task."""
+    from heapr_serve.builtin_text import builtin_text
+
+    text = builtin_text("test")
+    counts = {}
+    for task, rows in (("heapr_nextsent", nextsent_rows(text)), ("heapr_cloze", cloze_rows(text))):
+        FILES[task].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        counts[task] = len(rows)
+    return counts
+
+
+def _load(task: str):
+    import datasets
+
+    rows = [json.loads(line) for line in FILES[task].read_text(encoding="utf-8").splitlines() if line.strip()]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def nextsent(**_):
+    """lm-eval `custom_dataset` for heapr_nextsent."""
+    return _load("heapr_nextsent")
+
+
+def cloze(**_):
+    """lm-eval `custom_dataset` for heapr_cloze."""
+    return _load("heapr_cloze")
+
+
+if __name__ == "__main__":
+    for name, n in build().items():
+        print(f"{FILES[name]}: {n} rows")

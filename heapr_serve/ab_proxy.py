@@ -284,23 +284,25 @@ class _Exchange(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
-        async with anyio.create_task_group() as tg:
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def watch() -> None:
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        if not self.finished:
-                            self.client_gone = True
-                            tg.cancel_scope.cancel()
-                        return
+                async def watch() -> None:
+                    while True:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            if not self.finished:
+                                self.client_gone = True
+                                tg.cancel_scope.cancel()
+                            return
 
-            tg.start_soon(watch)
-            try:
-                await self._run(send, t0)
-            finally:
-                tg.cancel_scope.cancel()
-        self._record(time.perf_counter() - t0)
+                tg.start_soon(watch)
+                try:
+                    await self._run(send, t0)
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:  # counted exactly once, whatever happened
+            self._record(time.perf_counter() - t0)
 
     def _record(self, elapsed: float) -> None:
         m = self.proxy.metrics

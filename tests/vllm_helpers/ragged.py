@@ -84,3 +84,46 @@ def mixed_widths(layer: int, num_experts: int, dense: int) -> list[int]:
 
 def full_widths(layer: int, num_experts: int, dense: int) -> list[int]:
     return [dense] * num_experts
+
+
+def aligned_widths(layer: int, num_experts: int, dense: int) -> list[int]:
+    """Widths in multiples of 32 (as `compress --align 32` writes), with width-0 experts."""
+    pattern = [dense, dense // 2, 0, dense, dense // 2, dense, 0, dense // 2]
+    return [pattern[(e + 3 * layer) % len(pattern)] for e in range(num_experts)]
+
+
+def zero_padded_dense(pruned: Path, out: Path) -> Path:
+    """The stock (dense-architecture) folder computing exactly the pruned model's function: every
+    expert back at the dense width, its removed neurons as zero rows/columns (act(0)*0 = 0). Stock
+    vLLM serves it, so it is a reference for the pruned layer that involves no heapr code."""
+    pruned, out = Path(pruned), Path(out)
+    config = json.loads((pruned / "config.json").read_text())
+    family = family_for(config)
+    heapr = config.pop("heapr")
+    dense = heapr["dense_width"]
+    tensors = _all_tensors(pruned)
+    new = {n: t for n, t in tensors.items()}
+    gate_n, up_n, down_n = family.disk_projs
+    ref = next(t for n, t in tensors.items() if not _EXPERT.match(n) and t.dim() == 2)
+    hidden = int(config["hidden_size"])
+    prefix = next(m["prefix"] for n in tensors if (m := _EXPERT.match(n)))
+    for layer, widths in heapr["expert_widths"].items():
+        for e, w in enumerate(widths):
+            for proj in (gate_n, up_n, down_n):
+                name = family.expert_tensor_name(prefix, int(layer), e, (gate_n, up_n, down_n).index(proj))
+                full = torch.zeros((hidden, dense) if proj == down_n else (dense, hidden), dtype=ref.dtype)
+                if w:
+                    t = tensors[name]
+                    if proj == down_n:
+                        full[:, :w] = t
+                    else:
+                        full[:w] = t
+                new[name] = full
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(new, out / "model.safetensors", metadata={"format": "pt"})
+    config["architectures"] = heapr["source_architectures"]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for f in pruned.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out

@@ -19,10 +19,37 @@ import time
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+_LOADED: dict[str, int] = {}
+
+
+def _record_loaded_weights() -> None:
+    """Record the weight bytes vLLM allocated and filled (unique storages) at the end of loading,
+    just before `process_weights_after_loading`: the quantity vLLM's GPU backend reports as "Model
+    loading took X GiB". Its CPU backend logs no such figure, and after post-processing the CPU dense
+    linears live in oneDNN handles that parameters no longer show."""
+    from vllm.model_executor.model_loader import base_loader
+
+    original = base_loader.process_weights_after_loading
+    if getattr(original, "_heapr_recording", False):
+        return
+
+    def recording(model, model_config, target_device):
+        seen = {}
+        for p in model.parameters():
+            seen[p.data_ptr()] = p.numel() * p.element_size()
+        _LOADED["bytes"] = sum(seen.values())
+        return original(model, model_config, target_device)
+
+    recording._heapr_recording = True
+    base_loader.process_weights_after_loading = recording
+
+
 def run_one(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    _record_loaded_weights()
+    _LOADED.clear()
     start = time.time()
     llm = LLM(
         spec["model"],
@@ -39,6 +66,7 @@ def run_one(spec: dict) -> dict:
     result = {
         "model": spec["model"],
         "load_s": load_s,
+        "loaded_weight_bytes": _LOADED.get("bytes"),
         "tokens": [list(o.outputs[0].token_ids) for o in outs],
         "logprobs": [
             [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs] for o in outs

@@ -1,0 +1,146 @@
+"""`heapr-serve serve`: bad folders fail fast with one line; a pruned folder serves the OpenAI API.
+
+The server test starts the real command (which execs vLLM's OpenAI-compatible server with the plugin)
+on a pruned random Qwen3-MoE and a dense one... one server at a time, as the test machine allows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+from tests.vllm_helpers.ragged import make_ragged, mixed_widths
+
+pytest.importorskip("vllm")
+
+
+def _serve(args, **kw) -> subprocess.Popen:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    return subprocess.Popen([sys.executable, "-m", "heapr_serve.cli", "serve", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny_tokenizer):
+    from tools.build_tiny_models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("serve-cli")
+    dense = build_tiny_model("qwen3_moe", root / "dense", seed=3, tok=tiny_tokenizer)
+    pruned = make_ragged(dense, root / "pruned", mixed_widths, seed=3)
+
+    def variant(name, edit_config=None, edit_dir=None):
+        folder = make_ragged(dense, root / name, mixed_widths, seed=3)
+        if edit_config:
+            config = json.loads((folder / "config.json").read_text())
+            edit_config(config)
+            (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    def mismatch(config):
+        widths = config["heapr"]["expert_widths"]["0"]
+        widths[widths.index(64)] = 32
+
+    return {
+        "dense": dense,
+        "pruned": pruned,
+        "missing_widths": variant("missing-widths", lambda c: c["heapr"].pop("expert_widths")),
+        "no_heapr_section": variant("no-heapr", lambda c: c.pop("heapr")),
+        "mismatch": variant("mismatch", mismatch),
+        "unsupported_family": variant("llama", lambda c: c.update(model_type="llama", architectures=["HeaprLlamaForCausalLM"])),
+    }
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_widths", "expert_widths is missing"),
+    ("no_heapr_section", "no `heapr` section"),
+    ("mismatch", "heapr.expert_widths declares width 32"),
+    ("unsupported_family", "'llama' is not supported"),
+    ("nonexistent", "no such folder"),
+])
+def test_bad_folder_fails_fast_with_one_line(folders, tmp_path, case, expected):
+    folder = folders.get(case, tmp_path / "does-not-exist")
+    start = time.monotonic()
+    proc = _serve([folder, "--port", "1"])
+    out, err = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in err and "vllm.entrypoints" not in err + out  # vLLM never started
+    print(f"{case}: {elapsed:.1f}s: {lines[0]}")
+
+
+def test_refuses_unsupported_flag_before_starting(folders):
+    proc = _serve([folders["pruned"], "--quantization", "fp8"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "quantised weights are not supported" in err, err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(proc, base: str, timeout: float = 420) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise AssertionError("server did not become ready")
+
+
+def _stop(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the engine process it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.parametrize("which", ["pruned", "dense"])
+def test_serve_openai_endpoints(folders, which):
+    folder = folders[which]
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = _serve([folder, "--port", port, "--host", "127.0.0.1", "--dtype", "bfloat16", "--max-model-len", "256",
+                   "--max-num-seqs", "4", "--enforce-eager", "--distributed-executor-backend", "uni",
+                   "--served-model-name", which])
+    try:
+        _wait_ready(proc, base)
+        models = httpx.get(f"{base}/v1/models", timeout=30).json()
+        assert [m["id"] for m in models["data"]] == [which]
+        comp = httpx.post(f"{base}/v1/completions", json={"model": which, "prompt": "The capital of France is",
+                                                          "max_tokens": 6, "temperature": 0}, timeout=120).json()
+        assert comp["usage"]["completion_tokens"] == 6 and isinstance(comp["choices"][0]["text"], str)
+        assert (Path(folder) / "chat_template.jinja").is_file() or "chat_template" in (Path(folder) / "tokenizer_config.json").read_text()
+        chat = httpx.post(f"{base}/v1/chat/completions", json={
+            "model": which, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 6, "temperature": 0,
+        }, timeout=120).json()
+        assert chat["choices"][0]["message"]["role"] == "assistant", chat
+        assert chat["usage"]["completion_tokens"] >= 1
+        metrics = httpx.get(f"{base}/metrics", timeout=30).text
+        assert "vllm:generation_tokens" in metrics and "vllm:request_success" in metrics
+    finally:
+        _stop(proc)
+    err = proc.stderr.read()
+    assert ("heapr-serve: serving" in err) and (("pruned qwen3_moe" in err) == (which == "pruned"))

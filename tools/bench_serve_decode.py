@@ -1,0 +1,206 @@
+"""End-to-end decode speed through `heapr-serve serve`: pruned vs dense, same server flags.
+
+Writes a random Qwen3-MoE whose decode time is mostly MoE (Qwen3-30B-A3B's MoE layer shapes: hidden
+2048, 128 experts of 768, top-8; small attention, few layers, 4k vocabulary), and a pruned copy whose
+per-expert widths follow a HEAPr-like uneven pattern (some experts keep most neurons, a few drop to
+0; multiples of --align; the shared pattern of tools/bench_moe_layer.pruned_widths). Then, for each
+folder in turn (one server at a time), starts `heapr-serve serve` with the same flags, streams greedy
+completions with a fixed number of output tokens, and reports decode tokens/s = (tokens - 1) /
+(time of last token - time of first token), median over repeats, and the pruned/dense ratio.
+
+  python -m tools.bench_serve_decode --work /tmp/decode-bench --json decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools.bench_moe_layer import pruned_widths  # noqa: E402
+
+
+def write_models(work: Path, args) -> tuple[Path, Path]:
+    """Dense and pruned folders with the same random weights (pruned = kept neurons of the dense)."""
+    from tools.build_tiny_models import VOCAB, tokenizer
+
+    H, E, I, L = args.hidden, args.experts, args.width, args.layers
+    heads, kv, hd = args.heads, args.kv_heads, args.head_dim
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": VOCAB,
+        "hidden_size": H, "num_hidden_layers": L, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "head_dim": hd, "num_experts": E, "num_experts_per_tok": args.top_k, "moe_intermediate_size": I,
+        "intermediate_size": 4 * H, "decoder_sparse_step": 1, "norm_topk_prob": True, "hidden_act": "silu",
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": False,
+        "eos_token_id": 0, "pad_token_id": 0, "dtype": "bfloat16", "attention_bias": False,
+    }
+    dense, pruned = work / "dense", work / "pruned"
+    for d in (dense, pruned):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=gen) * scale).to(torch.bfloat16)
+
+    widths = {l: pruned_widths(E, I, args.ratio, args.align, args.seed + l) for l in range(L)}
+    index_d, index_p = {}, {}
+    common = {
+        "model.embed_tokens.weight": rnd(VOCAB, H, scale=1.0),
+        "model.norm.weight": torch.ones(H, dtype=torch.bfloat16),
+        "lm_head.weight": rnd(VOCAB, H, scale=H**-0.5),
+    }
+    save_file(common, dense / "common.safetensors", metadata={"format": "pt"})
+    shutil.copy(dense / "common.safetensors", pruned / "common.safetensors")
+    for name in common:
+        index_d[name] = index_p[name] = "common.safetensors"
+    for l in range(L):
+        p = f"model.layers.{l}."
+        layer = {
+            p + "input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+            p + "self_attn.q_proj.weight": rnd(heads * hd, H, scale=H**-0.5),
+            p + "self_attn.k_proj.weight": rnd(kv * hd, H, scale=H**-0.5),
+            p + "self_attn.v_proj.weight": rnd(kv * hd, H, scale=H**-0.5),
+            p + "self_attn.o_proj.weight": rnd(H, heads * hd, scale=(heads * hd) ** -0.5),
+            p + "self_attn.q_norm.weight": torch.ones(hd, dtype=torch.bfloat16),
+            p + "self_attn.k_norm.weight": torch.ones(hd, dtype=torch.bfloat16),
+            p + "mlp.gate.weight": rnd(E, H, scale=0.05),
+        }
+        dense_experts, pruned_experts = {}, {}
+        for e in range(E):
+            q = f"{p}mlp.experts.{e}."
+            gate, up, down = rnd(I, H, scale=H**-0.5), rnd(I, H, scale=H**-0.5), rnd(H, I, scale=I**-0.5)
+            dense_experts.update({q + "gate_proj.weight": gate, q + "up_proj.weight": up, q + "down_proj.weight": down})
+            w = widths[l][e]
+            if w:
+                keep = torch.randperm(I, generator=gen)[:w].sort().values
+                pruned_experts.update({q + "gate_proj.weight": gate[keep].clone(), q + "up_proj.weight": up[keep].clone(),
+                                       q + "down_proj.weight": down[:, keep].contiguous()})
+        file = f"layer-{l:03d}.safetensors"
+        save_file({**layer, **dense_experts}, dense / file, metadata={"format": "pt"})
+        save_file({**layer, **pruned_experts}, pruned / file, metadata={"format": "pt"})
+        index_d.update({n: file for n in {**layer, **dense_experts}})
+        index_p.update({n: file for n in {**layer, **pruned_experts}})
+    kept = sum(sum(w) for w in widths.values())
+    ratio = 1 - kept / (L * E * I)
+    pruned_config = dict(config, architectures=["HeaprQwen3MoeForCausalLM"], heapr={
+        "format_version": 1, "method": "heapr", "source_architectures": ["Qwen3MoeForCausalLM"],
+        "source_model": str(dense), "dense_width": I, "expert_widths": {str(l): w for l, w in widths.items()},
+        "ratio": args.ratio, "effective_ratio": round(ratio, 6), "align": args.align, "scope": "synthetic",
+        "calibration": None,
+    })
+    tok = tokenizer()
+    for folder, cfg, index in ((dense, config, index_d), (pruned, pruned_config, index_p)):
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+        tok.save_pretrained(folder)
+    return dense, pruned
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(folder: Path, args, label: str) -> dict:
+    import httpx
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "heapr_serve.cli", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", label, *args.server_args.split()]
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    log = open(Path(args.work) / f"server-{label}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"{label} server exited ({proc.returncode}); see {log.name}")
+            try:
+                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{label} server not ready after 900 s")
+            time.sleep(2)
+
+        def one(prompt: str) -> float:
+            body = {"model": label, "prompt": prompt, "max_tokens": args.tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+            stamps = []
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        if json.loads(line[6:])["choices"][0].get("text") is not None:
+                            stamps.append(time.perf_counter())
+            return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+        one("warm up the server")
+        rates = [one(f"Request {i}: the mixture of experts") for i in range(args.repeats)]
+        return {"tokens_per_s": statistics.median(rates), "samples": rates}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/heapr-decode-bench"))
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--align", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64, help="output tokens per request")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-args", default="--dtype bfloat16 --max-model-len 512 --max-num-seqs 4 --enforce-eager",
+                        help="vLLM flags given to both servers")
+    parser.add_argument("--reuse", action="store_true", help="reuse the folders already in --work")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    dense, pruned = args.work / "dense", args.work / "pruned"
+    if not (args.reuse and (pruned / "config.json").is_file()):
+        dense, pruned = write_models(args.work, args)
+    effective = json.loads((pruned / "config.json").read_text())["heapr"]["effective_ratio"]
+    results = {"settings": vars(args) | {"work": str(args.work), "json": str(args.json)}, "effective_ratio": effective}
+    for label, folder in (("dense", dense), ("pruned", pruned)):
+        results[label] = measure(folder, args, label)
+        print(f"{label}: {results[label]['tokens_per_s']:.2f} decode tokens/s", flush=True)
+    results["speedup"] = results["pruned"]["tokens_per_s"] / results["dense"]["tokens_per_s"]
+    print(f"pruned {effective:.1%} vs dense: {results['speedup']:.3f}x decode tokens/s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,7 @@ quantised weights are refused with a clear error.
 from __future__ import annotations
 
 import json
+import weakref
 import re
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -43,7 +44,7 @@ from vllm.platforms import current_platform
 
 from heapr_serve.errors import HeaprError
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.heapr_serve")
 
 _EXPERT_TENSOR = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
@@ -242,7 +243,9 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         if layer.apply_router_weight_on_input:
             raise HeaprError("apply_router_weight_on_input is not supported by heapr-serve's ragged experts")
         if self.backend == "cpu":
-            return self._apply_cpu(layer, x, topk_weights, topk_ids)
+            # vLLM compiles the CPU model with fullgraph=True and calls the MoE forward inline, so the
+            # data-dependent bucket dispatch runs inside an opaque custom op
+            return torch.ops.heapr.cpu_bucketed_moe(x, topk_weights, topk_ids, layer.layer_name)
         if self.backend == "ragged":
             p = self.packed
             return torch.ops.heapr.ragged_fused_moe(
@@ -302,6 +305,21 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         return out if out is not None else torch.zeros_like(x)
 
 
+_CPU_LAYERS: "weakref.WeakValueDictionary[str, HeaprRoutedExperts]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("heapr::cpu_bucketed_moe", mutates_args=())
+def _cpu_bucketed_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """Routed-expert output of the named pruned layer on CPU (width buckets, stock CPU kernel)."""
+    layer = _CPU_LAYERS[layer_name]
+    return layer.quant_method._apply_cpu(layer, x, topk_weights, topk_ids)
+
+
+@_cpu_bucketed_moe.register_fake
+def _(x, topk_weights, topk_ids, layer_name):
+    return torch.empty_like(x)
+
+
 # ------------------------------------------------------------------------------------------------
 # The routed-experts container and its checked loader
 # ------------------------------------------------------------------------------------------------
@@ -317,6 +335,7 @@ class HeaprRoutedExperts(RoutedExperts):
         self.heapr_widths = list(heapr_widths)
         self.heapr_files = heapr_files or {}
         self._heapr_loaded: set[tuple[int, int]] = set()
+        _CPU_LAYERS[self.layer_name] = self
 
     def _get_quant_method(self, prefix, quant_config, moe_config):
         if quant_config is not None:

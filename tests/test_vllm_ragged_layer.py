@@ -1,0 +1,103 @@
+"""The ragged MoE layer alone, in real vLLM layers (FusedMoEFactory -> MoERunner, stock gate and router,
+vLLM's CPU kernel): bucket dispatch is exact against the stock layer on zero-padded weights, for many
+routing patterns and batch sizes; the tensor-parallel split of widths is a partition.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from model_patches.vllm_ragged_moe import plan_buckets, rank_share  # noqa: E402
+
+H, E, I, TOP_K = 128, 8, 64, 2
+WIDTHS = [64, 32, 0, 48, 16, 64, 24, 0]
+
+
+@pytest.mark.parametrize("width", [0, 1, 16, 24, 48, 64, 768, 1000])
+@pytest.mark.parametrize("tp", [1, 2, 3, 4, 8])
+def test_tensor_parallel_shares_partition_every_expert(width, tp):
+    shares = [rank_share(width, tp, r) for r in range(tp)]
+    assert shares[0][0] == 0 and shares[-1][1] == width
+    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    assert max(hi - lo for lo, hi in shares) - min(hi - lo for lo, hi in shares) <= 1
+
+
+def test_tensor_parallel_partial_outputs_sum_to_the_expert():
+    """What each rank computes from its share (gate/up rows, down columns) adds up to the expert."""
+    torch.manual_seed(0)
+    gate, up, down, x = torch.randn(48, H), torch.randn(48, H), torch.randn(H, 48), torch.randn(3, H)
+    full = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    for tp in (2, 3, 5):
+        total = sum(
+            (torch.nn.functional.silu(x @ gate[lo:hi].T) * (x @ up[lo:hi].T)) @ down[:, lo:hi].T
+            for lo, hi in (rank_share(48, tp, r) for r in range(tp))
+        )
+        torch.testing.assert_close(total, full, rtol=1e-5, atol=1e-4)
+
+
+def test_buckets_group_by_padded_width_and_skip_width_zero():
+    buckets = plan_buckets(WIDTHS, 1, 0, 32)
+    assert [b.width for b in buckets] == [64, 32]
+    assert sorted(e for b in buckets for e in b.experts) == [0, 1, 3, 4, 5, 6]
+    assert set(buckets[0].experts) == {0, 3, 5} and set(buckets[1].experts) == {1, 4, 6}
+
+
+@pytest.fixture(scope="module")
+def layers():
+    from tools.bench_moe_layer import _setup_vllm, build_layer
+
+    cfg = _setup_vllm(torch.float32, 256)
+    torch.manual_seed(0)
+    gate_w = torch.randn(E, H) * 0.5
+    gate_up = torch.randn(E, 2 * I, H) * H**-0.5
+    down = torch.randn(E, H, I) * I**-0.5
+    # zero-padded dense equivalent of the pruned layer: neurons >= width are zero
+    padded_gate_up, padded_down = gate_up.clone(), down.clone()
+    for e, w in enumerate(WIDTHS):
+        padded_gate_up[e, w:I] = 0
+        padded_gate_up[e, I + w :] = 0
+        padded_down[e, :, w:] = 0
+    built = {
+        "stock": build_layer(cfg, "model.layers.0.mlp", H, E, I, TOP_K, torch.float32, None, (gate_w, gate_up, down)),
+        "ours_full": build_layer(cfg, "model.layers.1.mlp", H, E, I, TOP_K, torch.float32, [I] * E, (gate_w, gate_up, down)),
+        "stock_padded": build_layer(cfg, "model.layers.2.mlp", H, E, I, TOP_K, torch.float32, None, (gate_w, padded_gate_up, padded_down)),
+        "ours_pruned": build_layer(cfg, "model.layers.3.mlp", H, E, I, TOP_K, torch.float32, WIDTHS, (gate_w, gate_up, down)),
+    }
+    return cfg, built
+
+
+def _forward(cfg, runner, x):
+    from vllm.forward_context import set_forward_context
+
+    with torch.inference_mode(), set_forward_context(None, cfg, num_tokens=x.shape[0]):
+        return runner.forward(x, x).clone()
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 17, 200])
+def test_pruned_layer_equals_stock_layer_on_zero_padded_weights(layers, tokens):
+    cfg, built = layers
+    torch.manual_seed(tokens)
+    x = torch.randn(tokens, H)
+    assert torch.equal(_forward(cfg, built["ours_full"], x), _forward(cfg, built["stock"], x))
+    ours, ref = _forward(cfg, built["ours_pruned"], x), _forward(cfg, built["stock_padded"], x)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert (ours - _forward(cfg, built["stock"], x)).abs().max() > 1e-2  # pruning does change the output
+
+
+def test_loader_refuses_wrong_shapes_and_missing_tensors(layers):
+    from heapr_serve.errors import HeaprError
+
+    _, built = layers
+    routed = built["ours_pruned"].routed_experts
+    with pytest.raises(HeaprError, match=r"declares width 32 \(expected \[32, 128\]\)"):
+        routed.load_expert(1, 0, torch.zeros(64, H), "model.layers.3.mlp.experts.1.gate_proj.weight")
+    with pytest.raises(HeaprError, match="declares expert 2 width 0"):
+        routed.load_expert(2, 0, torch.zeros(16, H), "model.layers.3.mlp.experts.2.gate_proj.weight")
+    with pytest.raises(HeaprError, match="appears twice"):
+        routed.load_expert(0, 0, torch.zeros(64, H), "model.layers.3.mlp.experts.0.gate_proj.weight")
+    routed._heapr_loaded.discard((4, 2))
+    with pytest.raises(HeaprError, match="down tensor of expert 4 .* is missing"):
+        routed.check_complete()

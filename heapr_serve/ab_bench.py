@@ -97,10 +97,25 @@ class LocalVLLM:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
+    def _model_dir(self) -> Path:
+        """The folder vLLM is pointed at. A pruned folder keeps its HEAPr statistics in
+        heapr_scores.safetensors, and with no weight index vLLM loads every *.safetensors as
+        weights; so vLLM gets a view of the folder (symlinks) without that file."""
+        extra = self.path / "heapr_scores.safetensors"
+        if not extra.exists() or (self.path / "model.safetensors.index.json").exists():
+            return self.path
+        view = self.log_path.parent / f"model-{self.name}"
+        view.mkdir(parents=True, exist_ok=True)
+        for f in self.path.resolve().iterdir():
+            link = view / f.name
+            if f.name != extra.name and not link.exists():
+                link.symlink_to(f)
+        return view
+
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.path),
-               "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port),
-               *self.extra]
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(self._model_dir()), "--served-model-name", self.name,
+               "--host", "127.0.0.1", "--port", str(self.port), *self.extra]
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(self.kv_gib)))))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,8 +310,11 @@ def summarize(results: list[Result], duration: float) -> dict:
     }
 
 
+# ITL's median can sit at ~0 when a loaded server delivers tokens in bursts (vLLM merges outputs a
+# slow API-server loop has not sent yet), so its mean (= tokens' average spacing) is compared too.
 RATIO_KEYS = [("ttft_ms", "p50"), ("ttft_ms", "p90"), ("ttft_ms", "p99"), ("tpot_ms", "p50"),
-              ("tpot_ms", "p90"), ("itl_ms", "p50"), ("itl_ms", "p99"), ("e2e_ms", "p50"),
+              ("tpot_ms", "p90"), ("itl_ms", "p50"), ("itl_ms", "mean"), ("itl_ms", "p99"),
+              ("e2e_ms", "p50"),
               ("e2e_ms", "p90"), ("e2e_ms", "p99"), ("output_tokens_per_s", None),
               ("requests_per_s", None)]
 
@@ -600,7 +618,7 @@ def markdown_report(report: dict) -> str:
              + (f"synthetic input {plan['input_len']} tokens" if not report.get("prompt_file")
                 else f"prompts from `{report['prompt_file']}`"),
              f"- command: `{report['command']}`", "",
-             f"| {xname} | arm | TTFT p50 / p90 / p99 (ms) | TPOT p50 (ms) | ITL p50 (ms) | "
+             f"| {xname} | arm | TTFT p50 / p90 / p99 (ms) | TPOT p50 (ms) | ITL mean / p99 (ms) | "
              "E2E p50 / p90 / p99 (ms) | out tok/s | req/s | errors |",
              "|---|---|---|---|---|---|---|---|---|"]
     for lv in report["levels"]:
@@ -611,13 +629,15 @@ def markdown_report(report: dict) -> str:
             lines.append(
                 f"| {x:g} | {arm.upper()} | {_fmt(t.get('p50'))} / {_fmt(t.get('p90'))} / "
                 f"{_fmt(t.get('p99'))} | {_fmt((s['tpot_ms'] or {}).get('p50'), 2)} | "
-                f"{_fmt((s['itl_ms'] or {}).get('p50'), 2)} | {_fmt(e.get('p50'))} / "
+                f"{_fmt((s['itl_ms'] or {}).get('mean'), 2)} / {_fmt((s['itl_ms'] or {}).get('p99'), 1)} | "
+                f"{_fmt(e.get('p50'))} / "
                 f"{_fmt(e.get('p90'))} / {_fmt(e.get('p99'))} | {_fmt(s['output_tokens_per_s'])} | "
                 f"{_fmt(s['requests_per_s'], 2)} | {s['errors']} |")
         r = lv["b_over_a"]
         lines.append(
             f"| {x:g} | **B/A** | {_fmt(r['ttft_ms_p50'], 2)} / {_fmt(r['ttft_ms_p90'], 2)} / "
-            f"{_fmt(r['ttft_ms_p99'], 2)} | {_fmt(r['tpot_ms_p50'], 2)} | {_fmt(r['itl_ms_p50'], 2)} | "
+            f"{_fmt(r['ttft_ms_p99'], 2)} | {_fmt(r['tpot_ms_p50'], 2)} | {_fmt(r['itl_ms_mean'], 2)} / "
+            f"{_fmt(r['itl_ms_p99'], 2)} | "
             f"{_fmt(r['e2e_ms_p50'], 2)} / {_fmt(r['e2e_ms_p90'], 2)} / {_fmt(r['e2e_ms_p99'], 2)} | "
             f"{_fmt(r['output_tokens_per_s'], 2)} | {_fmt(r['requests_per_s'], 2)} | |")
     lines += ["", "Servers' own vLLM metrics over the measured run (from their `/metrics`):", "",

@@ -148,7 +148,7 @@ def write_card(out: Path, facts: dict) -> None:
         for i, s in enumerate(shares)
     )
     prune_rows = "\n".join(
-        f"| random {int(r * 100)}% of every expert's neurons zeroed | {ppl:.2f} | {100 * (ppl / f['ppl_dense'] - 1):+.1f}% |"
+        f"| random {round(float(r) * 100)}% of every expert's neurons zeroed | {ppl:.2f} | {100 * (ppl / f['ppl_dense'] - 1):+.1f}% |"
         for r, ppl in f["random_prune_ppl"].items()
     )
     card = f"""# tiny-qwen3-moe: the bundled example model
@@ -182,7 +182,7 @@ it writes Python-reference-flavoured English and nothing more.
   {f['warmup']} warm-up steps then cosine decay to 10%; batches of {f['batch']} random windows of
   {f['seq_len']} tokens ({f['steps'] * f['batch'] * f['seq_len']:,} tokens seen, about
   {f['steps'] * f['batch'] * f['seq_len'] / f['train_tokens']:.0f} passes); router load-balancing loss
-  with coefficient {f['aux_coef']}; seed {f['seed']}; float32 training with {f['threads']} CPU threads, using
+  with coefficient {f['aux_coef']}; seed {f['seed']}; float32 training on {f['threads']} CPU thread(s), using
   heapr-serve's sorted MoE forward.
 - Final training loss (LM part, mean of the last 20 steps): {f['final_train_loss']:.3f}.
 - Wall time: {f['wall_s'] / 60:.1f} min on a shared 2-core CPU (torch {f['torch']}, transformers {f['transformers']}).
@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--wd", type=float, default=0.1)
-    parser.add_argument("--aux-coef", type=float, default=0.01)
+    parser.add_argument("--aux-coef", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=0,
                         help="print held-out PPL every N steps (monitoring only; it does not steer training)")

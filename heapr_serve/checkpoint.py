@@ -7,10 +7,12 @@ output that is renamed only when complete, and removed on any failure. The sourc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+from fnmatch import fnmatch
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +25,11 @@ from heapr_serve.pruned_format import FORMAT_VERSION, open_safetensors, safetens
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 _FUSED = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
-_SKIP_FILES = {"config.json", "model.safetensors.index.json", "README.md", "heapr_scores.safetensors"}
+# Files that travel with the weights; anything else in the source (its model card, training notes,
+# other formats) describes the dense model and stays behind.
+_TRAVELLING_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                     "chat_template*", "generation_config.json", "*.model", "*.tiktoken", "*.py",
+                     "preprocessor_config.json", "processor_config.json", "LICENSE*", "NOTICE*")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
@@ -130,6 +136,21 @@ def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[i
     return None
 
 
+def source_fingerprint(source: Path) -> str:
+    """A cheap identity of a checkpoint's weights (size, head and tail of every shard), so `apply`
+    can tell that saved scores belong to these weights and not to a retrained or replaced model."""
+    digest = hashlib.sha256()
+    for file in sorted(set(safetensors_files(source).values())):
+        path = source / file
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+            f.seek(max(0, size - (1 << 16)))
+            tail = f.read(1 << 16)
+        digest.update(f"{file}:{size}:".encode() + head + tail)
+    return digest.hexdigest()
+
+
 def count_source_params(source: Path) -> int:
     total = 0
     for file in sorted(set(safetensors_files(source).values())):
@@ -164,7 +185,7 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
     config["architectures"] = [family.pruned_architecture]
     config["heapr"] = {"format_version": FORMAT_VERSION, **heapr}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for item in source.iterdir():
-        if item.is_file() and item.name not in _SKIP_FILES and not item.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".lock")):
+    for item in sorted(source.iterdir()):
+        if item.is_file() and any(fnmatch(item.name, pattern) for pattern in _TRAVELLING_FILES):
             shutil.copy2(item, folder / item.name)
     return {"params": writer.total_params, "bytes": writer.total_bytes}

@@ -21,7 +21,7 @@ import typer
 from rich.table import Table
 
 from heapr_serve.calibration import load_calibration
-from heapr_serve.checkpoint import check_output_path, count_source_params, staging_folder, write_pruned_checkpoint
+from heapr_serve.checkpoint import check_output_path, count_source_params, source_fingerprint, staging_folder, write_pruned_checkpoint
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import family_for
 from heapr_serve.methods import METHODS, collect_method_stats, get_method, plan_for_method
@@ -178,7 +178,8 @@ def compress_command(
     with progress_bar() as progress:
         task = progress.add_task("HEAPr statistics", total=calibration.num_tokens)
         stats = collect_method_stats(model_obj, calibration.batches(batch_size, pad_id), loss_scale, lambda n: progress.advance(task, n))
-    stats.metadata.update({"source_model": str(source), "model_type": config["model_type"], "calibration": calibration.describe()})
+    stats.metadata.update({"source_model": str(source), "model_type": config["model_type"], "calibration": calibration.describe(),
+                           "source_fingerprint": source_fingerprint(source)})
     del model_obj
     gc.collect()
 
@@ -215,6 +216,8 @@ def apply_command(
     config = _check_source(source)
     if stats.metadata.get("model_type") not in (None, config["model_type"]):
         raise HeaprError(f"{scores}: scores are for a {stats.metadata['model_type']} model but {source} is {config['model_type']}; pass the right --model")
+    if stats.metadata.get("source_fingerprint") not in (None, source_fingerprint(source)):
+        raise HeaprError(f"{scores}: scores were computed on other weights than those now in {source} (retrained or replaced?); re-run `heapr-serve compress`")
     result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed)
     _warn_unrouted(result.plan, keep_unrouted)
     console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch.device("cpu"))))

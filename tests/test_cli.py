@@ -110,3 +110,17 @@ def test_corrupt_weights_are_one_line(tmp_path, tiny_models, capsys):
     code, _, err = run_cli("compress", broken, "-o", tmp_path / "o", *FAST, capsys=capsys)
     _one_line_error(code, err, "model.safetensors", "not a readable safetensors file")
     assert not (tmp_path / "o").exists()
+
+
+def test_apply_refuses_scores_from_other_weights(tmp_path, tiny_models, capsys):
+    import shutil
+
+    from tools.build_tiny_models import build_tiny_model
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_models["qwen3_moe"], source)
+    assert run_cli("compress", source, "-o", tmp_path / "p", *FAST, capsys=capsys)[0] == 0
+    build_tiny_model("qwen3_moe", source, seed=99)  # "retrained": same shapes, other weights
+    code, _, err = run_cli("apply", tmp_path / "p", "-o", tmp_path / "p2", "--ratio", "0.5", capsys=capsys)
+    _one_line_error(code, err, "other weights", "compress")
+    assert not (tmp_path / "p2").exists()

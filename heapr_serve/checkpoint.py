@@ -96,7 +96,7 @@ class _ShardWriter:
         self.current, self.size = {}, 0
 
     def finish(self) -> None:
-        """Give shards their usual names and write the index (or one `model.safetensors`)."""
+        """Give shards their usual names and write the index."""
         self.flush()
         count = len(self.files)
         weight_map = {}
@@ -104,9 +104,10 @@ class _ShardWriter:
             final = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             os.replace(self.folder / tmp_name, self.folder / final)
             weight_map.update({n: final for n in names})
-        if count > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        # Always an index, even for one shard: loaders that glob *.safetensors (vLLM does when there is
+        # no index) would otherwise take heapr_scores.safetensors for weights.
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[int, list[torch.Tensor]]):

@@ -62,7 +62,7 @@ def test_pruned_checkpoint_loads_and_computes_the_pruned_function(tmp_path, tiny
     assert heapr["effective_ratio"] == pytest.approx(0.4, abs=1e-3)
     first = min(int(k) for k in heapr["expert_widths"])
     assert heapr["expert_widths"][str(first)][3] == 0
-    assert {"tokenizer.json", "README.md", "heapr_scores.safetensors", "generation_config.json"} <= {p.name for p in out.iterdir()}
+    assert {"tokenizer.json", "README.md", "heapr_scores.safetensors", "generation_config.json", "model.safetensors.index.json"} <= {p.name for p in out.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
     ckpt = validate_checkpoint(out)
     assert ckpt.widths == {int(k): v for k, v in heapr["expert_widths"].items()}

@@ -318,8 +318,17 @@ class _Exchange(Response):
                   file=sys.stderr, flush=True)
 
     def _body_for(self, arm: Arm) -> bytes:
-        if arm.rewrite_model and self.payload.get("model") != arm.rewrite_model:
-            return json.dumps({**self.payload, "model": arm.rewrite_model}).encode()
+        """The request body for `arm`: its `model` rewritten when --model-a/-b says so, or when
+        the client named the other arm's model (dense and pruned are usually served under
+        different names, and clients know one of them)."""
+        asked = self.payload.get("model")
+        target = arm.rewrite_model
+        if target is None:
+            other = self.proxy.arms["b" if arm.name == "a" else "a"]
+            if asked is not None and asked == other.model and arm.model not in (asked, "unknown"):
+                target = arm.model
+        if target and asked != target:
+            return json.dumps({**self.payload, "model": target}).encode()
         return self.raw
 
     async def _run(self, send: Send, t0: float) -> None:

@@ -112,6 +112,13 @@ def test_api_key_passes_through_proxy_key_and_model_rewrite_do_not(setup):
         text = _metrics(srv.url)
         assert read_counter_sum(text, "heapr_ab_requests_total", arm="b", model="pruned-y",
                                 outcome="ok") == 1
+    # without them, a request naming the other arm's model gets this arm's (learnt from /v1/models)
+    with proxy(setup["a"], setup["b"], share_b=1.0) as srv:
+        for asked, seen_by_b in (("dense-stub", "pruned-stub"), ("custom", "custom")):
+            r = httpx.post(srv.url + "/v1/completions", timeout=10,
+                           json={"model": asked, "prompt": "p", "max_tokens": 1})
+            assert r.status_code == 200 and r.headers["x-heapr-arm"] == "b"
+            assert httpx.get(setup["b"] + "/stats", timeout=5).json()["last_model"] == seen_by_b
 
 
 def test_sticky_header_and_split(setup):

@@ -25,6 +25,7 @@ _REFUSED_FOR_PRUNED = {
     "--enable-expert-parallel": "expert parallelism is not supported for pruned checkpoints yet; use --tensor-parallel-size",
     "-ep": "expert parallelism is not supported for pruned checkpoints yet; use --tensor-parallel-size",
     "--enable-eplb": "EPLB is not supported for pruned checkpoints yet; drop --enable-eplb",
+    "--enable-lora": "LoRA adapters are not supported for pruned checkpoints yet; drop --enable-lora",
 }
 
 

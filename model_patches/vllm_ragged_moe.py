@@ -114,6 +114,8 @@ def check_supported(vllm_config) -> None:
         raise HeaprError("expert parallelism is not supported for pruned checkpoints yet; use tensor parallelism (drop --enable-expert-parallel)")
     if getattr(parallel, "enable_eplb", False):
         raise HeaprError("EPLB is not supported for pruned checkpoints yet; drop --enable-eplb")
+    if getattr(vllm_config, "lora_config", None) is not None:
+        raise HeaprError("LoRA adapters are not supported for pruned checkpoints yet; drop --enable-lora")
     if not (current_platform.is_cpu() or current_platform.is_cuda()):
         raise HeaprError(f"pruned checkpoints are served on CPU or CUDA only, not {current_platform.device_name}")
 
@@ -243,9 +245,16 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         if layer.apply_router_weight_on_input:
             raise HeaprError("apply_router_weight_on_input is not supported by heapr-serve's ragged experts")
         if self.backend == "cpu":
+            if self.identity:  # unpruned: exactly the stock call (static, so torch.compile traces it)
+                from vllm._custom_ops import cpu_fused_moe
+
+                out = torch.empty_like(x)
+                cpu_fused_moe(out, x, layer.w13_b0, layer.w2_b0, None, None, topk_weights.to(torch.float32),
+                              topk_ids.to(torch.int32), layer.activation.value, self.isa, False)
+                return out
             # vLLM compiles the CPU model with fullgraph=True and calls the MoE forward inline, so the
             # data-dependent bucket dispatch runs inside an opaque custom op
-            return torch.ops.heapr.cpu_bucketed_moe(x, topk_weights, topk_ids, layer.layer_name)
+            return torch.ops.heapr_serve.cpu_bucketed_moe(x, topk_weights, topk_ids, layer.layer_name)
         if self.backend == "ragged":
             p = self.packed
             return torch.ops.heapr.ragged_fused_moe(
@@ -308,16 +317,24 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
 _CPU_LAYERS: "weakref.WeakValueDictionary[str, HeaprRoutedExperts]" = weakref.WeakValueDictionary()
 
 
-@torch.library.custom_op("heapr::cpu_bucketed_moe", mutates_args=())
 def _cpu_bucketed_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
     """Routed-expert output of the named pruned layer on CPU (width buckets, stock CPU kernel)."""
     layer = _CPU_LAYERS[layer_name]
     return layer.quant_method._apply_cpu(layer, x, topk_weights, topk_ids)
 
 
-@_cpu_bucketed_moe.register_fake
-def _(x, topk_weights, topk_ids, layer_name):
+def _cpu_bucketed_moe_fake(x, topk_weights, topk_ids, layer_name):
     return torch.empty_like(x)
+
+
+# registered the way vLLM registers its own ops: torch.library.custom_op's Python dispatch costs
+# ~0.1 ms a call, a few percent of a decode-sized MoE layer
+_LIB = torch.library.Library("heapr_serve", "FRAGMENT")
+if current_platform.is_cpu():
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op("cpu_bucketed_moe", _cpu_bucketed_moe, mutates_args=[],
+                              fake_impl=_cpu_bucketed_moe_fake, target_lib=_LIB)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -135,13 +135,15 @@ def lm_eval_tasks(tasks: str | list[str]) -> list[str]:
     return names
 
 
-def task_manager():
-    """lm-eval's task index, including the bundled local tasks."""
+def task_manager(names: list[str] | None = None):
+    """lm-eval's task index with the bundled local tasks; only those (a second, not lm-eval's whole
+    catalogue of thousands of YAML files) when every requested name is a bundled one."""
     from lm_eval.tasks import TaskManager
 
-    from heapr_serve.lm_eval_tasks import TASKS_DIR
+    from heapr_serve.lm_eval_tasks import LOCAL_GROUP, LOCAL_TASKS, TASKS_DIR
 
-    return TaskManager(include_path=str(TASKS_DIR))
+    local_only = names is not None and all(n in (LOCAL_GROUP, *LOCAL_TASKS) for n in names)
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=not local_only)
 
 
 def _check_tasks(manager, names: list[str]) -> None:
@@ -182,7 +184,7 @@ def run_lm_eval_endpoint(endpoint: str, tasks: str | list[str], tokenizer: str |
     import lm_eval
 
     names = lm_eval_tasks(tasks)
-    manager = task_manager()
+    manager = task_manager(names)
     _check_tasks(manager, names)
     model = model or endpoint_model_id(endpoint)
     tokenizer = tokenizer or model
@@ -209,7 +211,7 @@ def run_lm_eval_local(path: Path, tasks: str | list[str], limit: int | None = No
     from heapr_serve.models import load_model, load_tokenizer
 
     names = lm_eval_tasks(tasks)
-    manager = task_manager()
+    manager = task_manager(names)
     _check_tasks(manager, names)
     lm = HFLM(pretrained=load_model(Path(path), dtype, device), tokenizer=load_tokenizer(Path(path)), batch_size=batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
@@ -295,13 +297,14 @@ def eval_command(
     from heapr_serve.models import pick_device, pick_dtype, resolve_model
     from heapr_serve.progress import console
 
-    if not checkpoints and not endpoint:
-        raise HeaprError("nothing to evaluate: pass checkpoint folders and/or --endpoint URL")
     if tasks is not None and not endpoint:
         raise HeaprError("--tasks runs lm-eval against a served model: also pass --endpoint URL (start one with `heapr-serve serve FOLDER`)")
+    if not checkpoints and not endpoint:
+        raise HeaprError("nothing to evaluate: pass checkpoint folders and/or --endpoint URL")
     if tasks is not None:
         _import_lm_eval()
-        lm_eval_tasks(tasks)
+        names = lm_eval_tasks(tasks)
+        _check_tasks(task_manager(names), names)  # before any model is loaded
     if limit is not None and limit < 1:
         raise HeaprError(f"--limit must be at least 1 (got {limit})")
     torch_dtype, torch_device = pick_dtype(dtype), pick_device(device)
@@ -317,3 +320,59 @@ def eval_command(
         report["lm_eval"] = results
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# A vLLM server for one evaluation (tests and tools/quality_table.py)
+
+
+class VllmServer:
+    """`python -m vllm.entrypoints.openai.api_server` for one folder, started in its own process group
+    and stopped (the whole group) on exit. Pruned folders are served through the heapr-serve plugin,
+    which vLLM loads from its entry point; dense ones by stock vLLM."""
+
+    def __init__(self, folder: Path, port: int, extra: list[str] | None = None, log: Path | None = None,
+                 start_timeout: float = 600.0):
+        self.folder, self.port, self.extra, self.log, self.start_timeout = Path(folder), port, list(extra or []), log, start_timeout
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = None
+
+    def __enter__(self) -> "VllmServer":
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder),
+                "--host", "127.0.0.1", "--port", str(self.port), *self.extra]
+        out = open(self.log, "w") if self.log else subprocess.DEVNULL
+        self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise HeaprError(f"vLLM exited with code {self.process.returncode} while loading {self.folder}" + (f"; see {self.log}" if self.log else ""))
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(2.0)
+        self.__exit__(None, None, None)
+        raise HeaprError(f"vLLM did not answer on {self.url} within {self.start_timeout:.0f} s while loading {self.folder}")
+
+    def __exit__(self, *exc) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            pass

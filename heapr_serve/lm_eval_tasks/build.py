@@ -6,7 +6,10 @@ interactive examples and headings are skipped.
 
 - next sentence: context = one or two sentences, choices = the true next sentence of the same
   paragraph and three sentences of similar length from other paragraphs (seeded), shuffled.
-- cloze: context = the previous sentence and the sentence without its last word; target = that word.
+- cloze: context = the previous sentence and the sentence without its last word; choices = that word
+  and three other sentence-final words of the held-out text (seeded), shuffled. (Greedy exact-word
+  accuracy, LAMBADA's metric, is 0 for every checkpoint of a model as small as the bundled one, so
+  it could not tell methods apart; the four-way choice can.)
 
 The JSONL files are committed (pydoc's text changes between CPython releases); regenerate them with
 `python -m heapr_serve.lm_eval_tasks.build`. This module is also loaded by lm-eval straight from its
@@ -70,8 +73,9 @@ def nextsent_rows(text: str, seed: int = SEED) -> list[dict]:
     return rows
 
 
-def cloze_rows(text: str) -> list[dict]:
-    rows = []
+def cloze_rows(text: str, seed: int = SEED) -> list[dict]:
+    rng = random.Random(seed)
+    items = []
     for sentences in _paragraphs(text):
         for i, sentence in enumerate(sentences):
             words = sentence[:-1].split(" ")
@@ -79,8 +83,13 @@ def cloze_rows(text: str) -> list[dict]:
             if len(words) < 6 or not re.fullmatch(r"[A-Za-z]{3,}", last):
                 continue
             prefix = " ".join(words[:-1])
-            context = (sentences[i - 1] + " " + prefix) if i > 0 else prefix
-            rows.append({"context": context, "target": last})
+            items.append(((sentences[i - 1] + " " + prefix) if i > 0 else prefix, last))
+    vocabulary = sorted({word for _, word in items})
+    rows = []
+    for context, word in items:
+        choices = rng.sample([w for w in vocabulary if w.lower() != word.lower()], 3) + [word]
+        rng.shuffle(choices)
+        rows.append({"context": context, "target": word, "choices": choices, "label": choices.index(word)})
     return rows
 
 

@@ -1,0 +1,260 @@
+"""Methods x ratios -> perplexity, lm-eval accuracy, parameters and effective ratio: a Markdown table,
+a JSON file and a PNG plot of perplexity against the share of expert parameters removed.
+
+Why: "what does pruning cost in quality, and is HEAPr better than dropping whole experts?" needs
+numbers from the same pipeline for every method. The dense model is calibrated once; every method and
+ratio is pruned from those statistics through `compress.prune_to_folder` (the path `compress` and
+`apply` use) and evaluated the same way.
+
+- perplexity through transformers (held-out built-in text, windows of --seq-len);
+- lm-eval tasks (default: the bundled offline `heapr_local` tasks), through a vLLM endpoint per
+  checkpoint (`--backend endpoint`: exactly what users run) or in-process with lm-eval's `hf` model on
+  heapr-serve's transformers loader (`--backend transformers`: no server start per checkpoint);
+- `--endpoint-ppl`: also serve each checkpoint with vLLM and measure the same perplexity through the
+  endpoint (prompt logprobs), to show both paths agree.
+
+Usage:
+    python -m tools.quality_table [MODEL] --ratios 0.25,0.5 --methods all --out docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "examples" / "tiny-qwen3-moe"
+# next sentence: acc_mutual_info (log p(choice|context) - log p(choice)) measures how much the context
+# helps; plain acc is at chance for a model as small as the bundled one (all metrics are in the JSON)
+TASK_COLUMNS = [("heapr_nextsent", "acc_mutual_info", "next-sentence acc (MI)"), ("heapr_cloze", "acc", "cloze acc")]
+
+
+def calibrate(source: Path, nsamples: int, seq_len: int, batch_size: int, seed: int):
+    """One forward + backward pass over the calibration set, collecting every method's statistics."""
+    from heapr_serve.calibration import load_calibration
+    from heapr_serve.compress import _check_source
+    from heapr_serve.methods import collect_method_stats
+    from heapr_serve.models import load_model, load_tokenizer
+    from heapr_serve.progress import progress_bar
+
+    config = _check_source(source)
+    tokenizer = load_tokenizer(source)
+    calibration = load_calibration(None, tokenizer, nsamples, seq_len, seed, int(config["vocab_size"]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    model = load_model(source, torch.float32, torch.device("cpu"))
+    with progress_bar() as progress:
+        task = progress.add_task("calibration (all methods)", total=calibration.num_tokens)
+        stats = collect_method_stats(model, calibration.batches(batch_size, pad_id), float(batch_size * calibration.seq_len),
+                                     lambda n: progress.advance(task, n))
+    stats.metadata.update({"source_model": str(source), "model_type": config["model_type"], "calibration": calibration.describe()})
+    return stats
+
+
+def evaluate_folder(folder: Path, args, tokens, port: int, serve: bool) -> dict:
+    """Perplexity (transformers; and through a vLLM endpoint when `serve`) and lm-eval results for one
+    checkpoint. Served checkpoints also run lm-eval through the endpoint, to compare with transformers."""
+    from heapr_serve.errors import HeaprError
+    from heapr_serve.evaluate import VllmServer, endpoint_perplexity, perplexity, run_lm_eval_endpoint, run_lm_eval_local
+    from heapr_serve.models import load_model
+
+    row: dict = {}
+    model = load_model(folder, torch.float32, torch.device("cpu"))
+    row["ppl"] = perplexity(model, tokens, args.seq_len, 8)
+    del model
+    if args.tasks and args.backend == "transformers":
+        row["lm_eval"] = run_lm_eval_local(folder, args.tasks, limit=args.limit, batch_size=32)
+    if serve or args.backend == "endpoint":
+        extra = ["--dtype", "float32", "--max-model-len", str(max(args.seq_len, 1024)), "--gpu-memory-utilization", "0.1"]
+        try:
+            with VllmServer(folder, port, extra, log=args.workdir / f"vllm-{folder.name}.log") as server:
+                row["ppl_endpoint"] = endpoint_perplexity(server.url, tokens, args.seq_len, 8)
+                if args.tasks:
+                    results = run_lm_eval_endpoint(server.url, args.tasks, str(folder), limit=args.limit, batch_size=16)
+                    row["lm_eval_endpoint" if args.backend == "transformers" else "lm_eval"] = results
+        except HeaprError as err:  # e.g. the vLLM plugin cannot load this folder yet: say so in the table
+            row["endpoint_error"] = str(err)
+    return row
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+    rows, dense = report["rows"], report["rows"][0]
+    has_endpoint = any("ppl_endpoint" in r for r in rows)
+    tasks = [(t, m, label) for t, m, label in TASK_COLUMNS if any(t in r.get("lm_eval", {}) for r in rows)]
+    head = ["method", "ratio", "effective ratio", "parameters", "perplexity", "vs dense"]
+    head += ["endpoint perplexity"] if has_endpoint else []
+    head += [label for _, _, label in tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in rows:
+        cells = [r["method"], _fmt(r["ratio"], ".2f"), _fmt(r["effective_ratio"], ".4f"), f"{r['params']:,}",
+                 _fmt(r["ppl"], ".3f"), f"{r['ppl'] / dense['ppl'] - 1:+.1%}"]
+        if has_endpoint:
+            cells.append(_fmt(r.get("ppl_endpoint"), ".3f"))
+        for task, metric, _ in tasks:
+            result = r.get("lm_eval", {}).get(task, {})
+            value, stderr = result.get(metric), result.get(metric + "_stderr")
+            cells.append(_fmt(value, ".3f") + (f" ± {stderr:.3f}" if isinstance(stderr, float) and stderr == stderr else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def claims(report: dict) -> list[str]:
+    """The issue's claims, checked on the numbers just measured (no figure is typed in by hand)."""
+    rows, dense = report["rows"], report["rows"][0]["ppl"]
+    out = []
+    by = {(r["method"], r["ratio"]): r for r in rows[1:]}
+    for ratio in report["ratios"]:
+        at = {m: by[(m, ratio)]["ppl"] for m in report["methods"] if (m, ratio) in by}
+        if "heapr" in at and len(at) > 1:
+            best = min(at, key=at.get)
+            ranked = ", ".join(f"{m} {p:.2f}" for m, p in sorted(at.items(), key=lambda kv: kv[1]))
+            out.append(f"ratio {ratio:g}: lowest perplexity is **{best}** ({'holds' if best == 'heapr' else 'does NOT hold'} for HEAPr); ranking: {ranked}")
+        if "heapr" in at and "reap" in at:
+            h, r = at["heapr"] - dense, at["reap"] - dense
+            share = h / r if r > 0 else float("inf")
+            out.append(f"ratio {ratio:g}: perplexity increase HEAPr {h:+.3f} vs REAP-style experts {r:+.3f} "
+                       f"(effective ratios {by[('heapr', ratio)]['effective_ratio']:.4f} / {by[('reap', ratio)]['effective_ratio']:.4f}): "
+                       f"HEAPr's is {share:.1%} of REAP's" + (" (claim: at most a third, " + ("holds)" if share <= 1 / 3 else "does NOT hold)") if ratio == 0.25 else ""))
+    pairs = [(r["ppl"], r["ppl_endpoint"]) for r in rows if r.get("ppl_endpoint") is not None]
+    if pairs:
+        worst = max(abs(e / t - 1) for t, e in pairs)
+        out.append(f"endpoint vs transformers perplexity: largest relative difference {worst:.4%} over {len(pairs)} checkpoints "
+                   f"({'within' if worst <= 0.01 else 'NOT within'} 1%)")
+    diffs = [abs(r["lm_eval"][t][m] - r["lm_eval_endpoint"][t][m]) for r in rows if "lm_eval_endpoint" in r and "lm_eval" in r
+             for t in r["lm_eval_endpoint"] for m in r["lm_eval_endpoint"][t] if not m.endswith("_stderr") and m in r["lm_eval"].get(t, {})]
+    if diffs:
+        out.append(f"lm-eval through the endpoint vs through transformers: largest absolute difference {max(diffs):.4f} over {len(diffs)} task metrics")
+    for r in rows:
+        if "endpoint_error" in r:
+            out.append(f"{r['method']} {r['ratio']:g}: could not be served ({r['endpoint_error']})")
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, dense = report["rows"], report["rows"][0]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for method in report["methods"]:
+        points = sorted((r["effective_ratio"], r["ppl"]) for r in rows[1:] if r["method"] == method)
+        xs, ys = [0.0] + [p[0] for p in points], [dense["ppl"]] + [p[1] for p in points]
+        ax.plot(xs, ys, marker="o", linewidth=2.5 if method == "heapr" else 1.2, label=method, zorder=3 if method == "heapr" else 2)
+    ax.set_yscale("log")
+    ax.set_xlabel("share of routed-expert parameters removed (effective ratio)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title(f"{Path(report['model']).name}: perplexity vs pruning ratio")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from heapr_serve.checkpoint import count_source_params
+    from heapr_serve.compress import prune_to_folder
+    from heapr_serve.errors import HeaprError
+    from heapr_serve.evaluate import eval_tokens, eval_windows
+    from heapr_serve.methods import METHODS, get_method
+    from heapr_serve.models import load_tokenizer, resolve_model
+    from heapr_serve.progress import console
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default=str(DEFAULT_MODEL), help="dense MoE model folder (default: the bundled example)")
+    parser.add_argument("--ratios", default="0.25,0.5", help="comma-separated ratios (default 0.25,0.5)")
+    parser.add_argument("--methods", default="all", help=f"comma-separated, or all: {','.join(METHODS)}")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for quality_table.md/.json and quality_ppl.png")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/heapr-quality"), help="pruned checkpoints and server logs")
+    parser.add_argument("--tasks", default="heapr_local", help="lm-eval tasks ('' to skip)")
+    parser.add_argument("--limit", type=int, default=None, help="lm-eval documents per task")
+    parser.add_argument("--backend", choices=["endpoint", "transformers"], default="endpoint", help="where lm-eval runs")
+    parser.add_argument("--endpoint-for", default="", help="with --backend transformers: also serve these checkpoints with vLLM "
+                        "(comma-separated: dense and/or method names, or all) for endpoint perplexity and lm-eval")
+    parser.add_argument("--align", type=int, default=1)
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--calib-seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=256, help="perplexity window")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=8731)
+    parser.add_argument("--render", type=Path, default=None, help="only rebuild the table, claims and plot from this quality_table.json")
+    args = parser.parse_args(argv)
+    if args.render is not None:
+        report = json.loads(args.render.read_text())
+        write_outputs(report, args.out)
+        return
+
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+        methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+        for m in methods:
+            get_method(m)
+    except ValueError:
+        raise SystemExit(f"error: --ratios {args.ratios!r}: give comma-separated numbers like 0.25,0.5")
+    except HeaprError as err:
+        raise SystemExit(f"error: {err}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    source = resolve_model(args.model)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    stats = calibrate(source, args.nsamples, args.calib_seq_len, 8, args.seed)
+    tokens, text_source = eval_tokens(load_tokenizer(source), None)
+    report = {"model": str(source), "ratios": ratios, "methods": methods, "align": args.align, "seq_len": args.seq_len,
+              "eval_tokens": int(eval_windows(tokens, args.seq_len).numel()), "text": text_source,
+              "calibration": stats.metadata["calibration"], "tasks": args.tasks, "lm_eval_backend": args.backend,
+              "limit": args.limit, "rows": []}
+    checkpoints = [("dense", None, source)]
+    for method in methods:
+        for ratio in ratios:
+            folder = args.workdir / f"{method}-{ratio:g}"
+            console.print(f"pruning: {method} at {ratio:g}")
+            prune_to_folder(source, folder, stats, ratio, "global", args.align, False, True, method, args.seed)
+            checkpoints.append((method, ratio, folder))
+    for method, ratio, folder in checkpoints:
+        console.print(f"[bold]evaluating {method} {'' if ratio is None else ratio}[/] ({folder})")
+        row = {"method": method, "ratio": ratio or 0.0, "folder": str(folder), "params": count_source_params(folder)}
+        config = json.loads((folder / "config.json").read_text())
+        row["effective_ratio"] = config.get("heapr", {}).get("effective_ratio", 0.0)
+        row["zero_width_experts"] = sum(w == 0 for ws in config.get("heapr", {}).get("expert_widths", {}).values() for w in ws)
+        serve = args.endpoint_for == "all" or method in [m.strip() for m in args.endpoint_for.split(",")]
+        row.update(evaluate_folder(folder, args, tokens, args.port, serve))
+        console.print({k: v for k, v in row.items() if k != "folder"})
+        report["rows"].append(row)
+        (args.out / "quality_table.json").write_text(json.dumps(report, indent=2) + "\n")  # partial results survive
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    write_outputs(report, args.out)
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    """quality_table.md (table + checked claims), quality_table.json and quality_ppl.png in `out`."""
+    from heapr_serve.progress import console
+
+    out.mkdir(parents=True, exist_ok=True)
+    report["claims"] = claims(report)
+    table = markdown(report)
+    (out / "quality_table.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "quality_table.md").write_text(table + "\n" + "\n".join(f"- {c}" for c in report["claims"]) + "\n")
+    plot(report, out / "quality_ppl.png")
+    console.print(table)
+    for c in report["claims"]:
+        console.print("- " + c)
+    console.print(f"wrote {out / 'quality_table.md'}, {out / 'quality_table.json'}, {out / 'quality_ppl.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -256,7 +256,7 @@ async def one_request(client: httpx.AsyncClient, arm: Arm, body: dict, path: str
     e2e = time.perf_counter() - t0
     if timer.error or not timer.done:
         return Result(False, e2e, error=timer.error or "stream ended without [DONE]")
-    return Result(True, e2e, ttft=timer.first_token_s, tpot=timer.tpot(), itl=timer.gaps,
+    return Result(True, e2e, ttft=timer.first_token_s, tpot=timer.tpot(e2e), itl=timer.gaps,
                   output_tokens=timer.output_tokens(), prompt_tokens=timer.prompt_tokens)
 
 

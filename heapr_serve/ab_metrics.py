@@ -89,7 +89,7 @@ class ABMetrics:
             itl = self.itl.labels(arm, model)
             for gap in timer.gaps:
                 itl.observe(gap)
-            tpot = timer.tpot()
+            tpot = timer.tpot(e2e_s)
             if tpot is not None:
                 self.tpot.labels(arm, model).observe(tpot)
         out = timer.output_tokens()
@@ -195,12 +195,14 @@ class StreamTimer:
     def last_token_s(self) -> float | None:
         return None if self._last is None else self._last - self.start
 
-    def tpot(self) -> float | None:
-        """Mean time per output token after the first (the usual TPOT definition)."""
+    def tpot(self, e2e_s: float | None = None) -> float | None:
+        """Mean time per output token after the first: (end-to-end - TTFT) / (tokens - 1), as
+        vLLM's serving benchmark defines it; without e2e_s, up to the last token event."""
         n = self.output_tokens()
         if self.first_token_s is None or self._last is None or n < 2:
             return None
-        return (self._last - self.start - self.first_token_s) / (n - 1)
+        end = e2e_s if e2e_s is not None else self._last - self.start
+        return (end - self.first_token_s) / (n - 1)
 
 
 def _has_text(choices: object) -> bool:

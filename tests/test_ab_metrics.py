@@ -36,6 +36,7 @@ def test_stream_timer_chat_stream_split_anywhere():
     assert timer.first_token_s is not None and timer.first_token_s > 0
     assert len(timer.gaps) == 2 and all(g >= 0 for g in timer.gaps)
     assert timer.tpot() == (timer.last_token_s() - timer.first_token_s) / 2
+    assert timer.tpot(e2e_s=2.0) == (2.0 - timer.first_token_s) / 2  # up to the end of the stream
 
 
 def test_stream_timer_completions_error_event_and_no_usage():

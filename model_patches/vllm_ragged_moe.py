@@ -178,6 +178,7 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         # one bucket holding every expert in order, unpadded: the stock call, no remapping at all
         self.identity = len(self.buckets) == 1 and self.buckets[0].experts == tuple(range(E))
         self.isa = None
+        self._bucket_lists = None  # (bucket_of, local_of, prepacked stacks) as Python lists, for decode
 
     # -- vLLM method interface --------------------------------------------------------------------
 
@@ -207,6 +208,7 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
             set_weight_attrs(w2, extra)
 
     def process_weights_after_loading(self, layer) -> None:
+        self._bucket_lists = None
         if self.backend == "cpu":
             from vllm._custom_ops import cpu_prepack_moe_weight
             from vllm.model_executor.utils import replace_parameter
@@ -274,6 +276,8 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
             cpu_fused_moe(out, x, layer.w13_b0, layer.w2_b0, None, None, weights, topk_ids.to(torch.int32), act, self.isa, False)
             return out
         num_tokens, top_k = topk_ids.shape
+        if num_tokens == 1:
+            return self._apply_cpu_one_token(layer, x, weights, topk_ids, act)
         flat = topk_ids.reshape(-1).long()
         bucket = self.bucket_of[flat]  # -1: width-0 expert, contributes exactly zero
         order = torch.argsort(bucket, stable=True)
@@ -300,6 +304,28 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32)
         out.index_add_(0, token, y.to(torch.float32))
         return out.to(x.dtype)
+
+    def _apply_cpu_one_token(self, layer, x, weights, topk_ids, act):
+        """Decode step of one sequence: group its top-k experts by bucket in Python (no sort, gather
+        or scatter); each bucket runs the token with its experts as a smaller top-k."""
+        from vllm._custom_ops import cpu_fused_moe
+
+        if self._bucket_lists is None:
+            self._bucket_lists = (self.bucket_of.tolist(), self.local_of.tolist(),
+                                  [(getattr(layer, f"w13_b{b}"), getattr(layer, f"w2_b{b}")) for b in range(len(self.buckets))])
+        bucket_of, local_of, stacks = self._bucket_lists
+        groups: dict[int, list[int]] = {}
+        ids = topk_ids[0].tolist()
+        for j, e in enumerate(ids):
+            if bucket_of[e] >= 0:  # width-0 experts contribute exactly zero
+                groups.setdefault(bucket_of[e], []).append(j)
+        acc = None
+        for b, js in groups.items():
+            local = torch.tensor([[local_of[ids[j]] for j in js]], dtype=torch.int32)
+            y = torch.empty_like(x)
+            cpu_fused_moe(y, x, stacks[b][0], stacks[b][1], None, None, weights[:, js], local, act, self.isa, False)
+            acc = y.to(torch.float32) if acc is None else acc.add_(y)
+        return torch.zeros_like(x) if acc is None else acc.to(x.dtype)
 
     def _apply_triton_buckets(self, layer, x, topk_weights, topk_ids):
         from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts

@@ -60,7 +60,7 @@ BF16_CASES = (["bundled_qwen3_moe"] if HAS_BUNDLED else []) + ["qwen2_moe"]
 def _compress_bundled(out: Path) -> Path:
     """The bundled model pruned by the real `heapr-serve compress` (25%, aligned to 32)."""
     cmd = [sys.executable, "-m", "heapr_serve.cli", "compress", str(EXAMPLE_MODEL), "-o", str(out),
-           "--ratio", "0.25", "--align", "32", "--nsamples", "16", "--seq-len", "128"]
+           "--ratio", "0.25", "--align", "32", "--nsamples", "8", "--seq-len", "64"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out

@@ -6,7 +6,9 @@ per-expert widths follow a HEAPr-like uneven pattern (some experts keep most neu
 0; multiples of --align; the shared pattern of tools/bench_moe_layer.pruned_widths). Then, for each
 folder in turn (one server at a time), starts `heapr-serve serve` with the same flags, streams greedy
 completions with a fixed number of output tokens, and reports decode tokens/s = (tokens - 1) /
-(time of last token - time of first token), median over repeats, and the pruned/dense ratio.
+(time of last token - time of first token), median over repeats, and the pruned/dense ratio; also
+tokens per CPU-second of vLLM's worker process (the model forward's own work, which other jobs on a
+shared machine do not inflate). `--alternations N` runs dense/pruned servers N times in turn.
 
   python -m tools.bench_serve_decode --work /tmp/decode-bench --json decode.json
 """
@@ -119,6 +121,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _worker_pids(session: int) -> list[int]:
+    """The vLLM worker process(es) of the server session: they run the model forward."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[3]) == session and "Worker" in comm:  # fields[3]: session id
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (all threads): their own work, whatever else runs."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
 def measure(folder: Path, args, label: str) -> dict:
     import httpx
 
@@ -144,19 +171,26 @@ def measure(folder: Path, args, label: str) -> dict:
                 raise SystemExit(f"{label} server not ready after 900 s")
             time.sleep(2)
 
-        def one(prompt: str) -> float:
+        workers = _worker_pids(proc.pid) or [proc.pid]  # uni executor: the model runs in the engine process
+
+        def one(prompt: str) -> tuple[float, float]:
             body = {"model": label, "prompt": prompt, "max_tokens": args.tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-            stamps = []
+            stamps, cpu = [], None
             with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
                         if json.loads(line[6:])["choices"][0].get("text") is not None:
                             stamps.append(time.perf_counter())
-            return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+                            if cpu is None:
+                                cpu = _cpu_seconds(workers)
+            cpu = _cpu_seconds(workers) - cpu
+            n = len(stamps) - 1
+            return n / (stamps[-1] - stamps[0]), n / cpu
 
         one("warm up the server")
-        rates = [one(f"Request {i}: the mixture of experts") for i in range(args.repeats)]
-        return {"tokens_per_s": statistics.median(rates), "samples": rates}
+        samples = [one(f"Request {i}: the mixture of experts") for i in range(args.repeats)]
+        return {"tokens_per_s": statistics.median(s[0] for s in samples), "wall_samples": [s[0] for s in samples],
+                "tokens_per_worker_cpu_s": statistics.median(s[1] for s in samples), "cpu_samples": [s[1] for s in samples]}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -185,6 +219,7 @@ def main() -> None:
     parser.add_argument("--server-args", default="--dtype bfloat16 --max-model-len 512 --max-num-seqs 4 --enforce-eager",
                         help="vLLM flags given to both servers")
     parser.add_argument("--reuse", action="store_true", help="reuse the folders already in --work")
+    parser.add_argument("--alternations", type=int, default=1, help="dense/pruned server pairs, alternated")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -193,11 +228,22 @@ def main() -> None:
         dense, pruned = write_models(args.work, args)
     effective = json.loads((pruned / "config.json").read_text())["heapr"]["effective_ratio"]
     results = {"settings": vars(args) | {"work": str(args.work), "json": str(args.json)}, "effective_ratio": effective}
-    for label, folder in (("dense", dense), ("pruned", pruned)):
-        results[label] = measure(folder, args, label)
-        print(f"{label}: {results[label]['tokens_per_s']:.2f} decode tokens/s", flush=True)
-    results["speedup"] = results["pruned"]["tokens_per_s"] / results["dense"]["tokens_per_s"]
-    print(f"pruned {effective:.1%} vs dense: {results['speedup']:.3f}x decode tokens/s")
+    order = [("dense", dense), ("pruned", pruned)] * args.alternations  # A B A B: load drifts alike
+    runs: dict[str, list[dict]] = {"dense": [], "pruned": []}
+    for label, folder in order:
+        r = measure(folder, args, label)
+        runs[label].append(r)
+        print(f"{label}: {r['tokens_per_s']:.2f} decode tokens/s wall, {r['tokens_per_worker_cpu_s']:.2f} per worker CPU-second", flush=True)
+    for label in runs:
+        results[label] = {
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs[label]),
+            "tokens_per_worker_cpu_s": statistics.median(r["tokens_per_worker_cpu_s"] for r in runs[label]),
+            "runs": runs[label],
+        }
+    results["speedup_wall"] = results["pruned"]["tokens_per_s"] / results["dense"]["tokens_per_s"]
+    results["speedup_worker_cpu"] = results["pruned"]["tokens_per_worker_cpu_s"] / results["dense"]["tokens_per_worker_cpu_s"]
+    print(f"pruned {effective:.1%} vs dense: {results['speedup_wall']:.3f}x decode tokens/s (wall), "
+          f"{results['speedup_worker_cpu']:.3f}x per worker CPU-second")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -58,7 +58,9 @@ def run_one(spec: dict) -> dict:
         max_model_len=spec.get("max_model_len", 256),
         max_num_seqs=spec.get("max_num_seqs", 16),
         seed=0,
-        distributed_executor_backend="uni",  # worker in this process: errors surface as raised
+        tensor_parallel_size=spec.get("tensor_parallel_size", 1),
+        # one worker in this process (errors surface as raised); tensor parallelism needs processes
+        distributed_executor_backend="uni" if spec.get("tensor_parallel_size", 1) == 1 else "mp",
     )
     load_s = time.time() - start
     params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, logprobs=5, ignore_eos=True)

@@ -154,6 +154,10 @@ def plot(report: dict, path: Path) -> None:
         xs, ys = [0.0] + [p[0] for p in points], [dense["ppl"]] + [p[1] for p in points]
         ax.plot(xs, ys, marker="o", linewidth=2.5 if method == "heapr" else 1.2, label=method, zorder=3 if method == "heapr" else 2)
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("share of routed-expert parameters removed (effective ratio)")
     ax.set_ylabel("held-out perplexity (log scale)")
     ax.set_title(f"{Path(report['model']).name}: perplexity vs pruning ratio")

@@ -150,11 +150,14 @@ def test_metrics_are_per_arm_and_model(setup):
     ok_a = read_counter_sum(text, "heapr_ab_requests_total", arm="a", outcome="ok")
     ok_b = read_counter_sum(text, "heapr_ab_requests_total", arm="b", outcome="ok")
     assert ok_a > 0 and ok_b > 0
-    # B's stub emits tokens twice as fast: its mean TPOT must be clearly below A's
+    # Each stub sleeps at least its token delay between tokens (A 10 ms, B 5 ms), so each arm's mean
+    # TPOT is at least that; an upper comparison between arms would be a timing test on a shared machine.
     tpot = {arm: read_counter_sum(text, "heapr_ab_tpot_seconds_sum", arm=arm)
             / max(1.0, read_counter_sum(text, "heapr_ab_tpot_seconds_count", arm=arm))
             for arm in "ab"}
-    assert 0.008 < tpot["a"] < 0.05 and tpot["b"] < 0.8 * tpot["a"], tpot
+    assert tpot["a"] >= 0.0095 and tpot["b"] >= 0.0045, tpot
+    assert read_counter_sum(text, "heapr_ab_tpot_seconds_count", arm="a") == ok_a
+    assert read_counter_sum(text, "heapr_ab_tpot_seconds_count", arm="b") == ok_b
     assert read_counter_sum(text, "heapr_ab_output_tokens_total") > 0
 
 

@@ -95,7 +95,7 @@ def main() -> None:
         table.add_row("(c) two-stage / one-pass time", f"{c:.2f}x", "> 1")
         cov_bytes = args.layers * args.experts * args.hidden**2 * 8
         table.add_row("two-stage covariance memory (float64)", f"{cov_bytes / 2**20:,.0f} MiB ({cov_bytes / stats.nbytes():,.0f}x ours)", "")
-    Console().print(table)
+    Console(width=120).print(table)
 
 
 if __name__ == "__main__":

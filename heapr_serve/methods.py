@@ -206,6 +206,8 @@ class Target:
 
 def global_allocation(scores, t: Target) -> PruningPlan:
     """Rank atomic experts across all MoE layers (or per layer with scope 'layer'), drop the lowest."""
+    if t.keep_unrouted:  # scores from weights alone (magnitude, random) have no NaN rows to mark them
+        scores = {layer: s.double().index_fill(0, torch.tensor(t.unrouted[layer], dtype=torch.long), float("nan")) for layer, s in scores.items()}
     plan = plan_pruning(scores, t.ratio, t.scope, t.align, t.keep_unrouted)
     plan.unrouted = t.unrouted  # by routing, whatever the score (magnitude and random score every expert)
     return plan

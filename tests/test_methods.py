@@ -174,3 +174,19 @@ def test_bad_method_is_one_line_and_old_scores_refuse_reap(tmp_path, tiny_models
     code, _, err = run_cli("apply", tmp_path / "old_scores.safetensors", "-o", tmp_path / "y", "--ratio", "0.25",
                            "--method", "reap", "--model", src, capsys=capsys)
     assert code == 2 and "--method reap" in err and "re-run" in err and not (tmp_path / "y").exists()
+
+
+def test_keep_unrouted_keeps_never_routed_experts_whole_in_every_method(tiny_models):
+    """An expert the calibration never reached is kept at full width with --keep-unrouted, whether the
+    method's score comes from calibration (NaN there) or from weights alone (magnitude, random)."""
+    stats = ExpertStats.zeros({0: (8, 64), 1: (8, 64)})
+    g = torch.Generator().manual_seed(0)
+    for layer in (0, 1):
+        stats.act_sq[layer].copy_(torch.rand(8, 64, generator=g))
+        stats.grad_sq[layer].copy_(torch.rand(8, 64, generator=g))
+        stats.tokens[layer].copy_(torch.tensor([5, 0, 3, 2, 4, 4, 4, 4]))
+    stats.metadata[REAP_KEY] = {"0": [1.0] * 8, "1": [1.0] * 8}
+    for name in METHODS:
+        kept = plan_for_method(name, stats, tiny_models["qwen3_moe"], 0.5, keep_unrouted=True)
+        assert all(widths[1] == 64 for widths in kept.widths.values()), name
+        assert kept.unrouted == {0: [1], 1: [1]}, name

@@ -8,4 +8,4 @@ __version__ = "0.1.0"
 
 from model_patches import transformers_patch as _transformers_patch  # noqa: E402
 
-_transformers_patch.install()
+_transformers_patch.install_lazily()

@@ -9,7 +9,10 @@ Dense folders go to the stock loader untouched.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -106,3 +109,35 @@ def install() -> None:
 
     AutoModelForCausalLM.from_pretrained = classmethod(from_pretrained)
     _installed = True
+
+
+_AUTO_MODULE = "transformers.models.auto.modeling_auto"
+
+
+class _InstallAfterImport(importlib.abc.MetaPathFinder):
+    """Installs the patch right after transformers' auto-model module is first imported, so that
+    `import heapr_serve` stays cheap (that module alone takes seconds to import)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _AUTO_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_install(module):
+            exec_module(module)
+            install()
+
+        spec.loader.exec_module = exec_then_install
+        return spec
+
+
+def install_lazily() -> None:
+    """Install now if transformers' auto models are loaded, else as soon as they are."""
+    if _AUTO_MODULE in sys.modules:
+        install()
+    elif not any(isinstance(f, _InstallAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _InstallAfterImport())

@@ -92,7 +92,7 @@ def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, s
         saved["heapr"]["pruned_params"] = written["params"]
         config_file.write_text(json.dumps(saved, indent=2) + "\n")
         stats.save(folder / SCORES_FILE)
-        write_model_card(folder, saved, plan, source_params, written["params"])
+        write_model_card(folder, saved, plan, source_params, written["params"], out.name)
     return PruneResult(out, plan, source_params, written["params"], written["bytes"], method=method)
 
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def write_model_card(folder: Path, config: dict, plan, source_params: int, pruned_params: int) -> None:
+def write_model_card(folder: Path, config: dict, plan, source_params: int, pruned_params: int, name: str) -> None:
+    """`folder` is the staging folder; `name` the output's final name, for the title."""
     heapr = config["heapr"]
     calib = heapr.get("calibration", {})
+    method = heapr.get("method", "heapr")
+    summary = heapr.get("method_summary", method)
     lines = [
-        f"# {folder.name if not folder.name.startswith('.') else 'pruned model'}: HEAPr-pruned {heapr['source_architectures'][0]}",
+        f"# {name}: {heapr['source_architectures'][0]} pruned by heapr-serve (`{method}`)",
         "",
-        f"Pruned from `{heapr['source_model']}` with [heapr-serve](https://github.com/) (HEAPr, arXiv 2509.22299):",
-        "individual neurons of the routed experts were ranked by their second-order (Fisher) score and the",
-        "lowest removed, so each expert keeps its own width. Shared experts, attention and the router are unchanged.",
+        f"Pruned from `{heapr['source_model']}` with heapr-serve, method `{method}`: {summary}.",
+        "Shared experts, attention and the router are unchanged; each routed expert keeps its own width.",
         "",
         "| | before | after |",
         "|---|---:|---:|",

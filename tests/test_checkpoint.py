@@ -136,3 +136,31 @@ def test_shared_expert_and_its_gate_are_kept_whole(pruned_qwen2, tiny_models):
                 assert torch.equal(f.get_tensor(name), d.get_tensor(name))
     widths = validate_checkpoint(pruned_qwen2).widths
     assert all(w % 16 == 0 for ws in widths.values() for w in ws)
+
+
+@pytest.mark.parametrize("order", ["heapr_serve first", "transformers first"])
+def test_patch_works_whichever_is_imported_first(pruned_qwen2, order):
+    import subprocess
+    import sys
+
+    imports = ["import heapr_serve", "from transformers import AutoModelForCausalLM"]
+    if order == "transformers first":
+        imports.reverse()
+    code = "; ".join(imports + [
+        f"m = AutoModelForCausalLM.from_pretrained({str(pruned_qwen2)!r})",
+        "print(type(m.model.layers[0].mlp.experts).__name__)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["RaggedExperts"]
+
+
+def test_importing_heapr_serve_stays_cheap():
+    """The patch waits for transformers' auto models, so `import heapr_serve` (and every CLI refusal)
+    does not pay for importing them."""
+    import subprocess
+    import sys
+
+    code = "import sys, heapr_serve; print('transformers.models.auto.modeling_auto' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

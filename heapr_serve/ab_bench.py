@@ -21,8 +21,6 @@ import math
 import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -36,6 +34,7 @@ import typer
 
 from heapr_serve.ab_metrics import ABMetrics, StreamTimer, parse_vllm_metrics
 from heapr_serve.errors import HeaprError
+from heapr_serve.local_vllm import LocalVllmServer
 
 # Plain English words for synthetic prompts: random sequences of them do not repeat, so no prefix
 # cache helps either arm, and tokenizers split them into about one token per word.
@@ -75,88 +74,6 @@ class Result:
     output_tokens: int = 0
     prompt_tokens: int | None = None
     error: str | None = None
-
-
-# --- serving a checkpoint folder ---
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalVLLM:
-    """A vLLM OpenAI server for one checkpoint folder, in its own process group so it stops whole."""
-
-    def __init__(self, path: Path, name: str, log_path: Path, extra: list[str], kv_gib: float,
-                 startup_timeout: float) -> None:
-        self.path, self.name, self.log_path = path, name, log_path
-        self.extra, self.kv_gib, self.startup_timeout = extra, kv_gib, startup_timeout
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def _model_dir(self) -> Path:
-        """The folder vLLM is pointed at. A pruned folder keeps its HEAPr statistics in
-        heapr_scores.safetensors, and with no weight index vLLM loads every *.safetensors as
-        weights; so vLLM gets a view of the folder (symlinks) without that file."""
-        extra = self.path / "heapr_scores.safetensors"
-        if not extra.exists() or (self.path / "model.safetensors.index.json").exists():
-            return self.path
-        view = self.log_path.parent / f"model-{self.name}"
-        view.mkdir(parents=True, exist_ok=True)
-        for f in self.path.resolve().iterdir():
-            link = view / f.name
-            if f.name != extra.name and not link.exists():
-                link.symlink_to(f)
-        return view
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-               "--model", str(self._model_dir()), "--served-model-name", self.name,
-               "--host", "127.0.0.1", "--port", str(self.port), *self.extra]
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(self.kv_gib)))))
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        log.close()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise HeaprError(f"vLLM for {self.path} exited with code {self.proc.returncode} while "
-                                 f"loading; see {self.log_path}: {self._tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        raise HeaprError(f"vLLM for {self.path} did not answer /health within --server-timeout "
-                         f"{self.startup_timeout:g}s; see {self.log_path}")
-
-    def _tail(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(lines[-3:])[-400:]
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
 
 
 # --- prompts ---
@@ -815,16 +732,18 @@ def bench_command(
             served = folder.resolve().name
             if name == "b" and dir_a is not None and served == dir_a.resolve().name:
                 served += "-b"
-            srv = LocalVLLM(folder, model_a if name == "a" and model_a else
-                            model_b if name == "b" and model_b else served,
-                            out / f"server-{name}.log", server_arg, kv_cache_gib, server_timeout)
+            env = {} if "VLLM_CPU_KVCACHE_SPACE" in os.environ else {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gib)))}
+            srv = LocalVllmServer(folder, served_name=model_a if name == "a" and model_a else
+                                  model_b if name == "b" and model_b else served,
+                                  extra=server_arg, log=out / f"server-{name}.log", env=env,
+                                  startup_timeout=server_timeout)
             stack.callback(srv.stop)
             srv.start()
             servers.append((name, srv))
-            arms[name].url, arms[name].model, arms[name].served_here = srv.url, srv.name, True
+            arms[name].url, arms[name].model, arms[name].served_here = srv.url, srv.served_name, True
         for name, srv in servers:
-            print(f"bench: waiting for vLLM serving {srv.path} as arm {name.upper()} on {srv.url} "
-                  f"(log: {srv.log_path})", file=sys.stderr, flush=True)
+            print(f"bench: waiting for vLLM serving {srv.folder} as arm {name.upper()} on {srv.url} "
+                  f"(log: {srv.log})", file=sys.stderr, flush=True)
             srv.wait_ready()
         if metrics_port:
             from prometheus_client import start_http_server

@@ -166,22 +166,3 @@ def test_bench_bad_prompt_file(tmp_path, monkeypatch, capsys, stubs):
         cli.main()
     assert exc.value.code == 2
     assert "line 2 is not JSON" in capsys.readouterr().err
-
-
-def test_served_folder_hides_heapr_scores_from_vllm(tmp_path):
-    """vLLM loads every *.safetensors of a folder without an index as weights; the statistics file
-    a pruned folder carries must not be among them, so vLLM is pointed at a view without it."""
-    from heapr_serve.ab_bench import LocalVLLM
-
-    ckpt = tmp_path / "pruned"
-    ckpt.mkdir()
-    for name in ("config.json", "model.safetensors", "heapr_scores.safetensors", "tokenizer.json"):
-        (ckpt / name).write_text(name)
-    srv = LocalVLLM(ckpt, "pruned", tmp_path / "out" / "server-b.log", [], 1.0, 10.0)
-    view = srv._model_dir()
-    assert view != ckpt
-    assert sorted(p.name for p in view.iterdir()) == ["config.json", "model.safetensors",
-                                                      "tokenizer.json"]
-    assert (view / "model.safetensors").read_text() == "model.safetensors"
-    (ckpt / "model.safetensors.index.json").write_text("{}")  # with an index vLLM reads only it
-    assert srv._model_dir() == ckpt

@@ -3,13 +3,13 @@ perplexity as transformers, and real lm-eval (`local-completions`) against it sc
 local tasks exactly as a direct transformers computation does. Bad input is one line, exit 2."""
 
 import json
-import socket
 from importlib.util import find_spec
 
 import pytest
 import torch
 
-from heapr_serve.evaluate import VllmServer, endpoint_perplexity, eval_tokens, perplexity, run_lm_eval_endpoint
+from heapr_serve.local_vllm import LocalVllmServer, free_port
+from heapr_serve.evaluate import endpoint_perplexity, eval_tokens, perplexity, run_lm_eval_endpoint
 from heapr_serve.lm_eval_tasks.build import FILES
 from heapr_serve.models import load_model, load_tokenizer
 
@@ -18,17 +18,11 @@ from conftest import run_cli
 needs_vllm = pytest.mark.skipif(find_spec("vllm") is None or find_spec("lm_eval") is None, reason="needs vllm and lm-eval")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     extra = ["--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.1"]
-    with VllmServer(tiny_models["qwen3_moe"], _free_port(), extra, log=log) as srv:
+    with LocalVllmServer(tiny_models["qwen3_moe"], extra=extra, log=log) as srv:
         yield srv
 
 
@@ -83,7 +77,7 @@ def test_endpoint_matches_transformers(server, tiny_models, tmp_path, capsys):
     ],
 )
 def test_eval_bad_input_is_one_line(args, needles, capsys):
-    port = str(_free_port())
+    port = str(free_port())
     code, _, err = run_cli("eval", *[a.replace("{port}", port) for a in args], capsys=capsys)
     assert code == 2, err
     lines = [line for line in err.strip().splitlines() if line.strip()]

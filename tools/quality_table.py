@@ -62,7 +62,8 @@ def evaluate_folder(folder: Path, args, tokens, port: int, serve: bool) -> dict:
     """Perplexity (transformers; and through a vLLM endpoint when `serve`) and lm-eval results for one
     checkpoint. Served checkpoints also run lm-eval through the endpoint, to compare with transformers."""
     from heapr_serve.errors import HeaprError
-    from heapr_serve.evaluate import VllmServer, endpoint_perplexity, perplexity, run_lm_eval_endpoint, run_lm_eval_local
+    from heapr_serve.evaluate import endpoint_perplexity, perplexity, run_lm_eval_endpoint, run_lm_eval_local
+    from heapr_serve.local_vllm import LocalVllmServer
     from heapr_serve.models import load_model
 
     row: dict = {}
@@ -74,7 +75,7 @@ def evaluate_folder(folder: Path, args, tokens, port: int, serve: bool) -> dict:
     if serve or args.backend == "endpoint":
         extra = ["--dtype", "float32", "--max-model-len", str(max(args.seq_len, 1024)), "--gpu-memory-utilization", "0.1"]
         try:
-            with VllmServer(folder, port, extra, log=args.workdir / f"vllm-{folder.name}.log") as server:
+            with LocalVllmServer(folder, extra=extra, log=args.workdir / f"vllm-{folder.name}.log", port=port) as server:
                 row["ppl_endpoint"] = endpoint_perplexity(server.url, tokens, args.seq_len, 8)
                 if args.tasks:
                     results = run_lm_eval_endpoint(server.url, args.tasks, str(folder), limit=args.limit, batch_size=16)

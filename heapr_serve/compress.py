@@ -24,7 +24,7 @@ from heapr_serve.calibration import load_calibration
 from heapr_serve.checkpoint import check_output_path, count_source_params, source_fingerprint, staging_folder, write_pruned_checkpoint
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import family_for
-from heapr_serve.methods import METHODS, collect_method_stats, get_method, plan_for_method
+from heapr_serve.methods import METHODS, collect_method_stats, expert_allocation, get_method, plan_for_method, uniform_allocation
 from heapr_serve.model_card import write_model_card
 from heapr_serve.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model
 from heapr_serve.progress import console, progress_bar
@@ -126,6 +126,21 @@ def summary_table(result: PruneResult, wall: float, peak: str) -> Table:
     return table
 
 
+def _check_options(method: str, ratio: float, scope: str, align: int) -> None:
+    """Validate the method and the ratio/scope/align flags in a millisecond, before any model is
+    loaded, and say which flags the chosen method does not use."""
+    allocation = get_method(method).allocate
+    plan_pruning({0: torch.zeros(1, 1)}, ratio, scope, align)
+    ignored = []
+    if allocation in (expert_allocation, uniform_allocation) and scope != "global":
+        ignored.append("--scope")
+    if allocation is expert_allocation and align != 1:
+        ignored.append("--align")
+    if ignored:
+        console.print(f"[bold yellow]warning:[/] --method {method} ignores {' and '.join(ignored)}: "
+                      f"it {'removes whole experts' if allocation is expert_allocation else 'gives every expert the same width'}")
+
+
 def _warn_unrouted(plan: PruningPlan, keep_unrouted: bool) -> None:
     unrouted = {layer: e for layer, e in plan.unrouted.items() if e}
     if unrouted:
@@ -160,9 +175,8 @@ def compress_command(
 ) -> None:
     """Score every atomic expert with HEAPr (or a baseline --method) and write a smaller checkpoint."""
     start = time.perf_counter()
-    get_method(method)
+    _check_options(method, ratio, scope, align)
     torch_dtype, torch_device = pick_dtype(dtype), pick_device(device)
-    plan_pruning({0: torch.zeros(1, 1)}, ratio, scope, align)  # validates ratio/scope/align in a millisecond
     if batch_size < 1:
         raise HeaprError(f"--batch-size must be at least 1 (got {batch_size})")
     source = resolve_model(model)
@@ -205,8 +219,7 @@ def apply_command(
 ) -> None:
     """Re-prune at another ratio (or with another --method) from saved statistics, without calibrating again."""
     start = time.perf_counter()
-    get_method(method)
-    plan_pruning({0: torch.zeros(1, 1)}, ratio, scope, align)
+    _check_options(method, ratio, scope, align)
     stats = ExpertStats.load(scores)
     recorded = stats.metadata.get("source_model")
     if model is None and not recorded:

@@ -124,3 +124,10 @@ def test_apply_refuses_scores_from_other_weights(tmp_path, tiny_models, capsys):
     code, _, err = run_cli("apply", tmp_path / "p", "-o", tmp_path / "p2", "--ratio", "0.5", capsys=capsys)
     _one_line_error(code, err, "other weights", "compress")
     assert not (tmp_path / "p2").exists()
+
+
+def test_expert_level_method_says_which_flags_it_ignores(tmp_path, tiny_models, capsys):
+    code, out, err = run_cli("compress", tiny_models["qwen3_moe"], "-o", tmp_path / "p", "--method", "reap",
+                             "--align", "16", "--scope", "layer", *FAST, capsys=capsys)
+    assert code == 0, err
+    assert "--method reap ignores --scope and --align" in " ".join((out + err).split())

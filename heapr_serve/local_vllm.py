@@ -30,21 +30,26 @@ def free_port() -> int:
 
 class LocalVllmServer:
     """`python -m vllm.entrypoints.openai.api_server --model FOLDER` on 127.0.0.1 (the `vllm`
-    console script is broken in the CPU build). Use `start()`/`wait_ready()`/`stop()` to start
+    console script is broken in the CPU build), or with `through_serve` the same server behind
+    `heapr-serve serve FOLDER` (its checks first). Use `start()`/`wait_ready()`/`stop()` to start
     several at once, or `with LocalVllmServer(...) as server:`."""
 
     def __init__(self, folder: str | Path, *, served_name: str | None = None, extra: list[str] | tuple = (),
                  log: Path | None = None, env: dict[str, str] | None = None, startup_timeout: float = 600.0,
-                 port: int | None = None) -> None:
+                 port: int | None = None, through_serve: bool = False) -> None:
         self.folder, self.served_name, self.extra = Path(folder), served_name, list(extra)
+        self.through_serve = through_serve
         self.log, self.env, self.startup_timeout = (Path(log) if log else None), dict(env or {}), startup_timeout
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder),
-               "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.through_serve:
+            cmd = [sys.executable, "-m", "heapr_serve.cli", "serve", str(self.folder)]
+        else:
+            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder)]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         if self.served_name:
             cmd += ["--served-model-name", self.served_name]
         return cmd + self.extra

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from heapr_serve.local_vllm import LocalVllmServer
 from tests.conftest import ROOT
 from tests.vllm_helpers.ragged import make_ragged, mixed_widths
 
@@ -96,49 +95,18 @@ def test_bad_input_fails_fast_with_one_line(refusals, case):
     print(f"{case}: refused in {elapsed:.1f}s: {lines[0]}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(proc, base: str, timeout: float = 420) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise AssertionError("server did not become ready")
-
-
-def _stop(proc) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the engine process it started
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.mark.parametrize("which", ["pruned", "dense"])
-def test_serve_openai_endpoints(folders, which):
+def test_serve_openai_endpoints(folders, which, tmp_path):
     folder = folders[which]
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
     # the pruned server runs vLLM's default CPU mode (torch.compile of the model, fullgraph): the ragged
     # dispatch must survive it; the dense one runs eager to save start-up time
     eager = ["--enforce-eager"] if which == "dense" else []
-    proc = _serve([folder, "--port", port, "--host", "127.0.0.1", "--dtype", "bfloat16", "--max-model-len", "256",
-                   "--max-num-seqs", "4", *eager, "--distributed-executor-backend", "uni",
-                   "--served-model-name", which])
-    try:
-        _wait_ready(proc, base)
+    server = LocalVllmServer(folder, served_name=which, through_serve=True, log=tmp_path / "server.log",
+                             env={"VLLM_CPU_KVCACHE_SPACE": "1"}, startup_timeout=420,
+                             extra=["--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "4", *eager,
+                                    "--distributed-executor-backend", "uni"])
+    with server:
+        base = server.url
         models = httpx.get(f"{base}/v1/models", timeout=30).json()
         assert [m["id"] for m in models["data"]] == [which]
         comp = httpx.post(f"{base}/v1/completions", json={"model": which, "prompt": "The capital of France is",
@@ -152,7 +120,5 @@ def test_serve_openai_endpoints(folders, which):
         assert chat["usage"]["completion_tokens"] >= 1
         metrics = httpx.get(f"{base}/metrics", timeout=30).text
         assert "vllm:generation_tokens" in metrics and "vllm:request_success" in metrics
-    finally:
-        _stop(proc)
-    err = proc.stderr.read()
+    err = (tmp_path / "server.log").read_text()
     assert ("heapr-serve: serving" in err) and (("pruned qwen3_moe" in err) == (which == "pruned"))

@@ -19,10 +19,7 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +32,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tools.bench_moe_layer import pruned_widths  # noqa: E402
+from heapr_serve.errors import HeaprError  # noqa: E402
+from heapr_serve.local_vllm import LocalVllmServer  # noqa: E402
 
 
 def write_models(work: Path, args) -> tuple[Path, Path]:
@@ -115,12 +114,6 @@ def write_models(work: Path, args) -> tuple[Path, Path]:
     return dense, pruned
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker_pids(session: int) -> list[int]:
     """The vLLM worker process(es) of the server session: they run the model forward."""
     pids = []
@@ -149,29 +142,14 @@ def _cpu_seconds(pids: list[int]) -> float:
 def measure(folder: Path, args, label: str) -> dict:
     import httpx
 
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "heapr_serve.cli", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", label, *args.server_args.split()]
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    log = open(Path(args.work) / f"server-{label}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {} if "VLLM_CPU_KVCACHE_SPACE" in os.environ else {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    server = LocalVllmServer(folder, served_name=label, extra=args.server_args.split(), through_serve=True,
+                             log=Path(args.work) / f"server-{label}.log", env=env, startup_timeout=900)
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"{label} server exited ({proc.returncode}); see {log.name}")
-            try:
-                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{label} server not ready after 900 s")
-            time.sleep(2)
-
-        workers = _worker_pids(proc.pid) or [proc.pid]  # uni executor: the model runs in the engine process
+        server.start()
+        server.wait_ready()
+        base = server.url
+        workers = _worker_pids(server.proc.pid) or [server.proc.pid]  # uni executor: the model runs in the engine process
 
         def one(prompt: str) -> tuple[float, float]:
             body = {"model": label, "prompt": prompt, "max_tokens": args.tokens, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -185,19 +163,16 @@ def measure(folder: Path, args, label: str) -> dict:
                                 cpu = _cpu_seconds(workers)
             cpu = _cpu_seconds(workers) - cpu
             n = len(stamps) - 1
-            return n / (stamps[-1] - stamps[0]), n / cpu
+            return n / (stamps[-1] - stamps[0]), (n / cpu if cpu > 0 else float("nan"))  # tiny models: < 1 clock tick
 
         one("warm up the server")
         samples = [one(f"Request {i}: the mixture of experts") for i in range(args.repeats)]
         return {"tokens_per_s": statistics.median(s[0] for s in samples), "wall_samples": [s[0] for s in samples],
                 "tokens_per_worker_cpu_s": statistics.median(s[1] for s in samples), "cpu_samples": [s[1] for s in samples]}
+    except HeaprError as err:
+        raise SystemExit(f"{label}: {err}") from None
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        server.stop()
 
 
 def main() -> None:

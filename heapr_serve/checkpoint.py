@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from fnmatch import fnmatch
 from contextlib import contextmanager
@@ -21,10 +20,8 @@ from safetensors.torch import save_file
 
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family
-from heapr_serve.pruned_format import FORMAT_VERSION, open_safetensors, safetensors_files
+from heapr_serve.pruned_format import FORMAT_VERSION, FUSED_EXPERTS_TENSOR, PER_EXPERT_TENSOR, open_safetensors, safetensors_files
 
-_PER_EXPERT = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
-_FUSED = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
 # Files that travel with the weights; anything else in the source (its model card, training notes,
 # other formats) describes the dense model and stays behind.
 _TRAVELLING_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
@@ -112,7 +109,7 @@ class _ShardWriter:
 
 def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[int, list[torch.Tensor]]):
     """The pruned per-expert tensors for one source tensor, or None if it is not a routed expert."""
-    m = _PER_EXPERT.match(name)
+    m = PER_EXPERT_TENSOR.match(name)
     if m and int(m["layer"]) in keep and m["block"] == family.disk_block and m["proj"] in family.disk_projs:
         layer, expert = int(m["layer"]), int(m["expert"])
         kept = keep[layer][expert]
@@ -120,7 +117,7 @@ def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[i
             return []
         proj = family.disk_projs.index(m["proj"])
         return [(name, tensor.index_select(1 if proj == 2 else 0, kept))]
-    m = _FUSED.match(name)
+    m = FUSED_EXPERTS_TENSOR.match(name)
     if m and int(m["layer"]) in keep:
         layer = int(m["layer"])
         out = []

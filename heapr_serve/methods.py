@@ -106,7 +106,7 @@ class ScoreInputs:
 
 def expert_weight_norms(source: Path, layers: set[int]) -> dict[int, dict[str, torch.Tensor]]:
     """Per-neuron weight norms of every routed expert, streamed tensor by tensor from the safetensors."""
-    from heapr_serve.checkpoint import _FUSED, _PER_EXPERT
+    from heapr_serve.pruned_format import FUSED_EXPERTS_TENSOR, PER_EXPERT_TENSOR
 
     config = read_config(source)
     family = family_for(config)
@@ -116,14 +116,14 @@ def expert_weight_norms(source: Path, layers: set[int]) -> dict[int, dict[str, t
     for file in sorted(set(files.values())):
         with safe_open(Path(source) / file, "pt") as f:
             for name in f.keys():
-                m = _PER_EXPERT.match(name)
+                m = PER_EXPERT_TENSOR.match(name)
                 if m and int(m["layer"]) in layers and m["block"] == family.disk_block and m["proj"] in family.disk_projs:
                     proj = ("gate", "up", "down")[family.disk_projs.index(m["proj"])]
                     w = f.get_tensor(name).float()
                     norm = w.norm(dim=0) if proj == "down" else w.norm(dim=1)
                     per_expert.setdefault(int(m["layer"]), {}).setdefault(proj, {})[int(m["expert"])] = norm
                     continue
-                m = _FUSED.match(name)
+                m = FUSED_EXPERTS_TENSOR.match(name)
                 if m and int(m["layer"]) in layers:
                     w = f.get_tensor(name).float()
                     layer_norms = norms.setdefault(int(m["layer"]), {})

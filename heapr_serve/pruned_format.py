@@ -21,8 +21,10 @@ from heapr_serve.families import Family, family_for
 
 FORMAT_VERSION = 1
 
-_PER_EXPERT = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
-_FUSED = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+# Routed-expert tensor names, per expert (`...layers.3.mlp.experts.7.gate_proj.weight`) or fused
+# (`...layers.3.mlp.experts.gate_up_proj`); shared by the validator, the writer and the baselines.
+PER_EXPERT_TENSOR = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+FUSED_EXPERTS_TENSOR = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
 
 
 @dataclass
@@ -149,9 +151,9 @@ def validate_checkpoint(path: str | Path) -> PrunedCheckpoint:
     seen_expert_tensors = set()
     prefix = None
     for name, (shape, file) in shapes.items():
-        if _FUSED.match(name):
+        if FUSED_EXPERTS_TENSOR.match(name):
             raise HeaprError(f"{path / file}: tensor {name} is a fused expert stack; pruned checkpoints hold per-expert tensors")
-        m = _PER_EXPERT.match(name)
+        m = PER_EXPERT_TENSOR.match(name)
         if not m:
             continue
         layer, expert, proj = int(m["layer"]), int(m["expert"]), m["proj"]

@@ -21,21 +21,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# --- command registrations (one line per command; each module owns its command) ---
-from heapr_serve.compress import apply_command, compress_command  # noqa: E402
-from heapr_serve.evaluate import eval_command  # noqa: E402
-from heapr_serve.inspect_checkpoint import inspect_command  # noqa: E402
+# --- command registrations, in stage order (each stage's module owns its command) ---
+from heapr_serve.prune.commands import apply_command, compress_command  # noqa: E402
+from heapr_serve.checkpoint.inspect import inspect_command  # noqa: E402
+from heapr_serve.eval.command import eval_command  # noqa: E402
+from heapr_serve.serve import serve_command  # noqa: E402
+from heapr_serve.ab.bench import bench_command  # noqa: E402
+from heapr_serve.ab.proxy import ab_proxy_command  # noqa: E402
 
 app.command("compress")(compress_command)
 app.command("apply")(apply_command)
-app.command("eval")(eval_command)
 app.command("inspect")(inspect_command)
-from heapr_serve.ab_proxy import ab_proxy_command  # noqa: E402
-app.command("ab-proxy")(ab_proxy_command)
-from heapr_serve.ab_bench import bench_command  # noqa: E402
-app.command("bench")(bench_command)
-from heapr_serve.serve import serve_command  # noqa: E402
+app.command("eval")(eval_command)
 app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_command)
+app.command("bench")(bench_command)
+app.command("ab-proxy")(ab_proxy_command)
 # --- end of command registrations ---
 
 

@@ -1,57 +1,98 @@
-"""One small adapter per supported MoE family: where the MoE blocks, router, experts and shared
-experts live, and how routed experts are named on disk.
+"""The family registry: everything heapr-serve knows about one MoE model family, said once.
 
 transformers 5 gives every supported family the same fused experts module
-(`mlp.experts.gate_up_proj [E, 2I, H]`, `mlp.experts.down_proj [E, H, I]`), so an adapter is mostly
-names. Anything not listed here is refused with the list of what is supported.
+(`mlp.experts.gate_up_proj [E, 2I, H]`, `mlp.experts.down_proj [E, H, I]`), and vLLM builds every
+family's MoE block through `FusedMoEFactory`, so a family is mostly names: where its blocks, router and
+shared experts are, what its expert tensors are called on disk, and which stock vLLM model serves it.
+Calibration, the writer, the validator, the transformers loader and the vLLM plugin (whose
+`Heapr*ForCausalLM` classes are derived from these records) all read them from here. Adding a family
+is one `Family(...)` line below, plus a small module only for what is truly special.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
 
 from heapr_serve.errors import HeaprError
 
+PROJ_KINDS = ("gate", "up", "down")
+
 
 @dataclass(frozen=True)
 class Family:
-    model_type: str
+    model_type: str  # config.json `model_type`
     architecture: str  # the transformers class of the dense model
-    disk_block: str  # the module name of the MoE block in checkpoint tensor names
-    disk_projs: tuple[str, str, str]  # on-disk names of (gate, up, down) per expert
-    shared_experts: str | None  # attribute of the MoE block holding shared experts (kept whole)
+    vllm_module: str  # the stock vLLM module (vllm.model_executor.models.<name>) that serves it dense
+    covers: str  # checkpoints users know it by (README's family table)
+    disk_block: str = "mlp"  # module name of the MoE block in checkpoint tensor names
+    disk_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # on-disk (gate, up, down)
+    shared_experts: str | None = None  # attribute of the MoE block holding shared experts (kept whole)
     router: str = "gate"  # attribute of the MoE block holding the router (kept whole)
+    vllm_class: str | None = None  # the stock vLLM class, when not named like `architecture`
+    extra_layers_key: str | None = None  # config key counting decoder layers past num_hidden_layers (MTP)
+    special: str = ""  # what is special about it, for the docs
 
     @property
     def pruned_architecture(self) -> str:
         return "Heapr" + self.architecture
 
+    @property
+    def stock_vllm_class(self) -> str:
+        return self.vllm_class or self.architecture
+
     def expert_tensor_name(self, layer_prefix: str, layer: int, expert: int, proj: int) -> str:
         """On-disk name of one routed expert's 2-D tensor; proj 0 = gate, 1 = up, 2 = down."""
         return f"{layer_prefix}{layer}.{self.disk_block}.experts.{expert}.{self.disk_projs[proj]}.weight"
+
+    def proj_index(self, disk_name: str) -> int | None:
+        """0/1/2 for this family's on-disk gate/up/down projection name, else None."""
+        return self.disk_projs.index(disk_name) if disk_name in self.disk_projs else None
+
+    def module_tensor_name(self, disk_name: str) -> str:
+        """An on-disk tensor name as a state-dict key of the transformers model (`.mlp.`, and
+        gate_proj/up_proj/down_proj per expert, whatever the family calls them on disk)."""
+        if self.disk_block == "mlp" and self.disk_projs == Family.disk_projs:
+            return disk_name
+        name = disk_name.replace(f".{self.disk_block}.", ".mlp.")
+        m = re.search(r"\.experts\.(\d+)\.(\w+)\.weight$", name)
+        if m and m[2] in self.disk_projs:
+            name = name[: m.start()] + f".experts.{m[1]}.{Family.disk_projs[self.proj_index(m[2])]}.weight"
+        return name
 
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in [
-        Family("qwen3_moe", "Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), None),
-        Family("qwen2_moe", "Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
-        Family("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"), None),
-        Family("olmoe", "OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), None),
-        Family("deepseek_v3", "DeepseekV3ForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
+        Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", "Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder-30B-A3B"),
+        Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", "Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B",
+               shared_experts="shared_expert", special="shared expert with a sigmoid gate"),
+        Family("mixtral", "MixtralForCausalLM", "mixtral", "Mixtral-8x7B, Mixtral-8x22B",
+               disk_block="block_sparse_moe", disk_projs=("w1", "w3", "w2"), special="per-expert w1/w3/w2 on disk"),
+        Family("olmoe", "OlmoeForCausalLM", "olmoe", "OLMoE-1B-7B"),
+        Family("deepseek_v3", "DeepseekV3ForCausalLM", "deepseek_v2", "DeepSeek-V3, DeepSeek-R1, Kimi-K2",
+               shared_experts="shared_experts", extra_layers_key="num_nextn_predict_layers",
+               special="MLA, shared experts, dense first layers, grouped routing with score-correction bias, MTP layer"),
     ]
 }
 
 
 def family_for(config) -> Family:
-    """The adapter for a transformers config (or a plain config dict), or a clear refusal."""
+    """The record for a transformers config (or a plain config dict), or a clear refusal."""
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         supported = ", ".join(sorted(FAMILIES))
         raise HeaprError(f"model_type {model_type!r} is not supported; supported MoE families: {supported}")
     return FAMILIES[model_type]
+
+
+def family_for_pruned_architecture(architecture: str) -> Family:
+    for family in FAMILIES.values():
+        if family.pruned_architecture == architecture:
+            return family
+    raise HeaprError(f"{architecture}: not a heapr-serve architecture")
 
 
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:

@@ -32,7 +32,7 @@ _REFUSED_FOR_PRUNED = {
 def _plugin_installed() -> bool:
     from importlib.metadata import entry_points
 
-    return any(ep.value.startswith("model_patches.vllm_plugin") for ep in entry_points(group="vllm.general_plugins"))
+    return any(ep.value.startswith("model_patches.vllm.plugin") for ep in entry_points(group="vllm.general_plugins"))
 
 
 def _vllm_importable() -> bool:
@@ -53,7 +53,8 @@ def preflight(path: str, extra: list[str]) -> str:
         if "/" in path and not path.startswith(("/", ".", "~")) and path.count("/") == 1:
             return f"{path} (Hugging Face Hub id, served by stock vLLM)"
         raise HeaprError(f"{path}: no such folder; pass a model folder (e.g. the output of `heapr-serve compress`)")
-    from heapr_serve.pruned_format import is_pruned, read_config, validate_checkpoint
+    from heapr_serve.checkpoint.format import is_pruned, read_config
+    from heapr_serve.checkpoint.validate import validate_checkpoint
 
     if not folder.is_dir():
         raise HeaprError(f"{path}: not a folder; pass a model folder")

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from heapr_serve import cli
-from heapr_serve.ab_metrics import read_counter_sum
-from heapr_serve.openai_stub import free_port, start_stub, stop
+from heapr_serve.ab.metrics import read_counter_sum
+from tests.helpers.openai_stub import free_port, start_stub, stop
 
 
 @pytest.fixture(scope="module")

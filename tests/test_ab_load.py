@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from heapr_serve.ab_metrics import read_counter_sum
-from heapr_serve.openai_stub import free_port, heapr_serve_exe, spawn, start_stub, stop, wait_http
+from heapr_serve.ab.metrics import read_counter_sum
+from tests.helpers.openai_stub import free_port, heapr_serve_exe, spawn, start_stub, stop, wait_http
 
 N, CONCURRENCY, KILL_AFTER, WARMUP = 500, 32, 150, 200
 PROXY_TIMEOUT = 10.0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from heapr_serve.ab_metrics import OUTCOMES, ABMetrics, StreamTimer, parse_vllm_metrics
+from heapr_serve.ab.metrics import OUTCOMES, ABMetrics, StreamTimer, parse_vllm_metrics
 
 
 def _sse(objs: list[dict | str]) -> bytes:

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import yaml
 
-from heapr_serve.ab_proxy import ABProxy, ProxyConfig
-from heapr_serve.openai_stub import ServerThread, free_port, spawn, start_stub, stop, wait_http
+from heapr_serve.ab.proxy import ABProxy, ProxyConfig
+from tests.helpers.openai_stub import ServerThread, free_port, spawn, start_stub, stop, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_CONFIG = ROOT / "deploy" / "prometheus.yml"

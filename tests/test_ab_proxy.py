@@ -1,6 +1,6 @@
 """`heapr-serve ab-proxy` over real HTTP, in front of two stub OpenAI servers.
 
-The stubs (heapr_serve/openai_stub.py) are the upstreams, with known timings: A gives its first
+The stubs (tests/helpers/openai_stub.py) are the upstreams, with known timings: A gives its first
 token after 20 ms and then one every 10 ms, B is twice as fast. The proxy runs in this process under
 uvicorn on a real socket (the same app the command serves; starting the command costs an interpreter
 start-up per configuration, which tests/test_ab_load.py pays once). Everything is observed from
@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from heapr_serve import cli
-from heapr_serve.ab_metrics import read_counter_sum
-from heapr_serve.ab_proxy import ABProxy, ProxyConfig
-from heapr_serve.openai_stub import ServerThread, free_port, start_stub, stop
+from heapr_serve.ab.metrics import read_counter_sum
+from heapr_serve.ab.proxy import ABProxy, ProxyConfig
+from tests.helpers.openai_stub import ServerThread, free_port, start_stub, stop
 
 KEY = "s3cret-proxy-key"
 AUTH = {"x-heapr-proxy-key": KEY}

@@ -9,13 +9,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from heapr_serve.calibration import CalibrationSet
-from heapr_serve.compress import prune_to_folder
+from heapr_serve.calibrate.datasets import CalibrationSet
+from heapr_serve.prune.commands import prune_to_folder
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import family_for, moe_blocks
-from heapr_serve.moe_forward import RaggedExperts
-from heapr_serve.pruned_format import validate_checkpoint
-from heapr_serve.scoring import collect_stats
+from model_patches.transformers.loader import RaggedExperts
+from heapr_serve.checkpoint.validate import validate_checkpoint
+from heapr_serve.score.calibration_pass import collect_statistics
+from heapr_serve.score.observers import HeaprObserver
 
 from conftest import FAMILIES
 
@@ -24,7 +25,7 @@ def _stats(folder, unrouted_expert=None):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     calib = CalibrationSet([torch.randint(0, 4096, (40,), generator=g) for _ in range(6)], "random", 40)
-    stats = collect_stats(model, calib.batches(3, 0), 120.0)
+    stats = collect_statistics(model, calib.batches(3, 0), 120.0, observer=HeaprObserver())
     if unrouted_expert is not None:
         layer = min(stats.tokens)
         stats.tokens[layer][unrouted_expert] = 0  # as if never routed: no score, removed first

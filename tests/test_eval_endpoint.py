@@ -8,9 +8,11 @@ from importlib.util import find_spec
 import pytest
 import torch
 
-from heapr_serve.local_vllm import LocalVllmServer, free_port
-from heapr_serve.evaluate import endpoint_perplexity, eval_tokens, perplexity, run_lm_eval_endpoint
-from heapr_serve.lm_eval_tasks.build import FILES
+from heapr_serve.ab.local_vllm import LocalVllmServer, free_port
+from heapr_serve.eval.endpoint import endpoint_perplexity
+from heapr_serve.eval.harness import run_lm_eval_endpoint
+from heapr_serve.eval.perplexity import eval_tokens, perplexity
+from heapr_serve.eval.lm_eval_tasks.task_data import FILES
 from heapr_serve.models import load_model, load_tokenizer
 
 from conftest import run_cli
@@ -21,8 +23,9 @@ needs_vllm = pytest.mark.skipif(find_spec("vllm") is None or find_spec("lm_eval"
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    extra = ["--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.1"]
-    with LocalVllmServer(tiny_models["qwen3_moe"], extra=extra, log=log) as srv:
+    extra = ["--dtype", "float32", "--max-model-len", "1024"]
+    # a fixed KV cache, not a share of memory: what else the machine holds must not decide the start
+    with LocalVllmServer(tiny_models["qwen3_moe"], extra=extra, log=log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as srv:
         yield srv
 
 

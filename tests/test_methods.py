@@ -8,12 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from heapr_serve.calibration import CalibrationSet
+from heapr_serve.calibrate.datasets import CalibrationSet
 from heapr_serve.families import moe_blocks
-from heapr_serve.methods import (METHODS, REAP_KEY, ScoreInputs, activation_score, collect_method_stats, magnitude_score,
-                                 plan_for_method, random_score)
+from heapr_serve.prune.methods import METHODS, ScoreInputs, activation_score, magnitude_score, plan_for_method, random_score
 from heapr_serve.models import load_model
-from heapr_serve.scoring import ExpertStats, collect_stats
+from heapr_serve.score.calibration_pass import collect_statistics
+from heapr_serve.score.observers import HeaprObserver
+from heapr_serve.score.stats import REAP_KEY, ExpertStats
 
 from conftest import run_cli
 
@@ -28,14 +29,14 @@ def calibrated(tiny_models):
     samples = [torch.randint(1, 4096, (n,), generator=g) for n in (40, 40, 27, 33)]
     calib = CalibrationSet(samples, "random", 40)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    stats = collect_method_stats(model, calib.batches(2, pad_id=0), loss_scale=80.0)
+    stats = collect_statistics(model, calib.batches(2, pad_id=0), loss_scale=80.0)
     return src, model, stats, calib
 
 
 def test_one_pass_keeps_heapr_statistics_exact(calibrated):
     src, _, stats, calib = calibrated
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    plain = collect_stats(model, calib.batches(2, pad_id=0), loss_scale=80.0)
+    plain = collect_statistics(model, calib.batches(2, pad_id=0), loss_scale=80.0, observer=HeaprObserver())
     for layer in plain.act_sq:
         assert torch.equal(plain.act_sq[layer], stats.act_sq[layer])
         assert torch.equal(plain.grad_sq[layer], stats.grad_sq[layer])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from heapr_serve.errors import HeaprError
-from heapr_serve.pruning import plan_pruning
+from heapr_serve.prune.allocation import plan_pruning
 
 
 def _scores(seed=0, layers=(0, 3), experts=8, width=96):

@@ -88,7 +88,7 @@ def rel_err(out, ref):
 
 
 def _interpreted_cases(fresh_seed):
-    from heapr_serve.ragged_moe_triton import RaggedMoeConfig as C
+    from model_patches.vllm.kernels.ragged_moe_triton import RaggedMoeConfig as C
 
     small = C(block_m=16, gu_block_n=16, gu_block_k=32, gu_warps=1, gu_stages=1,
               dn_block_n=32, dn_block_k=16, dn_warps=1, dn_stages=1, group_m=1, combine_block=32)
@@ -180,8 +180,8 @@ def _check_triton_alignment(rmt, fresh_seed):
 
 def _run_interpreted(fresh_seed):
     assert os.environ.get("TRITON_INTERPRET") == "1", "the child must run under TRITON_INTERPRET=1"
-    import heapr_serve.ragged_moe_triton as rmt
-    from heapr_serve.ragged_moe_triton import pack_ragged_experts, ragged_fused_moe
+    import model_patches.vllm.kernels.ragged_moe_triton as rmt
+    from model_patches.vllm.kernels.ragged_moe_triton import pack_ragged_experts, ragged_fused_moe
 
     _check_triton_alignment(rmt, fresh_seed)
     for k, case in enumerate(_interpreted_cases(fresh_seed)):
@@ -388,7 +388,7 @@ def test_interpreted_cases_cover_the_edges(interpreted_results):
 
 @pytest.fixture(scope="module")
 def rmt():
-    import heapr_serve.ragged_moe_triton as mod
+    import model_patches.vllm.kernels.ragged_moe_triton as mod
 
     return mod
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from heapr_serve.calibration import CalibrationSet
-from heapr_serve.scoring import collect_stats
-from heapr_serve.scoring_reference import two_stage_scores
+from heapr_serve.calibrate.datasets import CalibrationSet
+from heapr_serve.score.calibration_pass import collect_statistics
+from heapr_serve.score.observers import HeaprObserver
+from tools.two_stage_reference import two_stage_scores
 
 from conftest import FAMILIES
 
@@ -22,7 +23,7 @@ def test_one_pass_matches_two_stage(tiny_models, family):
     calib = _calibration(4096)
     model = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32)
     reference = two_stage_scores(model, calib.batches(2, pad_id=0), loss_scale=96.0)
-    stats = collect_stats(model, calib.batches(2, pad_id=0), loss_scale=96.0)
+    stats = collect_statistics(model, calib.batches(2, pad_id=0), loss_scale=96.0, observer=HeaprObserver())
     scores = stats.scores()
     assert set(scores) == set(reference) and scores
     real_tokens = sum(len(s) for s in calib.samples)
@@ -38,17 +39,17 @@ def test_one_pass_matches_two_stage(tiny_models, family):
 
 def test_statistics_memory_is_two_floats_per_atomic_expert(tiny_models):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen3_moe"], dtype=torch.float32)
-    stats = collect_stats(model, _calibration(4096).batches(5, pad_id=0), loss_scale=240.0)
+    stats = collect_statistics(model, _calibration(4096).batches(5, pad_id=0), loss_scale=240.0, observer=HeaprObserver())
     atomic = sum(t.numel() for t in stats.act_sq.values())
     assert stats.nbytes() <= 1.1 * 8 * atomic
     assert not any(p.grad is not None for p in model.parameters())  # no weight gradients were formed
 
 
 def test_scores_survive_save_and_load(tmp_path, tiny_models):
-    from heapr_serve.scoring import ExpertStats
+    from heapr_serve.score.stats import ExpertStats
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["mixtral"], dtype=torch.float32)
-    stats = collect_stats(model, _calibration(4096).batches(5, pad_id=0), loss_scale=240.0)
+    stats = collect_statistics(model, _calibration(4096).batches(5, pad_id=0), loss_scale=240.0, observer=HeaprObserver())
     stats.metadata = {"source_model": "x", "model_type": "mixtral"}
     stats.save(tmp_path / "s.safetensors")
     back = ExpertStats.load(tmp_path / "s.safetensors")

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from model_patches.vllm_ragged_moe import plan_buckets, rank_share  # noqa: E402
+from model_patches.vllm.buckets import plan_buckets, rank_share  # noqa: E402
 
 H, E, I, TOP_K = 128, 8, 64, 2
 WIDTHS = [64, 32, 0, 48, 16, 64, 24, 0]
@@ -47,9 +47,9 @@ def test_buckets_group_by_padded_width_and_skip_width_zero():
 
 @pytest.fixture(scope="module")
 def layers():
-    from tools.bench_moe_layer import _setup_vllm, build_layer
+    from tools.moe_layer import build_layer, setup_vllm
 
-    cfg = _setup_vllm(torch.float32, 256)
+    cfg = setup_vllm(torch.float32, 256)
     torch.manual_seed(0)
     gate_w = torch.randn(E, H) * 0.5
     gate_up = torch.randn(E, 2 * I, H) * H**-0.5

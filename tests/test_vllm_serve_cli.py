@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from heapr_serve.local_vllm import LocalVllmServer
+from heapr_serve.ab.local_vllm import LocalVllmServer
 from tests.conftest import ROOT
-from tests.vllm_helpers.ragged import make_ragged, mixed_widths
+from tests.helpers.ragged import make_ragged, mixed_widths
 
 pytest.importorskip("vllm")
 

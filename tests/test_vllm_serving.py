@@ -1,7 +1,7 @@
 """The vLLM side with the real vLLM CPU engine: fidelity to the transformers path, weight memory, and
 refusal of an inconsistent checkpoint inside the engine (defence in depth behind `serve`'s check).
 
-All engines run in ONE subprocess, one after another (tests/vllm_helpers/vllm_driver.py): only one
+All engines run in ONE subprocess, one after another (tests/helpers/vllm_driver.py): only one
 engine may run at a time on the test machine, and start-up dominates the cost.
 
 Reference: our transformers patch (float32) on the same folder. For each prompt transformers runs on
@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import EXAMPLE_MODEL, ROOT
-from tests.vllm_helpers.ragged import aligned_widths, make_ragged, mixed_widths, zero_padded_dense
+from tests.helpers.ragged import aligned_widths, make_ragged, mixed_widths, zero_padded_dense
 
 pytest.importorskip("vllm")
 
@@ -111,7 +111,7 @@ def served(tmp_path_factory, tiny_tokenizer):
     job, out = root / "job.json", root / "out.json"
     job.write_text(json.dumps({"runs": runs}))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.run([sys.executable, "-m", "tests.vllm_helpers.vllm_driver", str(job), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.vllm_driver", str(job), str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {spec["key"]: r for spec, r in zip(runs, json.loads(out.read_text())["runs"])}

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.test_vllm_serving import FP32_TOL, _entries, _prompt_ids, _reference
-from tests.vllm_helpers.ragged import make_ragged, mixed_widths
+from tests.helpers.ragged import make_ragged, mixed_widths
 
 pytest.importorskip("vllm")
 
@@ -30,7 +30,7 @@ def test_tensor_parallel_2_matches_transformers(tmp_path, tiny_tokenizer):
                                          "max_tokens": 8, "tensor_parallel_size": 2}]}))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    proc = subprocess.run([sys.executable, "-m", "tests.vllm_helpers.vllm_driver", str(job), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.vllm_driver", str(job), str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())["runs"][0]

@@ -24,15 +24,18 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM
 
-from heapr_serve.calibration import CalibrationSet
-from heapr_serve.scoring import collect_stats, loss_on_batch, prepare_for_scoring
-from heapr_serve.scoring_reference import two_stage_scores
+from heapr_serve.calibrate.datasets import CalibrationSet
+from heapr_serve.score.calibration_pass import collect_statistics, freeze, loss_on_batch
+from heapr_serve.score.moe_forward import use_sorted_forward
+from heapr_serve.score.observers import HeaprObserver
+from tools.two_stage_reference import two_stage_scores
 from tools.build_tiny_models import build_tiny_model
 
 
 def plain_forward_backward(model, batches, loss_scale):
     """The floor: the same forward and backward, with no statistics collected."""
-    prepare_for_scoring(model)
+    freeze(model)
+    use_sorted_forward(model)
     for ids, mask, labels in batches:
         loss_on_batch(model, ids, mask, labels, loss_scale).backward()
 
@@ -74,10 +77,10 @@ def main() -> None:
     plain, one_pass, two_stage = [], [], []
     for _ in range(args.repeats):
         plain.append(timed(lambda: plain_forward_backward(model, batches, scale)))
-        one_pass.append(timed(lambda: collect_stats(model, batches, scale)))
+        one_pass.append(timed(lambda: collect_statistics(model, batches, scale, observer=HeaprObserver())))
         if not args.skip_two_stage:
             two_stage.append(timed(lambda: two_stage_scores(model, batches, scale)))
-    stats = collect_stats(model, batches[:1], scale)
+    stats = collect_statistics(model, batches[:1], scale, observer=HeaprObserver())
     atomic = sum(t.numel() for t in stats.act_sq.values())
 
     a = statistics.median(one_pass) / statistics.median(plain)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU benchmark of the ragged-width fused-MoE kernel (heapr_serve.ragged_moe_triton).
+"""GPU benchmark of the ragged-width fused-MoE kernel (model_patches.vllm.kernels.ragged_moe_triton).
 
 For each layer shape (Qwen3-30B-A3B: H 2048, 128 experts x 768, top-8; DeepSeek-V3: H 7168, 256
 experts x 2048, top-8) and each token count (1 .. 8192) it times, on the same random routing:
@@ -86,7 +86,7 @@ def pruned_widths(num_experts: int, width: int, ratio: float, align: int, seed: 
 def random_packed(widths, hidden, dtype, device, seed):
     import torch
 
-    from heapr_serve.ragged_moe_triton import PackedRaggedExperts, ragged_offsets
+    from model_patches.vllm.kernels.ragged_moe_triton import PackedRaggedExperts, ragged_offsets
 
     g = torch.Generator(device=device).manual_seed(seed)
     total = sum(widths)
@@ -263,7 +263,7 @@ def rel_err(a, b):
 def bench_model(name, shape, args, timer, dtype, peak_tflops, peak_gbs, rows):
     import torch
 
-    import heapr_serve.ragged_moe_triton as rmt
+    import model_patches.vllm.kernels.ragged_moe_triton as rmt
 
     H, E, I, k = shape["hidden"], shape["experts"], shape["width"], shape["topk"]
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -361,7 +361,7 @@ def tune_model(name, shape, args, timer, dtype, rows):
     """Coordinate search per token count: block_m, then the gate/up tiles, then the down tiles."""
     import torch
 
-    import heapr_serve.ragged_moe_triton as rmt
+    import model_patches.vllm.kernels.ragged_moe_triton as rmt
 
     H, E, I, k = shape["hidden"], shape["experts"], shape["width"], shape["topk"]
     packed = random_packed([I] * E, H, dtype, DEVICE, args.seed + 1)
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
               "this benchmark only runs on a GPU.", file=sys.stderr)
         return 2
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import heapr_serve.ragged_moe_triton as rmt
+    import model_patches.vllm.kernels.ragged_moe_triton as rmt
 
     if not rmt.HAS_TRITON:
         print("bench_kernel_gpu: triton is not importable; the ragged kernel needs it.",

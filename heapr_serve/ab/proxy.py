@@ -1,0 +1,538 @@
+"""`heapr-serve ab-proxy`: split live OpenAI traffic between a dense (A) and a pruned (B) deployment.
+
+Why a proxy and not client-side sampling: the comparison must run on the same live traffic, and the
+clients must not change. So each request is assigned to an arm (randomly with probability
+`--share-b`, or by hashing a sticky header so one user always sees one model), forwarded unchanged,
+and streamed back chunk by chunk as it arrives; the chunks are watched on the way through for the
+token timings that go into the per-arm `heapr_ab_*` histograms on `/metrics`.
+
+Robustness is part of the job, because it sits in front of production: bounded connection pools;
+a connect timeout and an overall deadline per request; an arm that refuses connections or answers
+502/503/504 before any byte reached the client is failed over to the other arm; otherwise the client
+gets a clear 502/504 in OpenAI's error format, or an SSE error event if the stream already started;
+a client that disconnects cancels the upstream request (the connection to vLLM is closed, which
+aborts the generation). Prompts and outputs are never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+import typer
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from heapr_serve.ab.arm import Arm
+from heapr_serve.ab.metrics import ABMetrics, StreamTimer
+from heapr_serve.errors import HeaprError
+
+PROXY_KEY_HEADER = "x-heapr-proxy-key"
+ARM_HEADER = "x-heapr-arm"  # added to every proxied response: which arm answered
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+              "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+              "accept-encoding", PROXY_KEY_HEADER, ARM_HEADER}
+FAILOVER_STATUSES = {502, 503, 504}
+
+
+@dataclass
+class ProxyConfig:
+    a_url: str
+    b_url: str
+    share_b: float = 0.1
+    sticky_header: Optional[str] = None
+    model_a: Optional[str] = None
+    model_b: Optional[str] = None
+    proxy_key: Optional[str] = None
+    connect_timeout: float = 5.0
+    timeout: float = 300.0
+    max_connections: int = 64
+    max_body_bytes: int = 16 << 20
+    failover: bool = True
+    health_interval: float = 2.0
+    log_requests: bool = False
+
+
+@dataclass
+class Upstream(Arm):
+    """One upstream deployment: its URL, its bounded client, and what the proxy knows of it."""
+
+    rewrite_model: Optional[str] = None
+    client: Optional[httpx.AsyncClient] = None
+    model: str = "unknown"
+    up: bool = True
+    last_error: str = ""
+    known: set = field(default_factory=set)
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    """An error body in OpenAI's shape, so SDK clients show the message."""
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
+                        status_code=status)
+
+
+def _error_body(status: int, message: str, kind: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+
+
+def _describe(exc: BaseException) -> str:
+    """Short reason for an upstream failure, e.g. 'ConnectError: connection refused'."""
+    text = str(exc).strip() or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text}"[:200]
+
+
+class ABProxy:
+    """The proxy: a Starlette app plus the per-arm state and metrics it shares across requests."""
+
+    def __init__(self, cfg: ProxyConfig, metrics: ABMetrics | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics or ABMetrics()
+        self.arms = {"a": Upstream("a", cfg.a_url.rstrip("/"), rewrite_model=cfg.model_a),
+                     "b": Upstream("b", cfg.b_url.rstrip("/"), rewrite_model=cfg.model_b)}
+        for arm in self.arms.values():
+            if arm.rewrite_model:
+                arm.model = arm.rewrite_model
+        self.app = Starlette(
+            routes=[
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/chat/completions", self.completions, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+            ],
+            exception_handlers={HTTPException: self._http_exception},
+            lifespan=self._lifespan,
+        )
+
+    # --- lifecycle ---
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app):
+        cfg = self.cfg
+        timeout = httpx.Timeout(connect=cfg.connect_timeout, read=cfg.timeout,
+                                write=cfg.connect_timeout, pool=cfg.timeout)
+        limits = httpx.Limits(max_connections=cfg.max_connections,
+                              max_keepalive_connections=cfg.max_connections, keepalive_expiry=30)
+        for arm in self.arms.values():
+            arm.client = httpx.AsyncClient(base_url=arm.url, timeout=timeout, limits=limits,
+                                           follow_redirects=False, trust_env=False)
+        await self.check_health(report=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._health_loop)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+        for arm in self.arms.values():
+            await arm.client.aclose()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.cfg.health_interval)
+            await self.check_health(report=False)
+
+    async def check_health(self, report: bool) -> None:
+        """Poll each arm's /health (and /v1/models once, to learn the model label)."""
+        for arm in self.arms.values():
+            was_up = arm.up
+            try:
+                r = await arm.client.get("/health", timeout=min(2.0, self.cfg.timeout))
+                arm.up = r.status_code == 200
+                arm.last_error = "" if arm.up else f"/health answered {r.status_code}"
+            except httpx.HTTPError as exc:
+                arm.up, arm.last_error = False, _describe(exc)
+            if arm.up and arm.model == "unknown":
+                with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+                    r = await arm.client.get("/v1/models", timeout=min(2.0, self.cfg.timeout))
+                    arm.model = str(r.json()["data"][0]["id"])
+            self._label(arm)
+            self.metrics.up.labels(arm.name, arm.model).set(1 if arm.up else 0)
+            if (report and not arm.up) or (not report and was_up != arm.up):
+                state = "back up" if arm.up else (
+                    f"not reachable ({arm.last_error}); its traffic fails over to the other arm "
+                    "until /health answers" if self.cfg.failover else f"not reachable ({arm.last_error})")
+                print(f"ab-proxy: arm {arm.name} ({arm.url}) {state}", file=sys.stderr, flush=True)
+
+    def _label(self, arm: Arm) -> None:
+        if arm.model not in arm.known:
+            arm.known.add(arm.model)
+            self.metrics.init_arm(arm.name, arm.model)
+
+    # --- small endpoints ---
+
+    async def _http_exception(self, _request: Request, exc: HTTPException) -> Response:
+        return _error(exc.status_code, f"{exc.detail}", "invalid_request_error")
+
+    async def health(self, _request: Request) -> Response:
+        arms = {a.name: {"url": a.url, "up": a.up, "model": a.model, "error": a.last_error or None}
+                for a in self.arms.values()}
+        n_up = sum(a.up for a in self.arms.values())
+        status = "ok" if n_up == 2 else "degraded" if n_up == 1 else "down"
+        return JSONResponse({"status": status, "share_b": self.cfg.share_b, "arms": arms},
+                            status_code=200 if n_up else 503)
+
+    async def metrics_endpoint(self, _request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    def _authorized(self, request: Request) -> bool:
+        key = self.cfg.proxy_key
+        if not key:
+            return True
+        given = request.headers.get(PROXY_KEY_HEADER, "")
+        return hmac.compare_digest(given.encode(), key.encode())
+
+    async def models(self, request: Request) -> Response:
+        """/v1/models from arm A (B if A is down): clients see the model they asked for."""
+        if not self._authorized(request):
+            self.metrics.rejected.labels("unauthorized").inc()
+            return _error(401, f"missing or wrong {PROXY_KEY_HEADER} header", "authentication_error")
+        headers = self._forward_headers(request)
+        errors = []
+        for arm in sorted(self.arms.values(), key=lambda a: (not a.up, a.name)):
+            try:
+                r = await arm.client.get("/v1/models", headers=headers,
+                                         timeout=min(10.0, self.cfg.timeout))
+            except httpx.HTTPError as exc:
+                errors.append(f"{arm.name}: {_describe(exc)}")
+                continue
+            return Response(r.content, status_code=r.status_code,
+                            media_type=r.headers.get("content-type"), headers={ARM_HEADER: arm.name})
+        return _error(502, "no arm answered /v1/models: " + "; ".join(errors), "upstream_unavailable")
+
+    # --- the proxied generation endpoints ---
+
+    def choose(self, request: Request) -> str:
+        """The arm the split assigns: sticky by header hash when configured, else at random."""
+        u = None
+        if self.cfg.sticky_header:
+            value = request.headers.get(self.cfg.sticky_header)
+            if value:
+                digest = hashlib.sha256(value.encode()).digest()
+                u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+        if u is None:
+            u = random.random()
+        return "b" if u < self.cfg.share_b else "a"
+
+    def _forward_headers(self, request: Request) -> dict[str, str]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["accept-encoding"] = "identity"  # the proxy reads the stream for token timings
+        return headers
+
+    async def completions(self, request: Request) -> Response:
+        if not self._authorized(request):
+            self.metrics.rejected.labels("unauthorized").inc()
+            return _error(401, f"missing or wrong {PROXY_KEY_HEADER} header", "authentication_error")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.cfg.max_body_bytes:
+                self.metrics.rejected.labels("too_large").inc()
+                return _error(413, f"request body over {self.cfg.max_body_bytes} bytes "
+                              "(raise ab-proxy --max-body-mb)", "invalid_request_error")
+        try:
+            payload = json.loads(body)
+        except ValueError as exc:
+            self.metrics.rejected.labels("malformed").inc()
+            return _error(400, f"request body is not valid JSON ({exc})", "invalid_request_error")
+        if not isinstance(payload, dict):
+            self.metrics.rejected.labels("malformed").inc()
+            return _error(400, "request body must be a JSON object", "invalid_request_error")
+        arm = self.choose(request)
+        self.metrics.assigned.labels(arm, self.arms[arm].model).inc()
+        return _Exchange(self, request.url.path, payload, bytes(body),
+                         self._forward_headers(request), arm)
+
+
+class _Exchange(Response):
+    """One proxied generation request, run as its own ASGI response.
+
+    Doing the whole upstream exchange inside the response (not in the endpoint) lets a watcher on
+    `receive` see a client disconnect at any moment, also while waiting for the first byte, and
+    cancel the upstream request.
+    """
+
+    def __init__(self, proxy: ABProxy, path: str, payload: dict, raw: bytes,
+                 headers: dict[str, str], arm: str) -> None:
+        self.proxy, self.path, self.payload, self.raw = proxy, path, payload, raw
+        self.headers_out, self.assigned = headers, arm
+        self.served = arm
+        self.outcome = "unavailable"
+        self.started = False  # response start sent to the client
+        self.client_gone = False
+        self.finished = False  # the last body message is being sent: a disconnect now is normal
+        self.timer: StreamTimer | None = None
+        self.status = 0
+        self.sse = False
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    while True:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            if not self.finished:
+                                self.client_gone = True
+                                tg.cancel_scope.cancel()
+                            return
+
+                tg.start_soon(watch)
+                try:
+                    await self._run(send, t0)
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:  # counted exactly once, whatever happened
+            self._record(time.perf_counter() - t0)
+
+    def _record(self, elapsed: float) -> None:
+        m = self.proxy.metrics
+        if self.client_gone:
+            self.outcome = "client_cancelled"
+        model = self.proxy.arms[self.served].model
+        m.requests.labels(self.served, model, self.outcome).inc()
+        if self.outcome == "ok" and self.timer is not None:
+            m.observe(self.served, model, self.timer, elapsed)
+        if self.proxy.cfg.log_requests:
+            print(f"ab-proxy: {self.path} arm={self.served} assigned={self.assigned} "
+                  f"status={self.status} outcome={self.outcome} ms={elapsed * 1000:.0f}",
+                  file=sys.stderr, flush=True)
+
+    def _body_for(self, arm: Arm) -> bytes:
+        """The request body for `arm`: its `model` rewritten when --model-a/-b says so, or when
+        the client named the other arm's model (dense and pruned are usually served under
+        different names, and clients know one of them)."""
+        asked = self.payload.get("model")
+        target = arm.rewrite_model
+        if target is None:
+            other = self.proxy.arms["b" if arm.name == "a" else "a"]
+            if asked is not None and asked == other.model and arm.model not in (asked, "unknown"):
+                target = arm.model
+        if target and asked != target:
+            return json.dumps({**self.payload, "model": target}).encode()
+        return self.raw
+
+    async def _run(self, send: Send, t0: float) -> None:
+        proxy, cfg = self.proxy, self.proxy.cfg
+        first, other = proxy.arms[self.assigned], proxy.arms["b" if self.assigned == "a" else "a"]
+        order = [first]
+        if cfg.failover:
+            order = [other, first] if (not first.up and other.up) else [first, other]
+        failures: list[str] = []
+        timed_out = False
+        with anyio.move_on_after(cfg.timeout) as deadline:
+            for i, arm in enumerate(order):
+                if i or arm is not first:
+                    reason = "down" if not failures else failures[-1].split(":", 1)[0]
+                    prev = order[i - 1].name if i else first.name
+                    proxy.metrics.failovers.labels(prev, arm.name, reason).inc()
+                self.served = arm.name
+                last = i == len(order) - 1
+                req = arm.client.build_request("POST", self.path, content=self._body_for(arm),
+                                               headers=self.headers_out)
+                in_flight = proxy.metrics.in_flight.labels(arm.name, arm.model)
+                in_flight.inc()
+                resp = None
+                try:
+                    try:
+                        resp = await arm.client.send(req, stream=True)
+                    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError,
+                            httpx.ReadError, httpx.WriteError, httpx.PoolTimeout) as exc:
+                        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                            arm.up, arm.last_error = False, _describe(exc)
+                        failures.append(f"{_reason(exc)}: arm {arm.name} {_describe(exc)}")
+                        continue
+                    except httpx.TimeoutException as exc:
+                        failures.append(f"timeout: arm {arm.name} gave no answer within "
+                                        f"--timeout {cfg.timeout:g}s ({exc.__class__.__name__})")
+                        timed_out = True
+                        break
+                    if resp.status_code in FAILOVER_STATUSES and not last:
+                        failures.append(f"http_{resp.status_code}: arm {arm.name} answered "
+                                        f"{resp.status_code}")
+                        continue
+                    await self._stream(resp, arm, send, t0)
+                    return
+                finally:
+                    in_flight.dec()
+                    if resp is not None:
+                        with anyio.CancelScope(shield=True):
+                            await resp.aclose()
+        if deadline.cancelled_caught:
+            timed_out = True
+            failures.append(f"timeout: no complete answer within --timeout {cfg.timeout:g}s")
+        if self.started:  # the deadline hit mid-stream
+            self.outcome = "timeout"
+            await self._abort_stream(send, 504, failures[-1], self.sse)
+            return
+        self.outcome = "timeout" if timed_out else "unavailable"
+        self.served = self.assigned if not timed_out else self.served
+        code = 504 if timed_out else 502
+        kind = "upstream_timeout" if timed_out else "upstream_unavailable"
+        msg = "no arm could answer: " + "; ".join(failures)
+        self.status = code
+        body = _error_body(code, msg, kind)
+        await send({"type": "http.response.start", "status": code,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (ARM_HEADER.encode(), self.served.encode())]})
+        self.finished = True
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _stream(self, resp: httpx.Response, arm: Arm, send: Send, t0: float) -> None:
+        """Pass the upstream response through chunk by chunk, timing tokens on the way."""
+        self.status = resp.status_code
+        sse = self.sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.items()
+                   if k.lower() not in HOP_BY_HOP or (k.lower() == "content-length" and not sse)]
+        headers.append((ARM_HEADER.encode(), arm.name.encode()))
+        await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
+        self.started = True
+        timer = StreamTimer(start=t0)
+        try:
+            async for chunk in resp.aiter_raw():
+                if sse:
+                    timer.feed_sse(chunk)
+                else:
+                    timer.feed_body(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.TimeoutException as exc:
+            self.outcome = "timeout"
+            await self._abort_stream(send, 504, f"arm {arm.name} stalled for --timeout "
+                                     f"{self.proxy.cfg.timeout:g}s ({exc.__class__.__name__})", sse)
+            return
+        except httpx.HTTPError as exc:
+            self.outcome = "stream_error"
+            await self._abort_stream(send, 502, f"arm {arm.name} broke the stream: {_describe(exc)}",
+                                     sse)
+            return
+        self.finished = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not sse:
+            timer.finish_body()
+        self.timer = timer
+        code = resp.status_code
+        self.outcome = ("ok" if code < 400 and timer.error is None else
+                        "upstream_4xx" if 400 <= code < 500 else "upstream_5xx" if code >= 500
+                        else "stream_error")
+
+    async def _abort_stream(self, send: Send, code: int, message: str, sse: bool = True) -> None:
+        """End a response that already started: an SSE error event, or a cut connection."""
+        self.status = code
+        if sse:
+            event = b"data: " + _error_body(code, message, "upstream_error") + b"\n\n"
+            # shielded (with a bound): the overall deadline may fire while the error event is
+            # being written, and a half-written ending would hide the error from the client
+            with anyio.move_on_after(5, shield=True):
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                self.finished = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # not SSE: return without completing the body; the server closes the connection, so the
+        # client sees a truncated response instead of a well-formed wrong one.
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return "connect"
+    if isinstance(exc, httpx.PoolTimeout):
+        return "pool"
+    return "disconnect"
+
+
+# --- command line ---
+
+
+def _check_url(flag: str, url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HeaprError(f"{flag} {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8000")
+    return url
+
+
+def validate_config(cfg: ProxyConfig) -> None:
+    """Reject bad flag values with one line naming the flag and the fix."""
+    _check_url("--a", cfg.a_url)
+    _check_url("--b", cfg.b_url)
+    if not 0.0 <= cfg.share_b <= 1.0:
+        raise HeaprError(f"--share-b must be between 0 and 1 (the fraction sent to B), got {cfg.share_b}")
+    if cfg.connect_timeout <= 0 or cfg.timeout <= 0:
+        raise HeaprError("--connect-timeout and --timeout must be positive (seconds)")
+    if cfg.max_connections < 1:
+        raise HeaprError("--max-connections must be at least 1")
+    if cfg.health_interval <= 0:
+        raise HeaprError("--health-interval must be positive seconds")
+
+
+def ab_proxy_command(
+    a: str = typer.Option(..., "--a", help="URL of arm A (the dense baseline), e.g. http://127.0.0.1:8001"),
+    b: str = typer.Option(..., "--b", help="URL of arm B (the pruned model), e.g. http://127.0.0.1:8002"),
+    share_b: float = typer.Option(0.1, "--share-b", help="Fraction of requests sent to B, 0..1."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    sticky_header: Optional[str] = typer.Option(
+        None, "--sticky-header", help="Assign by a hash of this request header (e.g. X-User-Id), "
+        "so a user always gets the same arm; requests without it are assigned at random."),
+    model_a: Optional[str] = typer.Option(None, "--model-a", help="Rewrite the request's `model` to "
+                                          "this when it goes to A (arms serving different names)."),
+    model_b: Optional[str] = typer.Option(None, "--model-b", help="Same for B."),
+    proxy_key: Optional[str] = typer.Option(
+        None, "--proxy-key", envvar="HEAPR_PROXY_KEY", help=f"Require this value in the "
+        f"{PROXY_KEY_HEADER} header (Authorization still passes through to the arms)."),
+    connect_timeout: float = typer.Option(5.0, "--connect-timeout", help="Seconds to connect to an arm."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Overall seconds per request (504 after)."),
+    max_connections: int = typer.Option(64, "--max-connections", help="Connection pool size per arm."),
+    max_inflight: int = typer.Option(1024, "--max-inflight", help="Concurrent client requests "
+                                     "before the proxy answers 503."),
+    max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body accepted."),
+    no_failover: bool = typer.Option(False, "--no-failover", help="Answer 502/504 instead of "
+                                     "sending a failed request to the other arm."),
+    health_interval: float = typer.Option(2.0, "--health-interval", help="Seconds between /health checks."),
+    log_requests: bool = typer.Option(False, "--log-requests", help="One line per request (arm, "
+                                      "status, latency; never the prompt)."),
+) -> None:
+    """OpenAI-compatible reverse proxy that splits live traffic between A and B and exports metrics."""
+    import uvicorn
+
+    cfg = ProxyConfig(a_url=a, b_url=b, share_b=share_b, sticky_header=sticky_header,
+                      model_a=model_a, model_b=model_b, proxy_key=proxy_key or None,
+                      connect_timeout=connect_timeout, timeout=timeout,
+                      max_connections=max_connections, max_body_bytes=int(max_body_mb * (1 << 20)),
+                      failover=not no_failover, health_interval=health_interval,
+                      log_requests=log_requests)
+    validate_config(cfg)
+    if not 1 <= port <= 65535:
+        raise HeaprError(f"--port {port} is out of range; give 1..65535")
+    if max_inflight < 1:
+        raise HeaprError("--max-inflight must be at least 1")
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise HeaprError(f"--host {host} --port {port}: cannot listen ({exc.strerror}); "
+                             "pick a free port") from None
+    proxy = ABProxy(cfg)
+    print(f"ab-proxy: listening on http://{host}:{port}  A={cfg.a_url}  B={cfg.b_url}  "
+          f"share_b={cfg.share_b:g}" + (f"  sticky={sticky_header}" if sticky_header else ""),
+          file=sys.stderr, flush=True)
+    config = uvicorn.Config(proxy.app, host=host, port=port, log_level="warning", access_log=False,
+                            server_header=False, date_header=False, limit_concurrency=max_inflight,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    uvicorn.Server(config).run()

@@ -1,0 +1,110 @@
+"""The A/B benchmark's report: the Markdown table with B/A ratios, and the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def markdown_report(report: dict) -> str:
+    plan, arms = report["plan"], report["arms"]
+    mode = plan["mode"]
+    xname = "concurrency" if mode == "concurrency" else "req/s"
+    lines = [f"# A/B benchmark: A = {arms['a']['model']} vs B = {arms['b']['model']}", "",
+             f"- A: `{arms['a']['source']}`; B: `{arms['b']['source']}`",
+             f"- schedule: {report['schedule']}",
+             f"- {plan['num_prompts']} requests per arm per level, endpoint `{plan['endpoint']}`, "
+             f"output {plan['output_len']} tokens (ignore_eos={plan['ignore_eos']}), "
+             + (f"synthetic input {plan['input_len']} tokens" if not report.get("prompt_file")
+                else f"prompts from `{report['prompt_file']}`"),
+             f"- command: `{report['command']}`", "",
+             f"| {xname} | arm | TTFT p50 / p90 / p99 (ms) | TPOT p50 (ms) | ITL mean / p99 (ms) | "
+             "E2E p50 / p90 / p99 (ms) | out tok/s | req/s | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for lv in report["levels"]:
+        x = lv[mode]
+        for arm in ("a", "b"):
+            s = lv[arm]
+            t, e = s["ttft_ms"] or {}, s["e2e_ms"] or {}
+            lines.append(
+                f"| {x:g} | {arm.upper()} | {_fmt(t.get('p50'))} / {_fmt(t.get('p90'))} / "
+                f"{_fmt(t.get('p99'))} | {_fmt((s['tpot_ms'] or {}).get('p50'), 2)} | "
+                f"{_fmt((s['itl_ms'] or {}).get('mean'), 2)} / {_fmt((s['itl_ms'] or {}).get('p99'), 1)} | "
+                f"{_fmt(e.get('p50'))} / "
+                f"{_fmt(e.get('p90'))} / {_fmt(e.get('p99'))} | {_fmt(s['output_tokens_per_s'])} | "
+                f"{_fmt(s['requests_per_s'], 2)} | {s['errors']} |")
+        r = lv["b_over_a"]
+        lines.append(
+            f"| {x:g} | **B/A** | {_fmt(r['ttft_ms_p50'], 2)} / {_fmt(r['ttft_ms_p90'], 2)} / "
+            f"{_fmt(r['ttft_ms_p99'], 2)} | {_fmt(r['tpot_ms_p50'], 2)} | {_fmt(r['itl_ms_mean'], 2)} / "
+            f"{_fmt(r['itl_ms_p99'], 2)} | "
+            f"{_fmt(r['e2e_ms_p50'], 2)} / {_fmt(r['e2e_ms_p90'], 2)} / {_fmt(r['e2e_ms_p99'], 2)} | "
+            f"{_fmt(r['output_tokens_per_s'], 2)} | {_fmt(r['requests_per_s'], 2)} | |")
+    lines += ["", "Servers' own vLLM metrics over the measured run (from their `/metrics`):", "",
+              "| arm | generation tokens (vLLM) | output tokens (client) | prompt tokens (vLLM) | "
+              "server TTFT / ITL / E2E mean (ms) | peak KV-cache usage | peak running | "
+              "peak waiting | preemptions |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for arm in ("a", "b"):
+        v = report["vllm"][arm]
+        if "note" in v:
+            lines.append(f"| {arm.upper()} | {v['note']} | | | | | | | |")
+            continue
+        kv = v.get("peak_kv_cache_usage")
+        lines.append(
+            f"| {arm.upper()} | {_fmt(v.get('generation_tokens_delta'), 0)} | "
+            f"{v['client_output_tokens']} | {_fmt(v.get('prompt_tokens_delta'), 0)} | "
+            f"{_fmt(v.get('server_ttft_ms_mean'))} / {_fmt(v.get('server_itl_ms_mean'), 2)} / "
+            f"{_fmt(v.get('server_e2e_ms_mean'))} | "
+            f"{'-' if kv is None else f'{kv * 100:.2f}%'} | {_fmt(v.get('peak_requests_running'), 0)} | "
+            f"{_fmt(v.get('peak_requests_waiting'), 0)} | {_fmt(v.get('preemptions_delta'), 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, path: Path) -> bool:
+    """Latency and throughput against load, both arms, in one small PNG; False (nothing written) when
+    matplotlib, the `plot` extra, is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mode = report["plan"]["mode"]
+    xs = [lv[mode] for lv in report["levels"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8.4, 3.2), dpi=100)
+    colors = {"a": "#4C72B0", "b": "#DD8452"}
+    for arm in ("a", "b"):
+        label = f"{arm.upper()} {report['arms'][arm]['model']}"
+
+        def get(metric: str, q: str = "p50") -> list[float]:
+            return [(lv[arm][metric] or {}).get(q, float("nan")) for lv in report["levels"]]
+
+        ax1.plot(xs, get("e2e_ms"), "o-", color=colors[arm], label=f"{label} E2E p50")
+        ax1.plot(xs, get("ttft_ms"), "s--", color=colors[arm], alpha=0.7, label=f"{label} TTFT p50")
+        ax2.plot(xs, [lv[arm]["output_tokens_per_s"] or float("nan") for lv in report["levels"]],
+                 "o-", color=colors[arm], label=label)
+    xl = "concurrency" if mode == "concurrency" else "request rate (req/s)"
+    for ax in (ax1, ax2):
+        ax.set_xlabel(xl)
+        if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 4:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.grid(alpha=0.3)
+    ax1.set_ylabel("latency (ms)")
+    ax1.set_title("latency", fontsize=10)
+    ax2.set_ylabel("output tokens/s")
+    ax2.set_title("throughput", fontsize=10)
+    ax2.set_ylim(bottom=0)
+    ax1.set_ylim(bottom=0)
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

@@ -1,0 +1,1 @@
+"""Stage 1, calibrate: the calibration text (built-in or the user's files) as token windows."""

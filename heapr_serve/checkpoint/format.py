@@ -1,0 +1,137 @@
+"""The checkpoint format (docs/checkpoint_format.md): tensor names, the `heapr` config section, and
+reading checkpoint folders (config, safetensors index, headers) with one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from heapr_serve.errors import HeaprError
+
+FORMAT_VERSION = 1
+
+# Routed-expert tensor names, per expert (`...layers.3.mlp.experts.7.gate_proj.weight`) or fused
+# (`...layers.3.mlp.experts.gate_up_proj`); shared by the validator, the writer and the baselines.
+PER_EXPERT_TENSOR = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+FUSED_EXPERTS_TENSOR = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+
+
+@contextmanager
+def open_safetensors(file: Path, device: str = "cpu"):
+    """`safe_open` whose failures (truncated or corrupt file) become one-line HeaprErrors."""
+    try:
+        with safe_open(file, "pt", device=device) as f:
+            yield f
+    except (SafetensorError, OSError) as err:
+        raise HeaprError(f"{file}: not a readable safetensors file ({err}); re-download or re-create it") from None
+
+
+def read_config(path: Path) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise HeaprError(f"{path}: no config.json; pass a Hugging Face model folder")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise HeaprError(f"{config_file}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def is_pruned(path: Path) -> bool:
+    """True when `path` is a local folder whose config.json carries a `heapr` section."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        return "heapr" in json.loads(config_file.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def safetensors_files(path: Path) -> dict[str, str]:
+    """Tensor name -> file, from the index when there is one, else from the single file."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        for file in sorted(set(weight_map.values())):
+            if not (path / file).is_file():
+                raise HeaprError(f"{index}: names {file}, which is missing from {path}")
+        return dict(weight_map)
+    single = path / "model.safetensors"
+    if single.is_file():
+        with open_safetensors(single) as f:
+            return {k: single.name for k in f.keys()}
+    raise HeaprError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are supported)")
+
+
+def _config_value(config: dict, *names):
+    for name in names:
+        if config.get(name) is not None:
+            return config[name]
+    raise HeaprError(f"config.json lacks {' / '.join(names)}")
+
+
+def num_routed_experts(config: dict) -> int:
+    return int(_config_value(config, "num_experts", "num_local_experts", "n_routed_experts"))
+
+
+def dense_expert_width(config: dict) -> int:
+    return int(_config_value(config, "moe_intermediate_size", "intermediate_size"))
+
+
+def parse_widths(config: dict, config_file: Path | str) -> dict[int, list[int]]:
+    """Decoder layer -> routed-expert widths from the `heapr` section, checked (one-line errors)."""
+    heapr = config.get("heapr")
+    if not isinstance(heapr, dict):
+        raise HeaprError(f"{config_file}: no `heapr` section, so this is not a pruned checkpoint; re-create the folder with `heapr-serve compress`")
+    if heapr.get("format_version") != FORMAT_VERSION:
+        raise HeaprError(
+            f"{config_file}: heapr.format_version is {heapr.get('format_version')!r}, this heapr-serve reads "
+            f"version {FORMAT_VERSION}; re-run `heapr-serve apply` or upgrade heapr-serve"
+        )
+    raw = heapr.get("expert_widths")
+    if not isinstance(raw, dict) or not raw:
+        raise HeaprError(f"{config_file}: heapr.expert_widths is missing or empty; re-create the folder with `heapr-serve compress`")
+    num_experts = num_routed_experts(config)
+    dense = int(heapr.get("dense_width") or dense_expert_width(config))
+    widths = {}
+    for layer, values in raw.items():
+        if not str(layer).isdigit() or not isinstance(values, list) or len(values) != num_experts:
+            raise HeaprError(f"{config_file}: heapr.expert_widths[{layer!r}] must list {num_experts} widths, one per routed expert")
+        if any(not isinstance(w, int) or w < 0 or w > dense for w in values):
+            raise HeaprError(f"{config_file}: heapr.expert_widths[{layer!r}] has a width outside 0..{dense}")
+        widths[int(layer)] = values
+    return dict(sorted(widths.items()))
+
+
+
+
+def source_fingerprint(source: Path) -> str:
+    """A cheap identity of a checkpoint's weights (size, head and tail of every shard), so `apply`
+    can tell that saved scores belong to these weights and not to a retrained or replaced model."""
+    digest = hashlib.sha256()
+    for file in sorted(set(safetensors_files(source).values())):
+        path = Path(source) / file
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+            f.seek(max(0, size - (1 << 16)))
+            tail = f.read(1 << 16)
+        digest.update(f"{file}:{size}:".encode() + head + tail)
+    return digest.hexdigest()
+
+
+def count_source_params(source: Path) -> int:
+    """Parameters of a checkpoint, from the safetensors headers alone."""
+    total = 0
+    for file in sorted(set(safetensors_files(source).values())):
+        with open_safetensors(Path(source) / file) as f:
+            for name in f.keys():
+                total += torch.Size(f.get_slice(name).get_shape()).numel()
+    return total

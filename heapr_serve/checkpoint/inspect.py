@@ -1,0 +1,44 @@
+"""`heapr-serve inspect`: parameters before/after, per-layer width summary, experts at width 0.
+
+Reads only config.json and the safetensors headers, so it is instant on any size of model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from heapr_serve.checkpoint.format import count_source_params
+from heapr_serve.families import family_for
+from heapr_serve.progress import console
+from heapr_serve.checkpoint.format import is_pruned, read_config
+from heapr_serve.checkpoint.validate import validate_checkpoint
+
+
+def inspect_command(checkpoint: Path) -> None:
+    """Summarise a dense or pruned checkpoint."""
+    config = read_config(checkpoint)
+    family = family_for(config)
+    params = count_source_params(checkpoint)
+    if not is_pruned(checkpoint):
+        console.print(f"{checkpoint}: dense {family.architecture}, {params:,} parameters (not pruned by heapr-serve)")
+        return
+    ckpt = validate_checkpoint(checkpoint)
+    heapr = ckpt.heapr
+    table = Table(title=f"{checkpoint}: {family.pruned_architecture} (checked: every expert tensor matches its declared width)")
+    for col in ("layer", "experts", "kept share", "min", "mean", "max", "width 0"):
+        table.add_column(col, justify="right")
+    for layer, widths in ckpt.widths.items():
+        table.add_row(str(layer), str(len(widths)), f"{sum(widths) / (len(widths) * ckpt.dense_width):.1%}", str(min(widths)),
+                      f"{sum(widths) / len(widths):.1f}", str(max(widths)), str(sum(w == 0 for w in widths)))
+    console.print(table)
+    before = heapr.get("source_params")
+    console.print(
+        f"parameters: {before:,} before -> {params:,} after ({params / before:.1%})" if before else f"parameters: {params:,}"
+    )
+    console.print(
+        f"method {heapr.get('method')}, requested ratio {heapr.get('ratio')}, effective {heapr.get('effective_ratio')}, "
+        f"scope {heapr.get('scope')}, align {heapr.get('align')}, dense width {ckpt.dense_width}, "
+        f"experts at width 0: {sum(w == 0 for ws in ckpt.widths.values() for w in ws)}, source {heapr.get('source_model')}"
+    )

@@ -1,0 +1,164 @@
+"""Writing the pruned checkpoint (docs/checkpoint_format.md).
+
+Tensors are streamed from the source safetensors one at a time and written in shards, so the pruned
+model is never held next to the dense one; everything goes into a hidden temporary folder beside the
+output that is renamed only when complete, and removed on any failure. The source is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from fnmatch import fnmatch
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from heapr_serve.errors import HeaprError
+from heapr_serve.families import Family
+from heapr_serve.checkpoint.format import FORMAT_VERSION, FUSED_EXPERTS_TENSOR, PER_EXPERT_TENSOR, open_safetensors, safetensors_files
+
+# Files that travel with the weights; anything else in the source (its model card, training notes,
+# other formats) describes the dense model and stays behind.
+_TRAVELLING_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                     "chat_template*", "generation_config.json", "*.model", "*.tiktoken", "*.py",
+                     "preprocessor_config.json", "processor_config.json", "LICENSE*", "NOTICE*")
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def check_output_path(source: Path, out: Path, overwrite: bool) -> None:
+    """Refuse to clobber an existing folder unless asked, and never write into the input."""
+    out_abs, src_abs = out.resolve(), source.resolve()
+    if out_abs == src_abs or src_abs in out_abs.parents or out_abs in src_abs.parents:
+        raise HeaprError(f"-o {out}: the output must be outside the input model folder {source}; pick another path")
+    if out.exists() and not overwrite:
+        raise HeaprError(f"-o {out}: already exists; pass --overwrite to replace it or choose another path")
+    if out.exists() and not out.is_dir():
+        raise HeaprError(f"-o {out}: exists and is not a folder; choose another path")
+
+
+@contextmanager
+def staging_folder(out: Path, overwrite: bool):
+    """Yield a temporary folder next to `out`; on success it replaces `out`, on failure it vanishes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.heapr-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise HeaprError(f"-o {out}: appeared while compressing; pass --overwrite to replace it")
+        old = out.parent / f".{out.name}.heapr-old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+class _ShardWriter:
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+        self.total_params = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.current and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.current[name] = tensor.contiguous()
+        self.size += nbytes
+        self.total_bytes += nbytes
+        self.total_params += tensor.numel()
+
+    def flush(self) -> None:
+        if not self.current:
+            return
+        name = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.current, str(self.folder / name), metadata={"format": "pt"})
+        self.files.append((name, list(self.current)))
+        self.current, self.size = {}, 0
+
+    def finish(self) -> None:
+        """Give shards their usual names and write the index."""
+        self.flush()
+        count = len(self.files)
+        weight_map = {}
+        for i, (tmp_name, names) in enumerate(self.files):
+            final = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.folder / tmp_name, self.folder / final)
+            weight_map.update({n: final for n in names})
+        # Always an index, even for one shard: loaders that glob *.safetensors (vLLM does when there is
+        # no index) would otherwise take heapr_scores.safetensors for weights.
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[int, list[torch.Tensor]]):
+    """The pruned per-expert tensors for one source tensor, or None if it is not a routed expert."""
+    m = PER_EXPERT_TENSOR.match(name)
+    if m and int(m["layer"]) in keep and m["block"] == family.disk_block and m["proj"] in family.disk_projs:
+        layer, expert = int(m["layer"]), int(m["expert"])
+        kept = keep[layer][expert]
+        if len(kept) == 0:
+            return []
+        proj = family.disk_projs.index(m["proj"])
+        return [(name, tensor.index_select(1 if proj == 2 else 0, kept))]
+    m = FUSED_EXPERTS_TENSOR.match(name)
+    if m and int(m["layer"]) in keep:
+        layer = int(m["layer"])
+        out = []
+        for expert, kept in enumerate(keep[layer]):
+            if len(kept) == 0:
+                continue
+            if m["proj"] == "gate_up_proj":  # [E, 2I, H]
+                width = tensor.shape[1] // 2
+                out.append((family.expert_tensor_name(m["prefix"], layer, expert, 0), tensor[expert, :width].index_select(0, kept)))
+                out.append((family.expert_tensor_name(m["prefix"], layer, expert, 1), tensor[expert, width:].index_select(0, kept)))
+            else:  # down_proj [E, H, I]
+                out.append((family.expert_tensor_name(m["prefix"], layer, expert, 2), tensor[expert].index_select(1, kept)))
+        return out
+    return None
+
+
+def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: dict[int, list[torch.Tensor]],
+                            heapr: dict, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress=None) -> dict:
+    """Write weights, config, tokenizer and side files of the pruned model into `folder` (a staging
+    folder). Returns {"params": n, "bytes": n}."""
+    source = Path(source)
+    files = safetensors_files(source)
+    writer = _ShardWriter(folder, max_shard_bytes)
+    names_by_file: dict[str, list[str]] = {}
+    for name, file in files.items():
+        names_by_file.setdefault(file, []).append(name)
+    for file in sorted(names_by_file):
+        with open_safetensors(source / file) as f:
+            for name in sorted(names_by_file[file]):
+                tensor = f.get_tensor(name)
+                slices = _expert_slices(family, name, tensor, keep)
+                for out_name, out_tensor in slices if slices is not None else [(name, tensor)]:
+                    writer.add(out_name, out_tensor)
+                if progress is not None:
+                    progress(name)
+    writer.finish()
+
+    config = json.loads((source / "config.json").read_text())
+    config["architectures"] = [family.pruned_architecture]
+    config["heapr"] = {"format_version": FORMAT_VERSION, **heapr}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for item in sorted(source.iterdir()):
+        if item.is_file() and any(fnmatch(item.name, pattern) for pattern in _TRAVELLING_FILES):
+            shutil.copy2(item, folder / item.name)
+    return {"params": writer.total_params, "bytes": writer.total_bytes}

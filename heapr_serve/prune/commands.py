@@ -1,0 +1,240 @@
+"""`heapr-serve compress` and `heapr-serve apply`: calibrate, score, prune, write.
+
+The lifecycle is: check every input (so bad input fails in a second, before any model is loaded) ->
+calibrate (one forward + one backward pass, collecting HEAPr statistics) -> free the model -> plan
+the pruning -> stream the pruned checkpoint into a staging folder -> rename it into place.
+`apply` skips calibration by reading the statistics saved beside an earlier output.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from heapr_serve.calibrate.datasets import load_calibration
+from heapr_serve.checkpoint.format import (count_source_params, dense_expert_width, num_routed_experts, read_config,
+                                           safetensors_files, source_fingerprint)
+from heapr_serve.checkpoint.model_card import write_model_card
+from heapr_serve.checkpoint.writer import check_output_path, staging_folder, write_pruned_checkpoint
+from heapr_serve.errors import HeaprError
+from heapr_serve.families import family_for
+from heapr_serve.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model
+from heapr_serve.progress import console, progress_bar
+from heapr_serve.prune.allocation import PruningPlan, check_allocation_options
+from heapr_serve.prune.methods import METHODS, expert_allocation, get_method, plan_for_method, uniform_allocation
+from heapr_serve.score.calibration_pass import collect_statistics
+from heapr_serve.score.stats import SCORES_FILE, ExpertStats
+
+
+@dataclass
+class PruneResult:
+    out: Path
+    plan: PruningPlan
+    source_params: int
+    pruned_params: int
+    pruned_bytes: int
+    timings: dict[str, float] = field(default_factory=dict)
+    method: str = "heapr"
+
+
+def _check_source(source: Path) -> dict:
+    config = read_config(source)
+    if "heapr" in config:
+        raise HeaprError(f"{source}: is already a pruned checkpoint; compress its dense source, or re-prune with `heapr-serve apply {source} --ratio R`")
+    family_for(config)
+    safetensors_files(source)
+    return config
+
+
+def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, scope: str, align: int,
+                    keep_unrouted: bool, overwrite: bool, method: str = "heapr", seed: int = 0) -> PruneResult:
+    """Plan with `method` (heapr_serve.prune.methods) from `stats` and write the pruned checkpoint (with the
+    statistics, so any method can re-prune it later) to `out`."""
+    config = read_config(source)
+    family = family_for(config)
+    expected = (num_routed_experts(config), dense_expert_width(config))
+    for layer, act in stats.act_sq.items():
+        if tuple(act.shape) != expected:
+            raise HeaprError(f"scores for layer {layer} have shape {list(act.shape)} but {source} has {expected[0]} experts of width {expected[1]}; pass the model the scores were computed on")
+    plan = plan_for_method(method, stats, source, ratio, scope, align, keep_unrouted, seed)
+    source_params = count_source_params(source)
+    heapr = {
+        "method": method,
+        "method_summary": get_method(method).summary,
+        "source_architectures": config.get("architectures", [family.architecture]),
+        "source_model": stats.metadata.get("source_model", str(source)),
+        "dense_width": plan.dense_width,
+        "expert_widths": {str(layer): widths for layer, widths in plan.widths.items()},
+        "ratio": ratio,
+        "effective_ratio": round(plan.effective_ratio, 6),
+        "align": plan.align,
+        "scope": plan.scope,
+        **({"seed": seed} if method == "random" else {}),
+        "keep_unrouted": keep_unrouted,
+        "unrouted_experts": {str(layer): e for layer, e in plan.unrouted.items() if e},
+        "calibration": stats.metadata.get("calibration", {}),
+        "source_params": source_params,
+    }
+    files = safetensors_files(source)
+    with progress_bar() as progress, staging_folder(out, overwrite) as folder:
+        task = progress.add_task("writing checkpoint", total=len(files))
+        written = write_pruned_checkpoint(source, folder, family, plan.keep, heapr, progress=lambda _: progress.advance(task))
+        heapr["pruned_params"] = written["params"]
+        config_file = folder / "config.json"
+        saved = json.loads(config_file.read_text())
+        saved["heapr"]["pruned_params"] = written["params"]
+        config_file.write_text(json.dumps(saved, indent=2) + "\n")
+        stats.save(folder / SCORES_FILE)
+        write_model_card(folder, saved, plan, source_params, written["params"], out.name)
+    return PruneResult(out, plan, source_params, written["params"], written["bytes"], method=method)
+
+
+def _peak_memory_gib(device: torch.device) -> str:
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    text = f"{host:.2f} GiB host"
+    if device.type == "cuda":
+        text += f", {torch.cuda.max_memory_allocated(device) / 1024**3:.2f} GiB GPU"
+    return text
+
+
+def summary_table(result: PruneResult, wall: float, peak: str) -> Table:
+    plan = result.plan
+    table = Table(title=f"heapr-serve: {result.out}", show_header=True, header_style="bold")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("method", get_method(result.method).summary)
+    table.add_row("parameters before", f"{result.source_params:,}")
+    table.add_row("parameters after", f"{result.pruned_params:,} ({result.pruned_params / result.source_params:.1%})")
+    table.add_row("requested ratio (routed-expert neurons)", f"{plan.ratio:.2%}")
+    table.add_row("effective ratio", f"{plan.effective_ratio:.2%}")
+    table.add_row("scope / align", f"{plan.scope} / {plan.align}")
+    for layer, share in plan.layer_kept_share().items():
+        widths = plan.widths[layer]
+        table.add_row(f"layer {layer} kept share (min/max width)", f"{share:.1%} ({min(widths)}/{max(widths)})")
+    table.add_row("experts at width 0", str(plan.zero_width_experts))
+    unrouted = sum(len(e) for e in plan.unrouted.values())
+    table.add_row("experts never routed in calibration", str(unrouted))
+    table.add_row("wall time", f"{wall:.1f} s")
+    table.add_row("peak memory", peak)
+    return table
+
+
+def _check_options(method: str, ratio: float, scope: str, align: int) -> None:
+    """Validate the method and the ratio/scope/align flags in a millisecond, before any model is
+    loaded, and say which flags the chosen method does not use."""
+    allocation = get_method(method).allocate
+    check_allocation_options(ratio, scope, align)
+    ignored = []
+    if allocation in (expert_allocation, uniform_allocation) and scope != "global":
+        ignored.append("--scope")
+    if allocation is expert_allocation and align != 1:
+        ignored.append("--align")
+    if ignored:
+        console.print(f"[bold yellow]warning:[/] --method {method} ignores {' and '.join(ignored)}: "
+                      f"it {'removes whole experts' if allocation is expert_allocation else 'gives every expert the same width'}")
+
+
+def _warn_unrouted(plan: PruningPlan, keep_unrouted: bool) -> None:
+    unrouted = {layer: e for layer, e in plan.unrouted.items() if e}
+    if unrouted:
+        listing = "; ".join(f"layer {layer}: experts {e}" for layer, e in unrouted.items())
+        fate = "kept whole (--keep-unrouted)" if keep_unrouted else "treated as least important (pass --keep-unrouted to keep them)"
+        console.print(f"[bold yellow]warning:[/] {sum(map(len, unrouted.values()))} experts received no calibration tokens, {fate}: {listing}")
+
+
+def _evaluate_pair(source: Path, out: Path, dtype: torch.dtype, device: torch.device, seq_len: int) -> Table:
+    from heapr_serve.eval.command import perplexity_table
+
+    return perplexity_table([source, out], None, seq_len, 8, None, dtype, device)
+
+
+def compress_command(
+    model: str = typer.Argument(..., help="Dense MoE model: a local folder or a hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for the pruned checkpoint."),
+    ratio: float = typer.Option(0.25, help="Share of routed-expert neurons (atomic experts) to remove."),
+    scope: str = typer.Option("global", help="global: rank across all MoE layers (HEAPr-G); layer: same share per layer."),
+    align: int = typer.Option(1, help="Round kept widths to multiples of N (32 suits vLLM's CPU kernel; 16/64 suit GPUs)."),
+    calib: Optional[str] = typer.Option(None, help="Calibration .txt/.jsonl file or folder (default: built-in text)."),
+    nsamples: int = typer.Option(64, help="Number of calibration sequences."),
+    seq_len: int = typer.Option(256, help="Tokens per calibration sequence."),
+    batch_size: int = typer.Option(8, help="Sequences per forward/backward pass."),
+    seed: int = typer.Option(0, help="Seed for drawing calibration windows (and for --method random)."),
+    dtype: str = typer.Option("float32", help="Calibration dtype: float32 or bfloat16 (statistics are float32)."),
+    device: str = typer.Option("auto", help="auto (a CUDA GPU when present), cpu, cuda, cuda:N."),
+    keep_unrouted: bool = typer.Option(False, help="Keep experts that received no calibration tokens."),
+    overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
+    evaluate: bool = typer.Option(False, "--eval", help="Afterwards, compare held-out perplexity of dense and pruned."),
+    method: str = typer.Option("heapr", "--method", help=f"Pruning method: {', '.join(METHODS)} (baselines: docs/quality.md)."),
+) -> None:
+    """Score every atomic expert with HEAPr (or a baseline --method) and write a smaller checkpoint."""
+    start = time.perf_counter()
+    _check_options(method, ratio, scope, align)
+    torch_dtype, torch_device = pick_dtype(dtype), pick_device(device)
+    if batch_size < 1:
+        raise HeaprError(f"--batch-size must be at least 1 (got {batch_size})")
+    source = resolve_model(model)
+    check_output_path(source, out, overwrite)
+    config = _check_source(source)
+    tokenizer = load_tokenizer(source)
+    calibration = load_calibration(calib, tokenizer, nsamples, seq_len, seed, int(config["vocab_size"]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    console.print(f"calibrating on {len(calibration.samples)} x {calibration.seq_len} tokens from {calibration.source} ({torch_device}, {dtype})")
+    model_obj = load_model(source, torch_dtype, torch_device)
+    loss_scale = float(batch_size * calibration.seq_len)
+    with progress_bar() as progress:
+        task = progress.add_task("HEAPr statistics", total=calibration.num_tokens)
+        stats = collect_statistics(model_obj, calibration.batches(batch_size, pad_id), loss_scale, lambda n: progress.advance(task, n))
+    stats.metadata.update({"source_model": str(source), "model_type": config["model_type"], "calibration": calibration.describe(),
+                           "source_fingerprint": source_fingerprint(source)})
+    del model_obj
+    gc.collect()
+
+    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed)
+    _warn_unrouted(result.plan, keep_unrouted)
+    console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch_device)))
+    if evaluate:
+        console.print(_evaluate_pair(source, out, torch_dtype, torch_device, seq_len))
+
+
+def apply_command(
+    scores: Path = typer.Argument(..., help="heapr_scores.safetensors, or a folder written by compress."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for the new pruned checkpoint."),
+    ratio: float = typer.Option(..., help="Share of routed-expert neurons to remove."),
+    scope: str = typer.Option("global", help="global or layer."),
+    align: int = typer.Option(1, help="Round kept widths to multiples of N."),
+    model: Optional[str] = typer.Option(None, help="The dense source model (default: the one recorded in the scores)."),
+    keep_unrouted: bool = typer.Option(False, help="Keep experts that received no calibration tokens."),
+    overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
+    evaluate: bool = typer.Option(False, "--eval", help="Afterwards, compare held-out perplexity of dense and pruned."),
+    method: str = typer.Option("heapr", "--method", help=f"Pruning method: {', '.join(METHODS)}."),
+    seed: int = typer.Option(0, help="Seed for --method random."),
+) -> None:
+    """Re-prune at another ratio (or with another --method) from saved statistics, without calibrating again."""
+    start = time.perf_counter()
+    _check_options(method, ratio, scope, align)
+    stats = ExpertStats.load(scores)
+    recorded = stats.metadata.get("source_model")
+    if model is None and not recorded:
+        raise HeaprError(f"{scores}: records no source model; pass --model DENSE_FOLDER")
+    source = resolve_model(model or recorded)
+    check_output_path(source, out, overwrite)
+    config = _check_source(source)
+    if stats.metadata.get("model_type") not in (None, config["model_type"]):
+        raise HeaprError(f"{scores}: scores are for a {stats.metadata['model_type']} model but {source} is {config['model_type']}; pass the right --model")
+    if stats.metadata.get("source_fingerprint") not in (None, source_fingerprint(source)):
+        raise HeaprError(f"{scores}: scores were computed on other weights than those now in {source} (retrained or replaced?); re-run `heapr-serve compress`")
+    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed)
+    _warn_unrouted(result.plan, keep_unrouted)
+    console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch.device("cpu"))))
+    if evaluate:
+        console.print(_evaluate_pair(source, out, torch.float32, torch.device("cpu"), 256))

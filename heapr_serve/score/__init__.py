@@ -1,0 +1,1 @@
+"""Stage 2, score: the instrumented MoE forward, observers, statistics, and the calibration pass."""

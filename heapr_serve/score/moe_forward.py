@@ -1,0 +1,103 @@
+"""A fast, instrumentable forward for routed experts, and the ragged-width experts module.
+
+transformers' eager experts loop does one `index_add_` per expert and is slow to train and calibrate
+on CPU. Here tokens are sorted by expert once, gathered once, each expert runs on a contiguous slice,
+and the results are scattered back with one `index_add_` per layer (about ten times faster on CPU).
+
+The same function serves three callers: the dense model during calibration (with an observer that
+collects HEAPr statistics, heapr_serve.score.observers), training of the example model, and the
+transformers loader of pruned checkpoints (model_patches.transformers), whose experts have different
+widths.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Callable
+
+import torch
+from torch import nn
+
+ExpertWeights = Callable[[int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
+
+
+# Sees, per expert, which tokens were routed to it (indices into the flattened batch), their
+# intermediate activation `a = act(G x) * (U x)`, the expert output `y = D a` (before the router weight
+# multiplies it) and those router weights: observe(expert, tokens, activation, output, route_weights).
+Observe = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def sorted_moe_forward(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    expert_weights: ExpertWeights,
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    num_experts: int,
+    observe: Observe | None = None,
+) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * D_e (act(G_e x_t) * U_e x_t) over the experts e = top_k_index[t, j].
+
+    `expert_weights(e)` returns (gate [I_e, H], up [I_e, H], down [H, I_e]) or None for a width-0
+    expert, which contributes exactly zero. The router weight multiplies the expert's output, so the
+    gradient reaching the activation already carries it (as HEAPr's score requires).
+    """
+    num_tokens, top_k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    token_of = order // top_k
+    route_weights = top_k_weights.reshape(-1)[order]
+    x = hidden[token_of]
+    outputs = []
+    start = 0
+    for expert, count in enumerate(counts[:num_experts]):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        start += count
+        weights = expert_weights(expert)
+        if weights is None:
+            outputs.append(x.new_zeros(count, hidden.shape[-1]))
+            continue
+        gate, up, down = weights
+        xs = x[rows]
+        activation = act_fn(xs @ gate.t()) * (xs @ up.t())
+        expert_out = activation @ down.t()
+        if observe is not None:
+            observe(expert, token_of[rows], activation, expert_out, route_weights[rows])
+        outputs.append(expert_out)
+    out = hidden.new_zeros(hidden.shape)
+    if not outputs:
+        return out
+    y = torch.cat(outputs) * route_weights[:start].unsqueeze(-1).to(hidden.dtype)
+    return out.index_add_(0, token_of[:start], y.to(out.dtype))
+
+
+def fused_expert_weights(experts: nn.Module) -> ExpertWeights:
+    """Per-expert views into transformers' fused `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`."""
+    width = experts.gate_up_proj.shape[1] // 2
+
+    def weights(e: int):
+        gate_up = experts.gate_up_proj[e]
+        return gate_up[:width], gate_up[width:], experts.down_proj[e]
+
+    return weights
+
+
+def _fused_forward(self, hidden_states, top_k_index, top_k_weights):
+    return sorted_moe_forward(hidden_states, top_k_index, top_k_weights, fused_expert_weights(self), self.act_fn,
+                              self.num_experts)
+
+
+def use_sorted_forward(model: nn.Module) -> int:
+    """Give every fused experts module of `model` the sorted forward (same maths, faster on CPU).
+
+    Returns how many modules were patched (used by training; calibration attaches observers instead).
+    """
+    patched = 0
+    for module in model.modules():
+        if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and hasattr(module, "act_fn"):
+            module.forward = types.MethodType(_fused_forward, module)
+            patched += 1
+    return patched

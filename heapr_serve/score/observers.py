@@ -1,0 +1,136 @@
+"""Observers of the routed experts, with one lifecycle: attach -> calibrate -> detach.
+
+An observer is attached to MoE blocks (their experts run the sorted forward, which hands the observer
+each expert's routed tokens, activation a = act(G x) * (U x), output y = D a and router weights), sees
+every batch of the calibration pass, and is detached again, which restores every patched `forward`.
+The calibration pass (heapr_serve.score.calibration_pass) decides when blocks exist: all at once for
+a model in memory, one at a time when layers are streamed. Padding never counts: `begin_batch` gives
+the attention mask, and padded rows are multiplied by zero (no host synchronisation per expert).
+"""
+
+from __future__ import annotations
+
+import types
+from functools import partial
+
+import torch
+from torch import nn
+
+from heapr_serve.score.moe_forward import fused_expert_weights, sorted_moe_forward
+from heapr_serve.score.stats import REAP_KEY, ExpertStats
+
+
+def _observed_forward(observe, self, hidden_states, top_k_index, top_k_weights):
+    return sorted_moe_forward(hidden_states, top_k_index, top_k_weights, fused_expert_weights(self), self.act_fn,
+                              self.num_experts, observe)
+
+
+class ExpertObserver:
+    """Base class. Subclasses implement `allocate(layer, experts)` (their per-layer sums, once) and
+    `observe(layer, expert, tokens, activation, output, route_weights)`."""
+
+    def __init__(self) -> None:
+        self.token_weight: torch.Tensor | None = None  # flattened mask of the batch, 1.0 real / 0.0 padding
+        self._attached: dict[int, tuple[nn.Module, object]] = {}
+        self._allocated: set[int] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def attach(self, blocks: dict[int, nn.Module]) -> None:
+        """Observe these MoE blocks (decoder-layer index -> block with fused `.experts`)."""
+        for layer, block in blocks.items():
+            experts = block.experts
+            if layer not in self._allocated:
+                self.allocate(layer, experts)
+                self._allocated.add(layer)
+            previous = experts.__dict__.get("forward")  # an instance-level forward to restore, if any
+            experts.forward = types.MethodType(partial(_observed_forward, partial(self.observe, layer)), experts)
+            self._attached[layer] = (experts, previous)
+
+    def detach(self, layers=None) -> None:
+        """Stop observing (all layers, or the given ones) and restore their `forward`."""
+        for layer in list(self._attached if layers is None else layers):
+            experts, previous = self._attached.pop(layer)
+            if previous is None:
+                del experts.forward
+            else:
+                experts.forward = previous
+
+    def begin_batch(self, attention_mask: torch.Tensor) -> None:
+        """The next forward pass sees this batch; padded positions (mask 0) must not count."""
+        flat = attention_mask.reshape(-1)
+        self.token_weight = None if bool(flat.all()) else flat.to(torch.float32)
+
+    # -- helpers for subclasses ----------------------------------------------------------------------
+
+    def real_rows(self, tokens: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`values` [n, ...] with the rows of padding tokens zeroed."""
+        if self.token_weight is None:
+            return values
+        w = self.token_weight[tokens]
+        return values * w.view(-1, *([1] * (values.dim() - 1)))
+
+    def count(self, tokens: torch.Tensor) -> torch.Tensor | int:
+        return tokens.shape[0] if self.token_weight is None else self.token_weight[tokens].sum().to(torch.int64)
+
+    # -- to implement --------------------------------------------------------------------------------
+
+    def allocate(self, layer: int, experts: nn.Module) -> None:
+        raise NotImplementedError
+
+    def observe(self, layer, expert, tokens, activation, output, route_weights) -> None:
+        raise NotImplementedError
+
+
+class HeaprObserver(ExpertObserver):
+    """HEAPr's statistics (design §1): per atomic expert, sum a^2 in the forward pass and sum (dL/da)^2
+    from a hook in the backward pass, and the tokens each expert saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats = ExpertStats()
+
+    def allocate(self, layer, experts) -> None:
+        num_experts, width, device = experts.num_experts, experts.down_proj.shape[-1], experts.down_proj.device
+        self.stats.act_sq[layer] = torch.zeros(num_experts, width, dtype=torch.float32, device=device)
+        self.stats.grad_sq[layer] = torch.zeros(num_experts, width, dtype=torch.float32, device=device)
+        self.stats.tokens[layer] = torch.zeros(num_experts, dtype=torch.int64, device=device)
+
+    def observe(self, layer, expert, tokens, activation, output, route_weights) -> None:
+        a = self.real_rows(tokens, activation.detach().float())
+        self.stats.act_sq[layer][expert] += (a * a).sum(0)
+        self.stats.tokens[layer][expert] += self.count(tokens)
+        if activation.requires_grad:
+            grad_sq = self.stats.grad_sq[layer][expert]
+            weight = None if self.token_weight is None else self.token_weight[tokens].unsqueeze(-1)
+
+            def accumulate(grad: torch.Tensor) -> None:
+                g = grad.detach().float()
+                grad_sq.add_((g if weight is None else g * weight).pow(2).sum(0))
+
+            activation.register_hook(accumulate)
+
+    def result(self) -> ExpertStats:
+        return self.stats
+
+
+class MethodStatsObserver(HeaprObserver):
+    """HEAPr's statistics plus REAP's per-expert sum over real tokens of w * ||y||_2, so one pass
+    serves every method of heapr_serve.prune.methods."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reap: dict[int, torch.Tensor] = {}
+
+    def allocate(self, layer, experts) -> None:
+        super().allocate(layer, experts)
+        self.reap[layer] = torch.zeros(experts.num_experts, dtype=torch.float64, device=experts.down_proj.device)
+
+    def observe(self, layer, expert, tokens, activation, output, route_weights) -> None:
+        super().observe(layer, expert, tokens, activation, output, route_weights)
+        norms = output.detach().float().norm(dim=-1) * route_weights.detach().float()
+        self.reap[layer][expert] += self.real_rows(tokens, norms).double().sum()
+
+    def result(self) -> ExpertStats:
+        self.stats.metadata[REAP_KEY] = {str(layer): r.cpu().tolist() for layer, r in sorted(self.reap.items())}
+        return self.stats

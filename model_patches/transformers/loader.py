@@ -1,0 +1,106 @@
+"""Loading pruned (ragged-width) checkpoints in transformers: `load_pruned` and `RaggedExperts`.
+
+transformers merges per-expert tensors into one `[E, 2I, H]` stack on load, which cannot hold experts
+of different widths. For a folder whose config.json has a `heapr` section we build the stock model on
+the meta device, swap each routed-experts module for `RaggedExperts` at the declared widths, and load
+the tensors ourselves after `validate_checkpoint` has matched every shape against those widths.
+Dense folders go to the stock loader untouched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from heapr_serve.errors import HeaprError
+from heapr_serve.families import moe_blocks
+from heapr_serve.checkpoint.format import open_safetensors
+from heapr_serve.checkpoint.validate import validate_checkpoint
+from heapr_serve.score.moe_forward import sorted_moe_forward
+
+
+class _Expert(nn.Module):
+    """One routed expert at its own width (names match the per-expert tensors on disk)."""
+
+    def __init__(self, hidden: int, width: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(hidden, width, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(width, hidden, bias=False, dtype=dtype)
+
+
+class RaggedExperts(nn.Module):
+    """Routed experts of a pruned layer, each at its own width; width-0 experts hold no weights."""
+
+    def __init__(self, hidden: int, widths: list[int], act_fn, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.num_experts = len(widths)
+        self.hidden_dim = hidden
+        self.widths = list(widths)
+        self.act_fn = act_fn
+        # Children named by expert id, so state-dict keys are `{e}.gate_proj.weight` as on disk.
+        for e, width in enumerate(widths):
+            if width > 0:
+                self.add_module(str(e), _Expert(hidden, width, dtype))
+
+    def weights(self, e: int):
+        if self.widths[e] == 0:
+            return None
+        expert = getattr(self, str(e))
+        return expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return sorted_moe_forward(
+            hidden_states, top_k_index, top_k_weights, self.weights, self.act_fn, self.num_experts
+        )
+
+
+def _rebuild_non_persistent_buffers(model: torch.nn.Module, device) -> None:
+    """Buffers not stored in checkpoints (rotary inverse frequencies) are recomputed on `device`."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("RotaryEmbedding"):
+                setattr(parent, child_name, type(child)(config=child.config).to(device))
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"):
+    """Load a pruned folder as a transformers model with `RaggedExperts` in its MoE layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = validate_checkpoint(path)
+    config = AutoConfig.from_pretrained(path)
+    if dtype in (None, "auto"):
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    blocks = moe_blocks(model)
+    if sorted(blocks) != sorted(ckpt.widths):
+        raise HeaprError(
+            f"{path}/config.json: heapr.expert_widths lists layers {sorted(ckpt.widths)} but the model's MoE layers are {sorted(blocks)}"
+        )
+    for layer, block in blocks.items():
+        with torch.device("meta"):
+            block.experts = RaggedExperts(ckpt.hidden_size, ckpt.widths[layer], block.experts.act_fn, dtype)
+
+    state = {}
+    for file in sorted(set(ckpt.tensor_files.values())):
+        with open_safetensors(Path(path) / file, device=str(device)) as f:
+            for name in f.keys():
+                state[ckpt.family.module_tensor_name(name)] = f.get_tensor(name).to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise HeaprError(f"{path}: tensors do not match the {ckpt.family.architecture} layout ({what})")
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    _rebuild_non_persistent_buffers(model, device)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise HeaprError(f"{path}: could not materialise {leftover[:3]}; this transformers version is not supported")
+    return model.to(device).eval()

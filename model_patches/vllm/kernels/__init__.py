@@ -1,0 +1,1 @@
+"""Kernels for ragged (heterogeneous-width) MoE layers."""

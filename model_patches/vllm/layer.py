@@ -1,0 +1,374 @@
+"""Heterogeneous-width (HEAPr-pruned) routed experts for vLLM.
+
+vLLM builds every MoE layer as one `[E, 2I, H]` / `[E, H, I]` stack. A pruned checkpoint gives each
+routed expert its own width I_e (0 allowed), so this module replaces only the routed-expert container
+(`RoutedExperts`) of the family's stock MoE block; the stock gate, router, shared experts, all-reduce
+and `MoERunner` stay as they are, so routing and shared experts are unchanged by construction.
+
+Kernels (design §3, chosen by measurement, see docs/serving.md):
+
+* CPU: *width buckets*. A layer's experts are grouped by (per-rank, aligned) width; each bucket is a
+  uniform stack that vLLM's own CPU grouped-GEMM kernel (`cpu_fused_moe`) runs. The (token, expert)
+  pairs are sorted by bucket once, each bucket runs on its gathered rows with ids remapped to the bucket,
+  and one `index_add_` sums the rows back per token. An unpruned layer is one bucket with identity ids
+  and runs the stock call unchanged (same speed as stock vLLM).
+* CUDA: the ragged Triton kernel (`torch.ops.heapr.ragged_fused_moe`, one launch per GEMM over a packed
+  layout) when it imports; otherwise stock Triton `fused_experts` per bucket with an `expert_map` that
+  skips pairs outside the bucket.
+
+Loading checks every expert tensor against `heapr.expert_widths` (and that none is missing), because a
+ragged checkpoint loaded by a stock layer is silently wrong. Tensor parallelism splits each expert's
+width across ranks (rank r keeps neurons [r*I_e//tp, (r+1)*I_e//tp)); expert parallelism, EPLB and
+quantised weights are refused with a clear error. The model classes that use this layer are derived
+from the family registry in model_patches.vllm.models.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Iterable
+
+import torch
+
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEQuantConfig
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.utils import set_weight_attrs
+from vllm.platforms import current_platform
+
+from heapr_serve.errors import HeaprError
+from model_patches.vllm.buckets import plan_buckets, rank_share
+
+
+# ------------------------------------------------------------------------------------------------
+# The method: weights per bucket and the forward
+# ------------------------------------------------------------------------------------------------
+
+
+def _cpu_isa(dtype: torch.dtype) -> str:
+    """The ISA string vLLM's own CPU MoE experts would pick for this machine and dtype."""
+    from vllm.platforms import CpuArchEnum
+
+    arch = current_platform.get_cpu_architecture()
+    if dtype == torch.bfloat16:
+        if arch == CpuArchEnum.X86 and torch.cpu._is_amx_tile_supported():
+            return "amx"
+        if arch == CpuArchEnum.ARM:
+            return "neon"
+        if arch == CpuArchEnum.POWERPC:
+            return "vsx"
+    return "vec"
+
+
+def _ragged_op_available() -> bool:
+    try:
+        import model_patches.vllm.kernels.ragged_moe_triton as ragged
+
+        return bool(ragged.HAS_TRITON) and hasattr(torch.ops.heapr, "ragged_fused_moe")
+    except Exception:  # the GPU kernel is optional; stock Triton buckets are the fallback
+        return False
+
+
+class HeaprRaggedMoEMethod(FusedMoEMethodBase):
+    """Creates per-bucket weight stacks, prepacks them for the platform kernel, runs the buckets."""
+
+    def __init__(self, moe: FusedMoEConfig, widths: list[int], backend: str | None = None):
+        super().__init__(moe)
+        self.widths = list(widths)
+        par = moe.moe_parallel_config
+        self.tp_size, self.tp_rank = par.tp_size, par.tp_rank
+        if backend is None:
+            if current_platform.is_cpu():
+                backend = "cpu"
+            elif current_platform.is_cuda() and moe.activation.value == "silu" and _ragged_op_available():
+                backend = "ragged"
+            else:
+                backend = "triton_buckets"
+        self.backend = backend
+        align = 32 if backend == "cpu" else 1  # CPU grouped GEMM tiles the intermediate dim by 32
+        self.buckets = plan_buckets(self.widths, self.tp_size, self.tp_rank, align)
+        self.rank_widths = [hi - lo for lo, hi in (rank_share(w, self.tp_size, self.tp_rank) for w in self.widths)]
+        E = len(self.widths)
+        bucket_of = torch.full((E,), -1, dtype=torch.int64)
+        local_of = torch.zeros(E, dtype=torch.int64)
+        for b, bucket in enumerate(self.buckets):
+            for i, e in enumerate(bucket.experts):
+                bucket_of[e], local_of[e] = b, i
+        self.bucket_of, self.local_of = bucket_of, local_of
+        # one bucket holding every expert in order, unpadded: the stock call, no remapping at all
+        self.identity = len(self.buckets) == 1 and self.buckets[0].experts == tuple(range(E))
+        self.isa = None
+        self._bucket_lists = None  # (bucket_of, local_of, prepacked stacks) as Python lists, for decode
+
+    # -- vLLM method interface --------------------------------------------------------------------
+
+    @property
+    def supports_eplb(self) -> bool:
+        return False
+
+    @property
+    def is_monolithic(self) -> bool:
+        return False
+
+    def get_fused_moe_quant_config(self, layer) -> FusedMoEQuantConfig | None:
+        return FusedMoEQuantConfig.make()
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra):
+        if num_experts != len(self.widths):
+            raise HeaprError(f"{layer.layer_name}: {num_experts} local experts but {len(self.widths)} widths declared")
+        extra.pop("weight_loader", None)
+        for b, bucket in enumerate(self.buckets):
+            n = len(bucket.experts)
+            # zeros, not empty: padding rows/columns must be exact zeros
+            w13 = torch.nn.Parameter(torch.zeros(n, 2 * bucket.width, hidden_size, dtype=params_dtype), requires_grad=False)
+            w2 = torch.nn.Parameter(torch.zeros(n, hidden_size, bucket.width, dtype=params_dtype), requires_grad=False)
+            layer.register_parameter(f"w13_b{b}", w13)
+            layer.register_parameter(f"w2_b{b}", w2)
+            set_weight_attrs(w13, extra)
+            set_weight_attrs(w2, extra)
+
+    def process_weights_after_loading(self, layer) -> None:
+        self._bucket_lists = None
+        if self.backend == "cpu":
+            from vllm._custom_ops import cpu_prepack_moe_weight
+            from vllm.model_executor.utils import replace_parameter
+
+            self.isa = _cpu_isa(layer.params_dtype)
+            for b in range(len(self.buckets)):
+                for name in (f"w13_b{b}", f"w2_b{b}"):
+                    replace_parameter(layer, name, cpu_prepack_moe_weight(getattr(layer, name).data, self.isa))
+        elif self.backend == "ragged":
+            from model_patches.vllm.kernels.ragged_moe_triton import pack_ragged_experts
+
+            experts = []
+            for e, rw in enumerate(self.rank_widths):
+                if rw == 0:
+                    experts.append(None)
+                    continue
+                b, i = int(self.bucket_of[e]), int(self.local_of[e])
+                w13, w2 = getattr(layer, f"w13_b{b}")[i], getattr(layer, f"w2_b{b}")[i]
+                width = self.buckets[b].width
+                experts.append((w13[:rw], w13[width:width + rw], w2[:, :rw]))
+            packed = pack_ragged_experts(experts, hidden_size=layer.hidden_size)
+            for b in range(len(self.buckets)):  # the packed copy replaces the bucket stacks
+                del layer._parameters[f"w13_b{b}"]
+                del layer._parameters[f"w2_b{b}"]
+            self.packed = packed
+        else:
+            device = getattr(layer, "w13_b0").device if self.buckets else "cpu"
+            maps = []
+            for bucket in self.buckets:
+                m = torch.full((len(self.widths),), -1, dtype=torch.int32)
+                m[list(bucket.experts)] = torch.arange(len(bucket.experts), dtype=torch.int32)
+                maps.append(m.to(device))
+            self.expert_maps = maps
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
+        if layer.apply_router_weight_on_input:
+            raise HeaprError("apply_router_weight_on_input is not supported by heapr-serve's ragged experts")
+        if self.backend == "cpu":
+            if self.identity:  # unpruned: exactly the stock call (static, so torch.compile traces it)
+                from vllm._custom_ops import cpu_fused_moe
+
+                out = torch.empty_like(x)
+                cpu_fused_moe(out, x, layer.w13_b0, layer.w2_b0, None, None, topk_weights.to(torch.float32),
+                              topk_ids.to(torch.int32), layer.activation.value, self.isa, False)
+                return out
+            # vLLM compiles the CPU model with fullgraph=True and calls the MoE forward inline, so the
+            # data-dependent bucket dispatch runs inside an opaque custom op
+            return torch.ops.heapr_serve.cpu_bucketed_moe(x, topk_weights, topk_ids, layer.layer_name)
+        if self.backend == "ragged":
+            p = self.packed
+            return torch.ops.heapr.ragged_fused_moe(
+                x, p.w13, p.w2t, p.widths, p.w13_offsets, p.w2_offsets, topk_ids, topk_weights, p.max_width
+            )
+        return self._apply_triton_buckets(layer, x, topk_weights, topk_ids)
+
+    # -- kernels ----------------------------------------------------------------------------------
+
+    def _apply_cpu(self, layer, x, topk_weights, topk_ids):
+        from vllm._custom_ops import cpu_fused_moe
+
+        act = layer.activation.value
+        weights = topk_weights.to(torch.float32)
+        if self.identity:
+            out = torch.empty_like(x)
+            cpu_fused_moe(out, x, layer.w13_b0, layer.w2_b0, None, None, weights, topk_ids.to(torch.int32), act, self.isa, False)
+            return out
+        num_tokens, top_k = topk_ids.shape
+        if num_tokens == 1:
+            return self._apply_cpu_one_token(layer, x, weights, topk_ids, act)
+        flat = topk_ids.reshape(-1).long()
+        bucket = self.bucket_of[flat]  # -1: width-0 expert, contributes exactly zero
+        order = torch.argsort(bucket, stable=True)
+        counts = torch.bincount(bucket + 1, minlength=len(self.buckets) + 1).tolist()
+        skip = counts[0]
+        kept = order[skip:]
+        if kept.numel() == 0:
+            return torch.zeros_like(x)
+        token = kept // top_k
+        rows = x.index_select(0, token)
+        local = self.local_of[flat[kept]].to(torch.int32).unsqueeze(1)
+        w = weights.reshape(-1)[kept].unsqueeze(1).contiguous()
+        y = torch.empty_like(rows)
+        start = 0
+        for b, count in enumerate(counts[1:]):
+            if count == 0:
+                continue
+            s = slice(start, start + count)
+            cpu_fused_moe(
+                y[s], rows[s], getattr(layer, f"w13_b{b}"), getattr(layer, f"w2_b{b}"), None, None,
+                w[s], local[s].contiguous(), act, self.isa, False,
+            )
+            start += count
+        out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32)
+        out.index_add_(0, token, y.to(torch.float32))
+        return out.to(x.dtype)
+
+    def _apply_cpu_one_token(self, layer, x, weights, topk_ids, act):
+        """Decode step of one sequence: group its top-k experts by bucket in Python (no sort, gather
+        or scatter); each bucket runs the token with its experts as a smaller top-k."""
+        from vllm._custom_ops import cpu_fused_moe
+
+        if self._bucket_lists is None:
+            self._bucket_lists = (self.bucket_of.tolist(), self.local_of.tolist(),
+                                  [(getattr(layer, f"w13_b{b}"), getattr(layer, f"w2_b{b}")) for b in range(len(self.buckets))])
+        bucket_of, local_of, stacks = self._bucket_lists
+        groups: dict[int, list[int]] = {}
+        ids = topk_ids[0].tolist()
+        for j, e in enumerate(ids):
+            if bucket_of[e] >= 0:  # width-0 experts contribute exactly zero
+                groups.setdefault(bucket_of[e], []).append(j)
+        acc = None
+        for b, js in groups.items():
+            local = torch.tensor([[local_of[ids[j]] for j in js]], dtype=torch.int32)
+            y = torch.empty_like(x)
+            cpu_fused_moe(y, x, stacks[b][0], stacks[b][1], None, None, weights[:, js], local, act, self.isa, False)
+            acc = y.to(torch.float32) if acc is None else acc.add_(y)
+        return torch.zeros_like(x) if acc is None else acc.to(x.dtype)
+
+    def _apply_triton_buckets(self, layer, x, topk_weights, topk_ids):
+        from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+
+        out = None
+        for b, m in enumerate(self.expert_maps):
+            y = fused_experts(
+                x, getattr(layer, f"w13_b{b}"), getattr(layer, f"w2_b{b}"), topk_weights, topk_ids,
+                activation=layer.activation, global_num_experts=len(self.widths), expert_map=m,
+            )
+            out = y if out is None else out.add_(y)
+        return out if out is not None else torch.zeros_like(x)
+
+
+_CPU_LAYERS: "weakref.WeakValueDictionary[str, HeaprRoutedExperts]" = weakref.WeakValueDictionary()
+
+
+def _cpu_bucketed_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """Routed-expert output of the named pruned layer on CPU (width buckets, stock CPU kernel)."""
+    layer = _CPU_LAYERS[layer_name]
+    return layer.quant_method._apply_cpu(layer, x, topk_weights, topk_ids)
+
+
+def _cpu_bucketed_moe_fake(x, topk_weights, topk_ids, layer_name):
+    return torch.empty_like(x)
+
+
+# registered the way vLLM registers its own ops: torch.library.custom_op's Python dispatch costs
+# ~0.1 ms a call, a few percent of a decode-sized MoE layer
+_LIB = torch.library.Library("heapr_serve", "FRAGMENT")
+if current_platform.is_cpu():
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op("cpu_bucketed_moe", _cpu_bucketed_moe, mutates_args=[],
+                              fake_impl=_cpu_bucketed_moe_fake, target_lib=_LIB)
+
+
+# ------------------------------------------------------------------------------------------------
+# The routed-experts container and its checked loader
+# ------------------------------------------------------------------------------------------------
+
+
+class HeaprRoutedExperts(RoutedExperts):
+    """`RoutedExperts` whose experts have the widths declared in config.json (checked at load)."""
+
+    def __init__(self, *args, heapr_widths: list[int], heapr_files: dict | None = None,
+                 heapr_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), **kwargs):
+        # set before nn.Module.__init__ runs: _get_quant_method (called by super) needs them
+        self.__dict__["_heapr_widths"] = list(heapr_widths)
+        super().__init__(*args, **kwargs)
+        self.heapr_widths = list(heapr_widths)
+        self.heapr_files = heapr_files or {}
+        self.heapr_projs = {name: i for i, name in enumerate(heapr_projs)}  # the family's on-disk names
+        self._heapr_loaded: set[tuple[int, int]] = set()
+        _CPU_LAYERS[self.layer_name] = self
+
+    def _get_quant_method(self, prefix, quant_config, moe_config):
+        if quant_config is not None:
+            raise HeaprError(f"{prefix}: quantised MoE weights are not supported for pruned checkpoints yet")
+        if moe_config.moe_parallel_config.use_ep:
+            raise HeaprError("expert parallelism is not supported for pruned checkpoints yet; use tensor parallelism")
+        if self.expert_map_manager.num_fused_shared_experts:
+            raise HeaprError("fused shared experts (ROCm AITER) are not supported for pruned checkpoints")
+        return HeaprRaggedMoEMethod(moe_config, self.__dict__["_heapr_widths"])
+
+    @property
+    def method(self) -> HeaprRaggedMoEMethod:
+        return self.quant_method
+
+    def get_expert_weights(self):
+        raise HeaprError("EPLB is not supported for pruned checkpoints yet")
+
+    def _where(self, name: str) -> str:
+        file = self.heapr_files.get(name)
+        return f"{file}: " if file else ""
+
+    def load_expert(self, expert: int, proj: int, tensor: torch.Tensor, name: str) -> None:
+        """Copy one on-disk expert tensor (proj 0 gate [I_e,H], 1 up [I_e,H], 2 down [H,I_e]) into its
+        bucket, after checking it against the declared width. Raises HeaprError naming the tensor."""
+        where = self._where(name)
+        if expert >= len(self.heapr_widths):
+            raise HeaprError(f"{where}tensor {name} names expert {expert}, beyond the {len(self.heapr_widths)} declared")
+        width = self.heapr_widths[expert]
+        if width == 0:
+            raise HeaprError(f"{where}tensor {name} exists but heapr.expert_widths declares expert {expert} width 0")
+        H = self.hidden_size
+        expected = (H, width) if proj == 2 else (width, H)
+        if tuple(tensor.shape) != expected:
+            raise HeaprError(
+                f"{where}tensor {name} has shape {list(tensor.shape)} but heapr.expert_widths declares width "
+                f"{width} (expected {list(expected)}); the checkpoint is inconsistent, re-run `heapr-serve apply`"
+            )
+        if (expert, proj) in self._heapr_loaded:
+            raise HeaprError(f"{where}tensor {name} appears twice in the checkpoint")
+        self._heapr_loaded.add((expert, proj))
+        method = self.method
+        lo, hi = rank_share(width, method.tp_size, method.tp_rank)
+        if hi == lo:
+            return
+        b, i = int(method.bucket_of[expert]), int(method.local_of[expert])
+        padded = method.buckets[b].width
+        if proj == 2:
+            getattr(self, f"w2_b{b}").data[i, :, : hi - lo].copy_(tensor[:, lo:hi])
+        else:
+            offset = 0 if proj == 0 else padded
+            getattr(self, f"w13_b{b}").data[i, offset : offset + hi - lo].copy_(tensor[lo:hi])
+
+    def check_complete(self) -> None:
+        """After loading: every expert of nonzero width got its three tensors."""
+        for e, w in enumerate(self.heapr_widths):
+            for proj in range(3):
+                if w and (e, proj) not in self._heapr_loaded:
+                    kind = ("gate", "up", "down")[proj]
+                    raise HeaprError(
+                        f"{self.layer_name}: the {kind} tensor of expert {e} (declared width {w}) is missing from the checkpoint"
+                    )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[str]:
+        """Per-expert names relative to this layer (`{e}.gate_proj.weight`), as MoERunner passes them."""
+        for name, tensor in weights:
+            m = re.match(r"^(\d+)\.(\w+)\.weight$", name)
+            if not m or m[2] not in self.heapr_projs:
+                raise HeaprError(f"{self.layer_name}: unexpected routed-expert tensor {name}")
+            self.load_expert(int(m[1]), self.heapr_projs[m[2]], tensor, f"{self.layer_name}.{name}")
+        yield from (n for n, _ in self.named_parameters(recurse=False))

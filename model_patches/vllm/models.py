@@ -1,0 +1,180 @@
+"""The `Heapr*ForCausalLM` classes vLLM serves pruned checkpoints with, derived from the family registry.
+
+Each class is the family's stock vLLM model (heapr_serve.families: `vllm_module`, `stock_vllm_class`)
+with one change: while it is built, its `FusedMoEFactory` gets our routed-experts class
+(model_patches.vllm.layer), and its loader sends routed-expert tensors there, checked. Gate, router,
+shared experts, attention and everything else stay stock. Classes are made on first access
+(`module.__getattr__`), so vLLM's lazy "module:Class" registration imports no model code early.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterable
+from contextlib import contextmanager
+from types import ModuleType
+
+import torch
+from vllm.logger import init_logger
+from vllm.platforms import current_platform
+
+from heapr_serve.checkpoint.format import parse_widths, safetensors_files
+from heapr_serve.errors import HeaprError
+from heapr_serve.families import Family, family_for_pruned_architecture
+from model_patches.vllm.layer import HeaprRoutedExperts
+
+logger = init_logger("vllm.heapr_serve")
+
+_EXPERT_TENSOR = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def heapr_widths(hf_config) -> dict[int, list[int]]:
+    """Decoder layer -> routed expert widths, from the `heapr` section of config.json (checked)."""
+    config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(vars(hf_config))
+    if getattr(hf_config, "heapr", None) is not None:
+        config["heapr"] = hf_config.heapr
+    return parse_widths(config, "config.json")
+
+
+def check_supported(vllm_config) -> None:
+    """Refuse, in one line each, what the ragged layer does not implement yet."""
+    parallel = vllm_config.parallel_config
+    if vllm_config.quant_config is not None:
+        raise HeaprError(
+            "heapr-serve pruned checkpoints are served unquantised for now; drop --quantization "
+            f"({vllm_config.quant_config.get_name()})"
+        )
+    if getattr(parallel, "enable_expert_parallel", False):
+        raise HeaprError("expert parallelism is not supported for pruned checkpoints yet; use tensor parallelism (drop --enable-expert-parallel)")
+    if getattr(parallel, "enable_eplb", False):
+        raise HeaprError("EPLB is not supported for pruned checkpoints yet; drop --enable-eplb")
+    if getattr(vllm_config, "lora_config", None) is not None:
+        raise HeaprError("LoRA adapters are not supported for pruned checkpoints yet; drop --enable-lora")
+    if not (current_platform.is_cpu() or current_platform.is_cuda()):
+        raise HeaprError(f"pruned checkpoints are served on CPU or CUDA only, not {current_platform.device_name}")
+
+
+@contextmanager
+def heapr_moe_layers(stock_module: ModuleType, family: Family, widths: dict[int, list[int]], files: dict):
+    """While the stock model is built, its `FusedMoEFactory` gets our routed-experts class.
+
+    Only the family module's own reference is swapped, only for this construction, so stock models
+    in the same process are untouched.
+    """
+    original = stock_module.FusedMoEFactory
+    built: list[int] = []
+
+    def factory(*args, **kwargs):
+        prefix = kwargs.get("prefix", "")
+        m = _LAYER_INDEX.search(prefix + ".")
+        if m is None or int(m[1]) not in widths:
+            raise HeaprError(f"{prefix}: MoE layer without heapr.expert_widths; the config does not match the model")
+        layer = int(m[1])
+        num_experts = kwargs.get("num_experts", args[0] if args else None)
+        if num_experts != len(widths[layer]):
+            raise HeaprError(f"heapr.expert_widths[{layer}] lists {len(widths[layer])} widths for {num_experts} routed experts")
+        if kwargs.get("fuse_shared_experts"):
+            raise HeaprError("fused shared experts (ROCm AITER) are not supported for pruned checkpoints")
+        if kwargs.get("routed_experts_cls") is not None:
+            raise HeaprError(f"{prefix}: this vLLM model already customises its experts; not supported")
+        kwargs["routed_experts_cls"] = HeaprRoutedExperts
+        kwargs["routed_experts_args"] = {
+            **(kwargs.get("routed_experts_args") or {}),
+            "heapr_widths": widths[layer],
+            "heapr_files": files,
+            "heapr_projs": family.disk_projs,
+        }
+        built.append(layer)
+        return original(*args, **kwargs)
+
+    stock_module.FusedMoEFactory = factory
+    try:
+        yield built
+    finally:
+        stock_module.FusedMoEFactory = original
+
+
+class HeaprModelMixin:
+    """Mixed in before the stock `...ForCausalLM`: builds it with ragged experts, loads them checked.
+
+    Subclasses set `heapr_stock_module` (the vLLM module whose MoE block calls `FusedMoEFactory`).
+    """
+
+    heapr_stock_module: ModuleType
+    heapr_family: Family
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        check_supported(vllm_config)
+        widths = heapr_widths(vllm_config.model_config.hf_config)
+        try:  # tensor name -> file, for error messages that name the file
+            files = safetensors_files(vllm_config.model_config.model)
+        except HeaprError:
+            files = {}
+        with heapr_moe_layers(self.heapr_stock_module, self.heapr_family, widths, files) as built:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        pp_ok = vllm_config.parallel_config.pipeline_parallel_size > 1
+        missing = sorted(set(widths) - set(built))
+        if missing and not pp_ok:
+            raise HeaprError(f"heapr.expert_widths lists layers {missing} that are not MoE layers of this model")
+        self._heapr_widths = widths
+        logger.info(
+            "heapr-serve: %d ragged MoE layers, %d buckets in all, backend %s",
+            len(built),
+            sum(len(m.method.buckets) for m in self._heapr_experts().values()),
+            next(iter(self._heapr_experts().values())).method.backend if built else "-",
+        )
+
+    def _heapr_experts(self) -> dict[str, HeaprRoutedExperts]:
+        return {m.layer_name: m for m in self.modules() if isinstance(m, HeaprRoutedExperts)}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        experts = self._heapr_experts()
+        proj_names = {name: i for i, name in enumerate(self.heapr_family.disk_projs)}
+
+        def others():
+            for name, tensor in weights:
+                m = _EXPERT_TENSOR.match(name)
+                if m and m["owner"] in experts and m["proj"] in proj_names:
+                    experts[m["owner"]].load_expert(int(m["expert"]), proj_names[m["proj"]], tensor, name)
+                    continue
+                if m and m["proj"] in proj_names:
+                    lm = _LAYER_INDEX.search(name)
+                    if lm and int(lm[1]) in self._heapr_widths:
+                        continue  # a layer held by another pipeline stage
+                yield name, tensor
+
+        loaded = set(super().load_weights(others()))
+        for module in experts.values():
+            module.check_complete()
+        for mod_name, module in self.named_modules():
+            if isinstance(module, HeaprRoutedExperts):
+                loaded.update(f"{mod_name}.{p}" for p, _ in module.named_parameters(recurse=False))
+        return loaded
+
+
+def heapr_model_class(family: Family) -> type:
+    """`Heapr<Architecture>`: the family's stock vLLM model with ragged routed experts."""
+    stock_module = importlib.import_module(f"vllm.model_executor.models.{family.vllm_module}")
+    stock = getattr(stock_module, family.stock_vllm_class)
+    doc = (f"vLLM's {family.stock_vllm_class} with HEAPr-pruned routed experts ({family.special or 'no special parts'}); "
+           "everything but the routed experts is the stock model.")
+    return type(family.pruned_architecture, (HeaprModelMixin, stock),
+                {"heapr_stock_module": stock_module, "heapr_family": family, "__doc__": doc, "__module__": __name__})
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> type:
+    """`model_patches.vllm.models.HeaprQwen3MoeForCausalLM` and the like, built on first access."""
+    if name.startswith("Heapr") and name.endswith("ForCausalLM"):
+        if name not in _CLASSES:
+            try:
+                family = family_for_pruned_architecture(name)
+            except HeaprError:
+                raise AttributeError(name) from None
+            _CLASSES[name] = heapr_model_class(family)
+        return _CLASSES[name]
+    raise AttributeError(name)

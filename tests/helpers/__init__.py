@@ -1,0 +1,1 @@
+"""Test helpers that ship with the tests, not with the package."""

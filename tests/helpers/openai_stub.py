@@ -1,0 +1,242 @@
+"""A tiny OpenAI-compatible streaming server, used as the *upstream* in the A/B tests.
+
+It is a test helper, not part of what users run: the proxy and the benchmark under test talk to it
+over real HTTP exactly as they talk to vLLM, but it answers in milliseconds and needs no model, so
+load and failover tests can use hundreds of requests on a small machine. Its timing is set on the
+command line (time to first token, delay between tokens), so a test knows which arm is faster and
+by how much. `/stats` tells a test how many requests it started, finished, and saw the client drop.
+
+Run it as a script (it starts in well under a second):
+
+    python tests/helpers/openai_stub.py --port 9001 --model stub-a --ttft 0.02 --token-delay 0.005
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from heapr_serve.ab.local_vllm import free_port  # noqa: F401  (re-exported for the tests)
+
+
+def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0) -> Starlette:
+    """Starlette app serving /v1/completions, /v1/chat/completions, /v1/models, /health, /stats."""
+    # what the last request carried, so a test can check what a proxy forwarded
+    stats = {"started": 0, "finished": 0, "disconnected": 0, "last_model": None,
+             "last_authorization": None, "last_headers": []}
+
+    async def completions(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return JSONResponse({"error": {"message": "body is not JSON", "type": "BadRequestError",
+                                           "code": 400}}, status_code=400)
+        if fail_status:
+            return JSONResponse({"error": {"message": "stub told to fail", "code": fail_status}},
+                                status_code=fail_status)
+        stats["last_model"] = body.get("model") if isinstance(body, dict) else None
+        stats["last_authorization"] = request.headers.get("authorization")
+        stats["last_headers"] = sorted(request.headers.keys())
+        chat = request.url.path.endswith("/chat/completions")
+        if chat:
+            prompt = " ".join(str(m.get("content", "")) for m in body.get("messages") or [])
+        else:
+            prompt = body.get("prompt") or ""
+            if isinstance(prompt, list):
+                prompt = " ".join(map(str, prompt))
+        n_prompt = max(1, len(str(prompt).split()))
+        n_out = int(body.get("max_tokens") or 16)
+        stream = bool(body.get("stream"))
+        usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
+        rid = f"cmpl-{stats['started']}"
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                 "total_tokens": n_prompt + n_out}
+
+        def choice(text: str, finish: str | None) -> dict:
+            if chat:
+                return {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+            return {"index": 0, "text": text, "finish_reason": finish}
+
+        async def sse():
+            stats["started"] += 1
+            try:
+                if chat:
+                    first = {"id": rid, "object": obj, "created": created, "model": model,
+                             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None}]}
+                    yield f"data: {json.dumps(first)}\n\n"
+                await asyncio.sleep(ttft)
+                for i in range(n_out):
+                    if i:
+                        await asyncio.sleep(token_delay)
+                    finish = "length" if i == n_out - 1 else None
+                    ev = {"id": rid, "object": obj, "created": created, "model": model,
+                          "choices": [choice(f" tok{i}", finish)]}
+                    yield f"data: {json.dumps(ev)}\n\n"
+                if usage_in_stream:
+                    ev = {"id": rid, "object": obj, "created": created, "model": model,
+                          "choices": [], "usage": usage}
+                    yield f"data: {json.dumps(ev)}\n\n"
+                yield "data: [DONE]\n\n"
+                stats["finished"] += 1
+            except asyncio.CancelledError:
+                stats["disconnected"] += 1
+                raise
+
+        async def whole() -> Response:
+            # like vLLM: headers and body together at the end; a client that hangs up meanwhile
+            # is noticed (vLLM then aborts the request)
+            stats["started"] += 1
+            end = time.monotonic() + ttft + token_delay * max(0, n_out - 1)
+            while time.monotonic() < end:
+                await asyncio.sleep(min(0.02, max(0.0, end - time.monotonic())))
+                if await request.is_disconnected():
+                    stats["disconnected"] += 1
+                    return Response(status_code=499)
+            text = "".join(f" tok{i}" for i in range(n_out))
+            msg = ({"index": 0, "message": {"role": "assistant", "content": text},
+                    "finish_reason": "length"} if chat else
+                   {"index": 0, "text": text, "finish_reason": "length"})
+            stats["finished"] += 1
+            return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                 "created": created, "model": model, "choices": [msg],
+                                 "usage": usage})
+
+        if stream:
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        return await whole()
+
+    async def models(_: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": model, "object": "model",
+                                                         "owned_by": "stub"}]})
+
+    async def health(_: Request) -> Response:
+        return Response(status_code=200)
+
+    async def stat(_: Request) -> Response:
+        return JSONResponse(stats)
+
+    return Starlette(routes=[
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", completions, methods=["POST"]),
+        Route("/v1/models", models),
+        Route("/health", health),
+        Route("/stats", stat),
+    ])
+
+
+# --- launching processes from tests: the stub, and the real `heapr-serve` commands under test ---
+
+
+def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
+    """Poll `url` until it answers (any status); fail early if `proc` died."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args} exited with {proc.returncode} before {url} answered")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def spawn(args: list[str], log: Path | None = None) -> subprocess.Popen:
+    """Start a process in its own group, so stop() ends it and anything it started."""
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log:
+            out.close()
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """End a process started by spawn() (its whole group), waiting for it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+
+def start_stub(port: int, model: str, ttft: float, token_delay: float, fail_status: int = 0,
+               log: Path | None = None) -> subprocess.Popen:
+    """Run this file as a server on `port` and wait until it answers."""
+    proc = spawn([sys.executable, __file__, "--port", str(port), "--model", model, "--ttft", str(ttft),
+                  "--token-delay", str(token_delay), "--fail-status", str(fail_status)], log)
+    wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=30)
+    return proc
+
+
+class ServerThread:
+    """Run an ASGI app with uvicorn in a background thread of this process (tests of the proxy
+    in-process: real sockets and HTTP, without paying a second interpreter start-up)."""
+
+    def __init__(self, app, port: int) -> None:
+        import threading
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                access_log=False, server_header=False, date_header=False,
+                                lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.url = f"http://127.0.0.1:{port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"in-process server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+def heapr_serve_exe() -> str:
+    """The `heapr-serve` console script of the running interpreter's environment."""
+    exe = Path(sys.executable).parent / "heapr-serve"
+    return str(exe) if exe.exists() else "heapr-serve"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", default="stub")
+    p.add_argument("--ttft", type=float, default=0.01, help="seconds before the first token")
+    p.add_argument("--token-delay", type=float, default=0.002, help="seconds between tokens")
+    p.add_argument("--fail-status", type=int, default=0, help="answer every completion with this status")
+    args = p.parse_args()
+    app = build_app(args.model, args.ttft, args.token_delay, args.fail_status)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The family registry is the one place a family is described: everything else is derived from it."""
+
+from importlib.util import find_spec
+
+import pytest
+
+from heapr_serve.families import FAMILIES, family_for, family_for_pruned_architecture
+from heapr_serve.errors import HeaprError
+from model_patches.vllm.plugin import ARCHITECTURES
+
+
+def test_every_family_has_exactly_one_vllm_architecture():
+    assert set(ARCHITECTURES) == {f.pruned_architecture for f in FAMILIES.values()}
+    for arch, target in ARCHITECTURES.items():
+        assert target == f"model_patches.vllm.models:{arch}"
+        assert family_for_pruned_architecture(arch).pruned_architecture == arch
+
+
+def test_disk_names_map_to_transformers_module_names():
+    mixtral = FAMILIES["mixtral"]
+    assert mixtral.module_tensor_name("model.layers.3.block_sparse_moe.experts.7.w3.weight") == "model.layers.3.mlp.experts.7.up_proj.weight"
+    assert mixtral.module_tensor_name("model.layers.3.block_sparse_moe.gate.weight") == "model.layers.3.mlp.gate.weight"
+    qwen = FAMILIES["qwen3_moe"]
+    name = "model.layers.0.mlp.experts.1.down_proj.weight"
+    assert qwen.module_tensor_name(name) == name and qwen.proj_index("down_proj") == 2 and qwen.proj_index("w2") is None
+    with pytest.raises(HeaprError, match="supported MoE families"):
+        family_for({"model_type": "llama"})
+
+
+@pytest.mark.skipif(find_spec("vllm") is None, reason="needs vllm")
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_vllm_classes_are_derived_from_the_stock_models(model_type):
+    import importlib
+
+    from model_patches.vllm import models
+    from model_patches.vllm.models import HeaprModelMixin
+
+    family = FAMILIES[model_type]
+    cls = getattr(models, family.pruned_architecture)
+    stock = getattr(importlib.import_module(f"vllm.model_executor.models.{family.vllm_module}"), family.stock_vllm_class)
+    assert issubclass(cls, HeaprModelMixin) and issubclass(cls, stock) and cls.heapr_family is family
+    assert getattr(models, family.pruned_architecture) is cls  # built once
+    with pytest.raises(AttributeError):
+        getattr(models, "HeaprLlamaForCausalLM")

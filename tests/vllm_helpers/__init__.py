@@ -1,1 +1,0 @@
-"""Test-only helpers for the vLLM serving tests (fixtures, subprocess drivers)."""

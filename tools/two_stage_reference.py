@@ -1,0 +1,74 @@
+"""The paper's two-stage HEAPr definition, kept as the reference that the one-pass method is tested
+and benchmarked against: stage 1 forms Gbar_i = mean_t g_t g_t^T (H x H per expert) from the gradient
+at each expert's output; stage 2 runs a second forward pass for the activations; then
+s_k = mean_t a_{t,k}^2 * d_k^T Gbar_i d_k. Memory is O(E H^2): only for small models. Both stages
+plug into the same observer lifecycle and calibration pass as the one-pass method.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from heapr_serve.families import moe_blocks
+from heapr_serve.score.calibration_pass import InMemoryPass
+from heapr_serve.score.observers import ExpertObserver
+
+
+class _OutputGradObserver(ExpertObserver):
+    """Stage 1: sum over real tokens of g g^T at each expert's output, and the token counts (float64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cov, self.counts = {}, {}
+
+    def allocate(self, layer, experts):
+        num_experts, hidden, _ = experts.down_proj.shape
+        device = experts.down_proj.device
+        self.cov[layer] = torch.zeros(num_experts, hidden, hidden, dtype=torch.float64, device=device)
+        self.counts[layer] = torch.zeros(num_experts, dtype=torch.int64, device=device)
+
+    def observe(self, layer, expert, tokens, activation, output, route_weights):
+        self.counts[layer][expert] += self.count(tokens)
+        cov = self.cov[layer][expert]
+        weight = None if self.token_weight is None else self.token_weight[tokens].double().unsqueeze(-1)
+        if output.requires_grad:
+
+            def accumulate(grad: torch.Tensor) -> None:
+                g = grad.detach().double()
+                g = g if weight is None else g * weight
+                cov.add_(g.t() @ g)
+
+            output.register_hook(accumulate)
+
+
+class _ActivationObserver(ExpertObserver):
+    """Stage 2: sum over real tokens of a^2 per atomic expert (float64), forward only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act_sq = {}
+
+    def allocate(self, layer, experts):
+        num_experts, _, width = experts.down_proj.shape
+        self.act_sq[layer] = torch.zeros(num_experts, width, dtype=torch.float64, device=experts.down_proj.device)
+
+    def observe(self, layer, expert, tokens, activation, output, route_weights):
+        a = self.real_rows(tokens, activation.detach().double())
+        self.act_sq[layer][expert] += a.pow(2).sum(0)
+
+
+def two_stage_scores(model, batches, loss_scale: float) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the [E, I] HEAPr scores by the explicit-covariance method (float64 sums)."""
+    batches = list(batches)
+    calibration = InMemoryPass(model)
+    grads, acts = _OutputGradObserver(), _ActivationObserver()
+    calibration.run(batches, grads, loss_scale)
+    calibration.run(batches, acts, loss_scale, backward=False)
+    scores = {}
+    for layer, block in moe_blocks(model).items():
+        n = grads.counts[layer].double().unsqueeze(-1)
+        down = block.experts.down_proj.detach().double()  # [E, H, I]; column k is d_k
+        gbar = grads.cov[layer] / n.unsqueeze(-1)
+        quad = torch.einsum("ehk,ehg,egk->ek", down, gbar, down)  # d_k^T Gbar d_k
+        scores[layer] = torch.where(n > 0, (acts.act_sq[layer] / n) * quad, torch.full_like(quad, float("nan")))
+    return scores

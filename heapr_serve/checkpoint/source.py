@@ -1,0 +1,179 @@
+"""Reading a dense source checkpoint tensor by tensor, and materialising its modules from it.
+
+The streamed calibration pass builds the model on the meta device and fills one module (a decoder
+layer, the embeddings, the head) at a time from the memory-mapped safetensors, so the whole model is
+never resident. Everything a real checkpoint may hold is handled here, once:
+
+- per-expert 2-D tensors on disk (as transformers writes them) or fused `gate_up_proj`/`down_proj`
+  stacks, both filled into transformers' fused experts;
+- FP8 block-quantised weights (DeepSeek-V3's `weight_scale_inv`, Qwen3-FP8): dequantised to the
+  calibration dtype as they are read;
+- parameters the model keeps in float32 (DeepSeek-V3's `e_score_correction_bias`) stay float32,
+  because each tensor is copied into the module's own parameter, whose dtype the model chose;
+- tied input/output embeddings; decoder layers past `num_hidden_layers` (MTP) are never read.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from heapr_serve.checkpoint.format import open_safetensors, read_config, safetensors_files
+from heapr_serve.errors import HeaprError
+from heapr_serve.families import Family, family_for
+
+SCALE_SUFFIX = "_scale_inv"
+_PER_EXPERT = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fp8_block_size(config: dict) -> tuple[int, int] | None:
+    """(rows, cols) of the source's FP8 weight blocks, or None when it is not FP8 block-quantised."""
+    q = config.get("quantization_config") or {}
+    if str(q.get("quant_method", "")).lower() != "fp8":
+        return None
+    block = q.get("weight_block_size")
+    if not block:
+        raise HeaprError("config.json: quantization_config is fp8 without weight_block_size; only block-quantised FP8 sources (DeepSeek-V3 style) are supported")
+    return int(block[0]), int(block[1])
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """W = W_fp8 * scale per (block rows x block cols) tile, in float32 (partial edge tiles included)."""
+    rows, cols = weight.shape[-2:]
+    scale = scale_inv.float().repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
+    return weight.float() * scale
+
+
+class SourceCheckpoint:
+    """A dense Hugging Face folder, read lazily: names, shapes and tensors (dequantised) on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config = read_config(self.path)
+        self.family: Family = family_for(self.config)
+        self.files = safetensors_files(self.path)  # disk name -> file
+        self.fp8_block = fp8_block_size(self.config)
+        # transformers module name -> disk name, for every stored tensor but FP8 scales
+        self.by_module = {self.family.module_tensor_name(n): n for n in self.files if not n.endswith(SCALE_SUFFIX)}
+        self.num_layers = int(self.config["num_hidden_layers"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The checkpoint's own floating dtype (bfloat16 for FP8 sources: what they are computed in)."""
+        name = self.config.get("dtype") or self.config.get("torch_dtype") or "float32"
+        if self.fp8_block is not None:
+            return torch.bfloat16
+        dtype = getattr(torch, str(name).replace("torch.", ""), None)
+        return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+    def read(self, disk_names: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The named tensors (FP8 ones dequantised to float32), one file opened at a time and closed
+        again, so only what was read stays resident."""
+        by_file: dict[str, list[str]] = {}
+        for name in disk_names:
+            if name not in self.files:
+                raise HeaprError(f"{self.path}: tensor {name} is missing from the checkpoint")
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, names in by_file.items():
+            with open_safetensors(self.path / file) as f:
+                keys = set(f.keys())
+                for name in names:
+                    tensor = f.get_tensor(name)
+                    scale_name = name + SCALE_SUFFIX
+                    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                        if self.fp8_block is None:
+                            raise HeaprError(f"{self.path / file}: {name} is FP8 but config.json declares no fp8 quantization_config")
+                        scale = f.get_tensor(scale_name) if scale_name in keys else self.read([scale_name])[scale_name]
+                        tensor = dequantize_fp8(tensor, scale, self.fp8_block)
+                    out[name] = tensor.to(device)
+        return out
+
+    # -- filling modules -----------------------------------------------------------------------------
+
+    def _sources(self, key: str, param: torch.Tensor) -> list[str] | None:
+        """Disk names that make module tensor `key`: itself, or the per-expert tensors of a fused stack."""
+        if key in self.by_module:
+            return [self.by_module[key]]
+        m = re.match(r"^(?P<owner>.+\.experts)\.(?P<which>gate_up_proj|down_proj)$", key)
+        if m:
+            projs = ("gate_proj", "up_proj") if m["which"] == "gate_up_proj" else ("down_proj",)
+            names = [self.by_module.get(f"{m['owner']}.{e}.{p}.weight") for e in range(param.shape[0]) for p in projs]
+            if all(names):
+                return names
+        return None
+
+    def load_module(self, module: nn.Module, prefix: str, device: str | torch.device) -> nn.Module:
+        """Materialise `module` (built on the meta device; its state-dict keys prefixed by `prefix` in
+        the full model) on `device` with its weights from disk. Returns the module."""
+        module.to_empty(device=device)
+        state = module.state_dict(keep_vars=True)  # parameters and persistent buffers
+        plan, missing = {}, []
+        for key, target in state.items():
+            names = self._sources(prefix + key, target)
+            if names is None:
+                tied = prefix + key == "lm_head.weight" and self.config.get("tie_word_embeddings")
+                names = [self.by_module["model.embed_tokens.weight"]] if tied else None
+            if names is None:
+                missing.append(prefix + key)
+            else:
+                plan[key] = names
+        if missing:
+            raise HeaprError(f"{self.path}: no tensor on disk for {missing[:3]}; is this a complete {self.family.architecture} checkpoint?")
+        tensors = self.read(sorted({n for names in plan.values() for n in names}))
+        with torch.no_grad():
+            for key, names in plan.items():
+                target = state[key]
+                if len(names) == 1:
+                    value = tensors[names[0]]
+                elif key.endswith("gate_up_proj"):  # [E, 2I, H] from per-expert gate [I, H] and up [I, H]
+                    value = torch.stack([torch.cat([tensors[g], tensors[u]]) for g, u in zip(names[::2], names[1::2])])
+                else:  # down_proj [E, H, I]
+                    value = torch.stack([tensors[n] for n in names])
+                if tuple(value.shape) != tuple(target.shape):
+                    raise HeaprError(f"{self.path}: {names[0]} has shape {list(value.shape)}, the model expects {list(target.shape)} for {prefix + key}")
+                target.copy_(value)
+        _rebuild_non_persistent_buffers(module, device)
+        return module
+
+
+def _rebuild_non_persistent_buffers(module: nn.Module, device) -> None:
+    """Buffers not stored in checkpoints (rotary inverse frequencies) are recomputed on `device`;
+    any other non-persistent buffer would hold garbage after `to_empty`, so it is refused."""
+    for owner_name, owner in module.named_modules():
+        rotary = type(owner).__name__.endswith("RotaryEmbedding")
+        if getattr(owner, "_non_persistent_buffers_set", None) and not rotary:
+            raise HeaprError(f"{type(owner).__name__} ({owner_name or 'the model'}) has buffers no checkpoint stores; streamed loading does not support it")
+    for parent in list(module.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("RotaryEmbedding"):
+                setattr(parent, child_name, type(child)(config=child.config).to(device))
+    if type(module).__name__.endswith("RotaryEmbedding"):
+        fresh = type(module)(config=module.config).to(device)
+        for name, buf in fresh.named_buffers(recurse=False):
+            setattr(module, name, buf)
+
+
+def build_meta_model(config_path: Path, dtype: torch.dtype):
+    """The transformers model of a dense folder, on the meta device (no memory), in `dtype`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(config_path))
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # FP8 sources are dequantised on read
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def load_dense(path: Path, dtype: torch.dtype, device: torch.device):
+    """The whole dense model, read through `SourceCheckpoint` (so FP8 sources load dequantised)."""
+    source = SourceCheckpoint(path)
+    model = build_meta_model(path, dtype)
+    source.load_module(model, "", device)
+    if source.config.get("tie_word_embeddings"):
+        model.lm_head.weight = model.get_input_embeddings().weight
+    return model

@@ -41,10 +41,15 @@ app.command("ab-proxy")(ab_proxy_command)
 
 def main() -> None:
     """Console-script entry point: run the app, report HeaprError as one line."""
+    from heapr_serve.score import distributed
+
     try:
         app(standalone_mode=True)
     except HeaprError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        ranks = distributed.ranks_from_env()
+        if not distributed.is_quiet_rank():  # under torchrun, bad input is said once, by rank 0
+            where = f"rank {ranks.rank}: " if ranks.world > 1 else ""
+            Console(stderr=True).print(f"[bold red]error:[/] {where}{err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -31,7 +31,9 @@ from heapr_serve.models import load_model, load_tokenizer, pick_device, pick_dty
 from heapr_serve.progress import console, progress_bar
 from heapr_serve.prune.allocation import PruningPlan, check_allocation_options
 from heapr_serve.prune.methods import METHODS, expert_allocation, get_method, plan_for_method, uniform_allocation
-from heapr_serve.score.calibration_pass import collect_statistics
+from heapr_serve.checkpoint.source import SourceCheckpoint
+from heapr_serve.score import distributed
+from heapr_serve.score.run import RunOptions, finish_run, run_calibration
 from heapr_serve.score.stats import SCORES_FILE, ExpertStats
 
 
@@ -168,38 +170,54 @@ def compress_command(
     seq_len: int = typer.Option(256, help="Tokens per calibration sequence."),
     batch_size: int = typer.Option(8, help="Sequences per forward/backward pass."),
     seed: int = typer.Option(0, help="Seed for drawing calibration windows (and for --method random)."),
-    dtype: str = typer.Option("float32", help="Calibration dtype: float32 or bfloat16 (statistics are float32)."),
+    dtype: str = typer.Option("auto", help="Calibration dtype: auto (the checkpoint's own; bfloat16 for FP8 sources), float32, bfloat16 (statistics are always float32)."),
     device: str = typer.Option("auto", help="auto (a CUDA GPU when present), cpu, cuda, cuda:N."),
     keep_unrouted: bool = typer.Option(False, help="Keep experts that received no calibration tokens."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
     evaluate: bool = typer.Option(False, "--eval", help="Afterwards, compare held-out perplexity of dense and pruned."),
     method: str = typer.Option("heapr", "--method", help=f"Pruning method: {', '.join(METHODS)} (baselines: docs/quality.md)."),
+    streamed: Optional[bool] = typer.Option(None, "--streamed/--no-streamed", help="Materialise one decoder layer at a time (default: only when the model would not fit)."),
+    activations_dir: Optional[Path] = typer.Option(None, help="With streaming: keep the saved layer inputs in files here instead of host memory."),
+    resume: bool = typer.Option(False, help="Continue an interrupted calibration of this output from its last checkpoint."),
+    checkpoint_every: int = typer.Option(8, help="Checkpoint the statistics every N batches (a streamed run reads every layer twice per N batches)."),
 ) -> None:
     """Score every atomic expert with HEAPr (or a baseline --method) and write a smaller checkpoint."""
     start = time.perf_counter()
     _check_options(method, ratio, scope, align)
-    torch_dtype, torch_device = pick_dtype(dtype), pick_device(device)
+    ranks = distributed.ranks_from_env()
+    torch_device = distributed.device_for(ranks, pick_device(device))
     if batch_size < 1:
         raise HeaprError(f"--batch-size must be at least 1 (got {batch_size})")
+    if checkpoint_every < 1:
+        raise HeaprError(f"--checkpoint-every must be at least 1 (got {checkpoint_every})")
+    if activations_dir is not None and streamed is False:
+        raise HeaprError("--activations-dir holds a streamed run's saved layer inputs; drop it or drop --no-streamed")
     source = resolve_model(model)
     check_output_path(source, out, overwrite)
     config = _check_source(source)
+    torch_dtype = SourceCheckpoint(source).dtype if dtype == "auto" else pick_dtype(dtype)
     tokenizer = load_tokenizer(source)
     calibration = load_calibration(calib, tokenizer, nsamples, seq_len, seed, int(config["vocab_size"]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
-    console.print(f"calibrating on {len(calibration.samples)} x {calibration.seq_len} tokens from {calibration.source} ({torch_device}, {dtype})")
-    model_obj = load_model(source, torch_dtype, torch_device)
+    what = (f"calibrating on {len(calibration.samples)} x {calibration.seq_len} tokens from {calibration.source} "
+            f"({torch_device}, {str(torch_dtype).removeprefix('torch.')})")
+    batches = list(calibration.batches(batch_size, pad_id))
     loss_scale = float(batch_size * calibration.seq_len)
-    with progress_bar() as progress:
-        task = progress.add_task("HEAPr statistics", total=calibration.num_tokens)
-        stats = collect_statistics(model_obj, calibration.batches(batch_size, pad_id), loss_scale, lambda n: progress.advance(task, n))
+    fingerprint = source_fingerprint(source)
+    identity = {"source_fingerprint": fingerprint, "calibration_sha256": calibration.sha256, "batch_size": batch_size,
+                "dtype": str(torch_dtype), "checkpoint_every": checkpoint_every, "world_size": ranks.world}
+    opts = RunOptions(torch_dtype, torch_device, batch_size, streamed, activations_dir, checkpoint_every, resume, overwrite)
+    stats = run_calibration(source, config, batches, [int(b[1].sum()) for b in batches], loss_scale, out, identity, opts,
+                            lambda dt, dev: load_model(source, dt, dev), what)
+    if stats is None:  # another rank than 0: rank 0 writes
+        return
     stats.metadata.update({"source_model": str(source), "model_type": config["model_type"], "calibration": calibration.describe(),
-                           "source_fingerprint": source_fingerprint(source)})
-    del model_obj
+                           "source_fingerprint": fingerprint})
     gc.collect()
 
     result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed)
+    finish_run(out, identity)
     _warn_unrouted(result.plan, keep_unrouted)
     console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch_device)))
     if evaluate:

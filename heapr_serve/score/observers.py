@@ -110,6 +110,25 @@ class HeaprObserver(ExpertObserver):
 
             activation.register_hook(accumulate)
 
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Every running sum by name: what ranks all-reduce and a resumable run checkpoints."""
+        out = {}
+        for layer in sorted(self.stats.act_sq):
+            out[f"act_sq.{layer}"] = self.stats.act_sq[layer]
+            out[f"grad_sq.{layer}"] = self.stats.grad_sq[layer]
+            out[f"tokens.{layer}"] = self.stats.tokens[layer]
+        return out
+
+    def load_sums(self, sums: dict[str, torch.Tensor]) -> None:
+        """Continue from saved sums (a resumed run): they replace this observer's, layer by layer."""
+        for name, value in sums.items():
+            kind, layer = name.rsplit(".", 1)
+            self._store(kind)[int(layer)] = value.clone()
+            self._allocated.add(int(layer))
+
+    def _store(self, kind: str) -> dict[int, torch.Tensor]:
+        return {"act_sq": self.stats.act_sq, "grad_sq": self.stats.grad_sq, "tokens": self.stats.tokens}[kind]
+
     def result(self) -> ExpertStats:
         return self.stats
 
@@ -130,6 +149,12 @@ class MethodStatsObserver(HeaprObserver):
         super().observe(layer, expert, tokens, activation, output, route_weights)
         norms = output.detach().float().norm(dim=-1) * route_weights.detach().float()
         self.reap[layer][expert] += self.real_rows(tokens, norms).double().sum()
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        return {**super().sums(), **{f"reap.{layer}": r for layer, r in sorted(self.reap.items())}}
+
+    def _store(self, kind: str) -> dict[int, torch.Tensor]:
+        return self.reap if kind == "reap" else super()._store(kind)
 
     def result(self) -> ExpertStats:
         self.stats.metadata[REAP_KEY] = {str(layer): r.cpu().tolist() for layer, r in sorted(self.reap.items())}

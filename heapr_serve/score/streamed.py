@@ -1,0 +1,196 @@
+"""The streamed calibration pass: exact HEAPr statistics with one decoder layer resident at a time.
+
+The statistics need a (forward) and dL/da (backward) of the *whole* model's loss, so a layer-by-layer
+observer without a backward is not enough. Exact and small, by recomputation at layer granularity
+(design §6), layer-major over the batches so each layer is read from disk twice per pass:
+
+    forward:  h_0 = embed(x); for l = 0..L-1: load layer l, save h_l, h_{l+1} = layer_l(h_l), unload
+    loss:     L = CE(lm_head(norm(h_L)), x[1:]) / constant, in chunks of tokens; g_L = dL/dh_L
+    backward: for l = L-1..0: load layer l, recompute h_{l+1} = layer_l(h_l) with autograd on h_l,
+              backprop g_{l+1} -> g_l (the observer records a and dL/da here, once), unload
+
+Memory: one layer's weights + the saved boundary states (host memory, or files in `activations_dir`)
++ one layer's autograd graph for one batch. The layers' own code runs unchanged: the decoder layer
+arguments (causal mask, rotary position embeddings) are captured from the stock model's forward.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from heapr_serve.checkpoint.source import SourceCheckpoint, build_meta_model
+from heapr_serve.score.moe_forward import use_sorted_forward
+
+
+class _Captured(Exception):
+    def __init__(self, kwargs):
+        self.kwargs = kwargs
+
+
+class _CaptureLayer(nn.Module):
+    """Stands in for decoder layer 0 once per batch: records the arguments the stock model passes
+    to its layers (mask, position ids and embeddings) and stops the forward there."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("decoder layers are expected to be called with keyword arguments after the hidden states")
+        raise _Captured(kwargs)
+
+
+class ActivationStore:
+    """Boundary hidden states h_l of every batch: host memory, or one file each under `folder`."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = None
+        self.memory: dict[tuple[int, int], torch.Tensor] = {}
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix="heapr-activations-", dir=folder))
+
+    def put(self, layer: int, batch: int, h: torch.Tensor) -> None:
+        h = h.detach().to("cpu")
+        if self.folder is None:
+            self.memory[(layer, batch)] = h
+        else:
+            torch.save(h, self.folder / f"h{layer}_{batch}.pt")
+
+    def get(self, layer: int, batch: int, device) -> torch.Tensor:
+        if self.folder is None:
+            return self.memory[(layer, batch)].to(device)
+        return torch.load(self.folder / f"h{layer}_{batch}.pt", weights_only=True).to(device)
+
+    def drop(self, layer: int, batch: int) -> None:
+        if self.folder is None:
+            self.memory.pop((layer, batch), None)
+        else:
+            (self.folder / f"h{layer}_{batch}.pt").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.memory.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _unload(module: nn.Module) -> None:
+    module.to("meta")
+
+
+class StreamedPass:
+    """Calibration over a model read from `source` one module at a time (CPU or CUDA `device`)."""
+
+    def __init__(self, source: Path, dtype: torch.dtype, device: torch.device, activations_dir: Path | None = None,
+                 loss_chunk_tokens: int = 2048, on_step: Callable[[str], None] | None = None):
+        self.source = SourceCheckpoint(source)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.activations_dir = activations_dir
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.on_step = on_step  # called once per layer visit (2 L + 1 per run), for progress
+
+    def steps_per_run(self) -> int:
+        return 2 * self.source.num_layers + 1
+
+    def _step(self, what: str) -> None:
+        if self.on_step is not None:
+            self.on_step(what)
+
+    def _load_layer(self, model, layer: int) -> nn.Module:
+        module = model.model.layers[layer]
+        self.source.load_module(module, f"model.layers.{layer}.", self.device)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        use_sorted_forward(module)
+        return module
+
+    def run(self, batches, observer, loss_scale, progress=None) -> None:
+        batches = list(batches)
+        model = build_meta_model(self.source.path, self.dtype)
+        inner = model.model
+        num_layers = self.source.num_layers
+        store = ActivationStore(self.activations_dir)
+        try:
+            # embeddings, and the decoder-layer arguments of every batch from the stock forward
+            self.source.load_module(inner.embed_tokens, "model.embed_tokens.", self.device)
+            rotary = inner.rotary_emb
+            inner.rotary_emb = type(rotary)(config=rotary.config).to(self.device)
+            layers = inner.layers
+            inner.layers = nn.ModuleList([_CaptureLayer()])
+            layer_kwargs, masks = [], []
+            with torch.no_grad():
+                for b, (input_ids, attention_mask, _) in enumerate(batches):
+                    input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+                    h0 = inner.embed_tokens(input_ids)
+                    try:
+                        inner(inputs_embeds=h0, attention_mask=attention_mask, use_cache=False)
+                        raise RuntimeError("the model's forward never reached its decoder layers")
+                    except _Captured as captured:
+                        layer_kwargs.append(captured.kwargs)
+                    masks.append(attention_mask)
+                    store.put(0, b, h0)
+            inner.layers = layers
+            _unload(inner.embed_tokens)
+
+            # forward, layer-major: save every layer's input
+            with torch.no_grad():
+                for layer in range(num_layers):
+                    module = self._load_layer(model, layer)
+                    for b in range(len(batches)):
+                        store.put(layer + 1, b, module(store.get(layer, b, self.device), **layer_kwargs[b]))
+                    _unload(module)
+                    self._step(f"forward layer {layer}")
+
+            # the loss at the top, in chunks of tokens; gradient at h_L
+            self.source.load_module(inner.norm, "model.norm.", self.device)
+            self.source.load_module(model.lm_head, "lm_head.", self.device)
+            for p in [*inner.norm.parameters(), *model.lm_head.parameters()]:
+                p.requires_grad_(False)
+            grads = []
+            for b, (_, _, labels) in enumerate(batches):
+                h = store.get(num_layers, b, self.device).requires_grad_(True)
+                store.drop(num_layers, b)
+                self._loss_backward(model, h, labels.to(self.device), loss_scale)
+                grads.append(h.grad.to("cpu") if self.device.type == "cuda" else h.grad)
+            _unload(inner.norm)
+            _unload(model.lm_head)
+            self._step("loss")
+
+            # backward, layer-major: recompute each layer with autograd, observe, pass the gradient down
+            for layer in reversed(range(num_layers)):
+                module = self._load_layer(model, layer)
+                moe = {layer: module.mlp} if getattr(module.mlp, "experts", None) is not None else {}
+                observer.attach(moe)
+                try:
+                    for b in range(len(batches)):
+                        observer.begin_batch(masks[b])
+                        h = store.get(layer, b, self.device).requires_grad_(True)
+                        store.drop(layer, b)
+                        out = module(h, **layer_kwargs[b])
+                        out.backward(grads[b].to(self.device))
+                        grads[b] = h.grad.to("cpu") if self.device.type == "cuda" else h.grad
+                        del out, h
+                finally:
+                    observer.detach()
+                _unload(module)
+                self._step(f"backward layer {layer}")
+            if progress is not None:
+                for mask in masks:
+                    progress(int(mask.sum()))
+        finally:
+            store.close()
+
+    def _loss_backward(self, model, h: torch.Tensor, labels: torch.Tensor, loss_scale: float) -> None:
+        """The calibration loss (next_token_loss) over chunks of `loss_chunk_tokens` positions, never
+        the whole batch's float32 logits at once; each chunk's backward adds its share to h.grad, so
+        the gradient is the full loss's."""
+        x = h[:, :-1].reshape(-1, h.shape[-1])
+        targets = labels[:, 1:].reshape(-1)
+        for start in range(0, x.shape[0], self.loss_chunk_tokens):
+            rows = slice(start, start + self.loss_chunk_tokens)
+            logits = model.lm_head(model.model.norm(x[rows])).float()
+            loss = torch.nn.functional.cross_entropy(logits, targets[rows], ignore_index=-100, reduction="sum")
+            (loss / loss_scale).backward(retain_graph=start + self.loss_chunk_tokens < x.shape[0])

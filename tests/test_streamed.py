@@ -55,14 +55,15 @@ def test_streamed_statistics_equal_in_memory(tiny_models, family, tmp_path):
     calib = _calibration()
     model = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32)
     in_memory = collect_statistics(model, calib.batches(2, pad_id=0), loss_scale=96.0)
-    # a loss chunk smaller than a batch: the chunked cross-entropy must give the same gradient
-    streamed = collect(StreamedPass(tiny_models[family], torch.float32, torch.device("cpu"), loss_chunk_tokens=37),
-                       calib.batches(2, pad_id=0), 96.0)
+    # a loss chunk smaller than a batch, and the recomputation one sequence at a time: the chunked
+    # cross-entropy and the per-sequence graphs must give the statistics of the whole batch
+    streamed = collect(StreamedPass(tiny_models[family], torch.float32, torch.device("cpu"), loss_chunk_tokens=37,
+                                    recompute_tokens=40), calib.batches(2, pad_id=0), 96.0)
     assert sorted(streamed.act_sq) == sorted(in_memory.act_sq)
     assert _max_rel(in_memory, streamed) < 1e-5
     # saved layer inputs on disk instead of host memory: the same numbers, and no file left behind
     on_disk = collect(StreamedPass(tiny_models[family], torch.float32, torch.device("cpu"), loss_chunk_tokens=37,
-                                  activations_dir=tmp_path / "acts"),
+                                  recompute_tokens=40, activations_dir=tmp_path / "acts"),
                       calib.batches(2, pad_id=0), 96.0)
     assert _max_rel(streamed, on_disk) == 0.0
     assert list((tmp_path / "acts").iterdir()) == []

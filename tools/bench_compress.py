@@ -8,13 +8,24 @@ On a random MoE with Qwen3-30B-A3B's proportions scaled down to fit a CPU (exper
   (c) two-stage (explicit H x H covariance) time / one-pass time
 Runs alternate A and B several times and report medians, so machine noise hits both alike.
 
+With --streamed it measures the streamed calibration pass instead (each run in a fresh process, so
+peak resident memory is that run's own; in-memory and streamed alternate):
+  (d) streamed / in-memory wall time (load + calibration) on a model that fits    target <= 1.3
+  (e) streamed peak RSS - baseline, against 1.2 x (one decoder layer + saved activations)
+  (f) the same on a model whose float32 weights are >= 4x the streamed peak (streamed only)
+
 Usage: python -m tools.bench_compress [--hidden 512 --experts 64 --width 192 --layers 2 --repeats 3]
+       python -m tools.bench_compress --streamed [--big-layers 24 --big-hidden 1024 --big-experts 64 --big-width 512]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +57,145 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+GIB = 1024**3
+
+
+def write_random_qwen3_moe(folder: Path, layers: int, hidden: int, experts: int, width: int, top_k: int = 8,
+                           dtype: torch.dtype = torch.bfloat16, vocab: int = 4096, seed: int = 0) -> Path:
+    """A random Qwen3-MoE written one decoder layer (one shard) at a time, so a model far bigger
+    than memory can be made; per-expert 2-D tensors as transformers writes them."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    heads, kv, head_dim = max(1, hidden // 128), max(1, hidden // 512), 128
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": vocab,
+              "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv, "head_dim": head_dim, "num_experts": experts, "num_experts_per_tok": top_k,
+              "moe_intermediate_size": width, "intermediate_size": 4 * hidden, "decoder_sparse_step": 1,
+              "norm_topk_prob": True, "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+              "rope_theta": 1e6, "tie_word_embeddings": False, "eos_token_id": 0, "pad_token_id": 0,
+              "dtype": str(dtype).removeprefix("torch."), "attention_bias": False}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, fan_in):
+        return (torch.randn(*shape, generator=gen) * fan_in**-0.5).to(dtype)
+
+    weight_map = {}
+
+    def shard(name: str, tensors: dict) -> None:
+        save_file(tensors, str(folder / name))
+        weight_map.update({k: name for k in tensors})
+
+    shard("model-embed.safetensors", {"model.embed_tokens.weight": rnd(vocab, hidden, fan_in=1), "model.norm.weight": torch.ones(hidden, dtype=dtype),
+                                      "lm_head.weight": rnd(vocab, hidden, fan_in=hidden)})
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        t = {p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype), p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype),
+             p + "self_attn.q_proj.weight": rnd(heads * head_dim, hidden, fan_in=hidden),
+             p + "self_attn.k_proj.weight": rnd(kv * head_dim, hidden, fan_in=hidden),
+             p + "self_attn.v_proj.weight": rnd(kv * head_dim, hidden, fan_in=hidden),
+             p + "self_attn.o_proj.weight": rnd(hidden, heads * head_dim, fan_in=heads * head_dim),
+             p + "self_attn.q_norm.weight": torch.ones(head_dim, dtype=dtype), p + "self_attn.k_norm.weight": torch.ones(head_dim, dtype=dtype),
+             p + "mlp.gate.weight": rnd(experts, hidden, fan_in=hidden)}
+        for e in range(experts):
+            t[p + f"mlp.experts.{e}.gate_proj.weight"] = rnd(width, hidden, fan_in=hidden)
+            t[p + f"mlp.experts.{e}.up_proj.weight"] = rnd(width, hidden, fan_in=hidden)
+            t[p + f"mlp.experts.{e}.down_proj.weight"] = rnd(hidden, width, fan_in=width)
+        shard(f"model-layer{layer:03d}.safetensors", t)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(mode: str, folder: Path, nsamples: int, seq_len: int, batch_size: int, dtype: str) -> None:
+    """One calibration in this (fresh) process; prints JSON: baseline and peak RSS, wall times."""
+    import heapr_serve  # noqa: F401
+    from heapr_serve.score.calibration_pass import collect
+    from heapr_serve.score.streamed import StreamedPass
+
+    torch_dtype = getattr(torch, dtype)
+    config = json.loads((folder / "config.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    calib = CalibrationSet([torch.randint(0, config["vocab_size"], (seq_len,), generator=g) for _ in range(nsamples)], "random", seq_len)
+    batches = list(calib.batches(batch_size, 0))
+    baseline = _peak_rss()
+    start = time.perf_counter()
+    if mode == "in-memory":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        loaded = time.perf_counter()
+        collect_statistics(model, batches, float(batch_size * seq_len))
+    else:
+        loaded = start
+        collect(StreamedPass(folder, torch_dtype, torch.device("cpu")), batches, float(batch_size * seq_len))
+    end = time.perf_counter()
+    print(json.dumps({"baseline": baseline, "peak": _peak_rss(), "wall": end - start, "load": loaded - start}))
+
+
+def _run_child(mode: str, folder: Path, args, dtype: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "tools.bench_compress", "--child", mode, str(folder), "--nsamples", str(args.nsamples),
+                          "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--dtype", dtype],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _layer_and_activation_bytes(folder: Path, args, dtype: str) -> tuple[int, int]:
+    from heapr_serve.score.memory import estimate
+
+    config = json.loads((folder / "config.json").read_text())
+    need = estimate(folder, config, getattr(torch, dtype), args.batch_size, args.seq_len, -(-args.nsamples // args.batch_size))
+    per = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    saved = args.nsamples * args.seq_len * config["hidden_size"] * per * (config["num_hidden_layers"] + 1)
+    return need.largest_layer, saved
+
+
+def streamed_main(args) -> None:
+    table = Table(title=f"streamed calibration ({args.nsamples} x {args.seq_len} tokens, batch {args.batch_size}, {args.dtype}); "
+                        "medians of alternating fresh processes")
+    for col in ("model", "mode", "wall s", "peak RSS GiB", "over baseline GiB", "1.2 x (layer + saved) GiB", "ratio / target"):
+        table.add_column(col, justify="right" if col not in ("model", "mode") else "left")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        small = write_random_qwen3_moe(Path(tmp) / "small", args.layers, args.hidden, args.experts, args.width, dtype=torch.float32)
+        runs = {"in-memory": [], "streamed": []}
+        for _ in range(args.repeats):
+            for mode in runs:
+                runs[mode].append(_run_child(mode, small, args, args.dtype))
+        layer, saved = _layer_and_activation_bytes(small, args, args.dtype)
+        med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
+        wall_ratio = med["streamed"]["wall"] / med["in-memory"]["wall"]
+        for mode in runs:
+            over = med[mode]["peak"] - med[mode]["baseline"]
+            ratio = f"(d) {wall_ratio:.2f} <= 1.3" if mode == "streamed" else ""
+            bound = f"{1.2 * (layer + saved) / GIB:.3f}" if mode == "streamed" else ""
+            if mode == "streamed":
+                ratio += f"; (e) {over / (1.2 * (layer + saved)):.2f} <= 1"
+            table.add_row(f"{args.layers} x {args.experts} x {args.width}, hidden {args.hidden}", mode, f"{med[mode]['wall']:.2f}",
+                          f"{med[mode]['peak'] / GIB:.3f}", f"{over / GIB:.3f}", bound, ratio)
+        if not args.skip_big:
+            big = write_random_qwen3_moe(Path(tmp) / "big", args.big_layers, args.big_hidden, args.big_experts, args.big_width)
+            shutil_free(small)
+            r = _run_child("streamed", big, args, args.dtype)
+            layer, saved = _layer_and_activation_bytes(big, args, args.dtype)
+            from heapr_serve.checkpoint.format import count_source_params
+
+            fp32 = count_source_params(big) * 4
+            over = r["peak"] - r["baseline"]
+            table.add_row(f"{args.big_layers} x {args.big_experts} x {args.big_width}, hidden {args.big_hidden} "
+                          f"(float32 weights {fp32 / GIB:.1f} GiB)", "streamed", f"{r['wall']:.1f}", f"{r['peak'] / GIB:.3f}",
+                          f"{over / GIB:.3f}", f"{1.2 * (layer + saved) / GIB:.3f}",
+                          f"(e) {over / (1.2 * (layer + saved)):.2f} <= 1; (f) fp32 weights / peak {fp32 / r['peak']:.1f} >= 4")
+    Console(width=200).print(table)
+
+
+def shutil_free(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
@@ -58,7 +208,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-two-stage", action="store_true")
+    parser.add_argument("--streamed", action="store_true", help="measure the streamed pass (see above)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--big-layers", type=int, default=24)
+    parser.add_argument("--big-hidden", type=int, default=1024)
+    parser.add_argument("--big-experts", type=int, default=64)
+    parser.add_argument("--big-width", type=int, default=512)
+    parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the random models are written (default: the temp dir)")
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args.child[0], Path(args.child[1]), args.nsamples, args.seq_len, args.batch_size, args.dtype)
+    if args.streamed:
+        return streamed_main(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     with tempfile.TemporaryDirectory() as tmp:

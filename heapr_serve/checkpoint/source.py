@@ -15,18 +15,64 @@ never resident. Everything a real checkpoint may hold is handled here, once:
 
 from __future__ import annotations
 
+import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from heapr_serve.checkpoint.format import open_safetensors, read_config, safetensors_files
+from heapr_serve.checkpoint.format import read_config, safetensors_files
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family, family_for
 
 SCALE_SUFFIX = "_scale_inv"
 _PER_EXPERT = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _RawSafetensors:
+    """Reads safetensors tensors with plain file reads into fresh tensors, not through a memory map:
+    mapped file pages count as this process's resident memory while the file is open, which would
+    double a streamed layer's footprint. Same format, same one-line errors."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> "_RawSafetensors":
+        try:
+            self.f = open(self.path, "rb")
+            size = int.from_bytes(self.f.read(8), "little")
+            if not 0 < size < 100 << 20:
+                raise ValueError("bad header length")
+            self.header = json.loads(self.f.read(size))
+            self.base = 8 + size
+        except (OSError, ValueError) as err:
+            raise HeaprError(f"{self.path}: not a readable safetensors file ({err}); re-download or re-create it") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header.get(name)
+        if info is None or info.get("dtype") not in _DTYPES:
+            raise HeaprError(f"{self.path}: no readable tensor {name} in its header")
+        start, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        view = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        if view is not None:
+            if view.nbytes != end - start:
+                raise HeaprError(f"{self.path}: tensor {name} has {end - start} bytes for shape {info['shape']}; the file is corrupt")
+            self.f.seek(self.base + start)
+            if self.f.readinto(memoryview(view)) != view.nbytes:
+                raise HeaprError(f"{self.path}: truncated while reading {name}; re-download or re-create it")
+        return out
 
 
 def fp8_block_size(config: dict) -> tuple[int, int] | None:
@@ -70,27 +116,23 @@ class SourceCheckpoint:
         return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
     def read(self, disk_names: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """The named tensors (FP8 ones dequantised to float32), one file opened at a time and closed
-        again, so only what was read stays resident."""
-        by_file: dict[str, list[str]] = {}
-        for name in disk_names:
-            if name not in self.files:
-                raise HeaprError(f"{self.path}: tensor {name} is missing from the checkpoint")
-            by_file.setdefault(self.files[name], []).append(name)
-        out = {}
-        for file, names in by_file.items():
-            with open_safetensors(self.path / file) as f:
-                keys = set(f.keys())
-                for name in names:
-                    tensor = f.get_tensor(name)
-                    scale_name = name + SCALE_SUFFIX
-                    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                        if self.fp8_block is None:
-                            raise HeaprError(f"{self.path / file}: {name} is FP8 but config.json declares no fp8 quantization_config")
-                        scale = f.get_tensor(scale_name) if scale_name in keys else self.read([scale_name])[scale_name]
-                        tensor = dequantize_fp8(tensor, scale, self.fp8_block)
-                    out[name] = tensor.to(device)
-        return out
+        """The named tensors (FP8 ones dequantised to float32); files are opened for this call only
+        and closed again, so only what was read stays resident."""
+        with ExitStack() as files:
+            return {name: self._get(name, files, {}).to(device) for name in disk_names}
+
+    def _get(self, name: str, stack: ExitStack, handles: dict) -> torch.Tensor:
+        if name not in self.files:
+            raise HeaprError(f"{self.path}: tensor {name} is missing from the checkpoint")
+        file = self.files[name]
+        if file not in handles:
+            handles[file] = stack.enter_context(_RawSafetensors(self.path / file))
+        tensor = handles[file].get_tensor(name)
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            if self.fp8_block is None:
+                raise HeaprError(f"{self.path / file}: {name} is FP8 but config.json declares no fp8 quantization_config")
+            tensor = dequantize_fp8(tensor, self._get(name + SCALE_SUFFIX, stack, handles), self.fp8_block)
+        return tensor
 
     # -- filling modules -----------------------------------------------------------------------------
 
@@ -123,19 +165,24 @@ class SourceCheckpoint:
                 plan[key] = names
         if missing:
             raise HeaprError(f"{self.path}: no tensor on disk for {missing[:3]}; is this a complete {self.family.architecture} checkpoint?")
-        tensors = self.read(sorted({n for names in plan.values() for n in names}))
-        with torch.no_grad():
+        # one source tensor at a time, copied into its place and freed: the peak is the module plus one tensor
+        handles: dict = {}
+        with torch.no_grad(), ExitStack() as files:
             for key, names in plan.items():
                 target = state[key]
                 if len(names) == 1:
-                    value = tensors[names[0]]
+                    parts = [(target, names[0])]
                 elif key.endswith("gate_up_proj"):  # [E, 2I, H] from per-expert gate [I, H] and up [I, H]
-                    value = torch.stack([torch.cat([tensors[g], tensors[u]]) for g, u in zip(names[::2], names[1::2])])
+                    half = target.shape[1] // 2
+                    parts = [(target[e // 2, (e % 2) * half : (e % 2 + 1) * half], n) for e, n in enumerate(names)]
                 else:  # down_proj [E, H, I]
-                    value = torch.stack([tensors[n] for n in names])
-                if tuple(value.shape) != tuple(target.shape):
-                    raise HeaprError(f"{self.path}: {names[0]} has shape {list(value.shape)}, the model expects {list(target.shape)} for {prefix + key}")
-                target.copy_(value)
+                    parts = [(target[e], n) for e, n in enumerate(names)]
+                for place, name in parts:
+                    value = self._get(name, files, handles)
+                    if tuple(value.shape) != tuple(place.shape):
+                        raise HeaprError(f"{self.path}: {name} has shape {list(value.shape)}, the model expects {list(place.shape)} for {prefix + key}")
+                    place.copy_(value)
+                    del value
         _rebuild_non_persistent_buffers(module, device)
         return module
 

@@ -16,6 +16,7 @@ arguments (causal mask, rotary position embeddings) are captured from the stock 
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import tempfile
 from pathlib import Path
@@ -78,18 +79,49 @@ class ActivationStore:
 
 
 def _unload(module: nn.Module) -> None:
+    """Back to the meta device; freed host memory is handed back to the OS at once (glibc keeps freed
+    blocks below its mmap threshold otherwise, and the next layer would come on top of them)."""
     module.to("meta")
+    _release_host_memory()
+
+
+def _release_host_memory() -> None:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def _rows(value, r: slice, rows: int):
+    """The decoder-layer arguments of rows `r` of a batch of `rows` sequences (per-sequence tensors,
+    such as the 4-D causal mask, are sliced; shared ones, such as position ids [1, T], are not)."""
+    if isinstance(value, torch.Tensor):
+        return value[r] if rows > 1 and value.dim() >= 1 and value.shape[0] == rows else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, r, rows) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, r, rows) for k, v in value.items()}
+    return value
 
 
 class StreamedPass:
     """Calibration over a model read from `source` one module at a time (CPU or CUDA `device`)."""
 
     def __init__(self, source: Path, dtype: torch.dtype, device: torch.device, activations_dir: Path | None = None,
-                 loss_chunk_tokens: int = 2048, on_step: Callable[[str], None] | None = None):
+                 loss_chunk_tokens: int = 2048, on_step: Callable[[str], None] | None = None,
+                 recompute_tokens: int = 256):
         self.source = SourceCheckpoint(source)
         self.dtype, self.device = dtype, torch.device(device)
         self.activations_dir = activations_dir
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.recompute_tokens = recompute_tokens
         self.on_step = on_step  # called once per layer visit (2 L + 1 per run), for progress
 
     def steps_per_run(self) -> int:
@@ -166,13 +198,9 @@ class StreamedPass:
                 observer.attach(moe)
                 try:
                     for b in range(len(batches)):
-                        observer.begin_batch(masks[b])
-                        h = store.get(layer, b, self.device).requires_grad_(True)
+                        grads[b] = self._recompute(module, store.get(layer, b, self.device), layer_kwargs[b], masks[b],
+                                                   grads[b], observer)
                         store.drop(layer, b)
-                        out = module(h, **layer_kwargs[b])
-                        out.backward(grads[b].to(self.device))
-                        grads[b] = h.grad.to("cpu") if self.device.type == "cuda" else h.grad
-                        del out, h
                 finally:
                     observer.detach()
                 _unload(module)
@@ -182,6 +210,21 @@ class StreamedPass:
                     progress(int(mask.sum()))
         finally:
             store.close()
+
+    def _recompute(self, module, h, kwargs, mask, grad, observer) -> torch.Tensor:
+        """Recompute one batch through `module` with autograd, a few sequences at a time (the graph of
+        `recompute_tokens` tokens, not of the batch, is alive at once: rows are independent), back-
+        propagate `grad`; returns the gradient at the module's input."""
+        rows = h.shape[0]
+        step = max(1, self.recompute_tokens // h.shape[1])
+        out_grad = torch.empty_like(h, device=grad.device)
+        for start in range(0, rows, step):
+            r = slice(start, start + step)
+            part = h[r].detach().requires_grad_(True)
+            observer.begin_batch(mask[r])
+            module(part, **_rows(kwargs, r, rows)).backward(grad[r].to(self.device))
+            out_grad[r] = part.grad.to(out_grad.device)
+        return out_grad
 
     def _loss_backward(self, model, h: torch.Tensor, labels: torch.Tensor, loss_scale: float) -> None:
         """The calibration loss (next_token_loss) over chunks of `loss_chunk_tokens` positions, never

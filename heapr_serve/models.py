@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -30,6 +31,12 @@ def resolve_model(model: str) -> Path:
         raise HeaprError(f"{model}: not a local folder and could not be fetched from the hub ({type(err).__name__}); download it first and pass the folder") from None
 
 
+def model_reference(model: str, path: Path) -> str:
+    """How a source is recorded (scores metadata, heapr.source_model) so that `apply` finds it again
+    from any working directory: a local folder by absolute path, a hub download by its hub id."""
+    return os.path.abspath(model) if Path(model).is_dir() else model
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,12 +55,18 @@ def pick_dtype(dtype: str) -> torch.dtype:
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device):
-    """Dense or pruned (through our transformers patch), in eval mode on `device`."""
+    """Dense or pruned (through our transformers patch), in eval mode on `device`. An FP8
+    block-quantised source (which transformers cannot load on CPU) is read dequantised to `dtype`."""
     import heapr_serve  # noqa: F401  (installs the pruned-checkpoint patch)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
+    from heapr_serve.checkpoint.format import is_pruned, read_config
+    from heapr_serve.checkpoint.source import fp8_block_size, load_dense
+
     logging.disable_progress_bar()
+    if not is_pruned(Path(path)) and fp8_block_size(read_config(Path(path)), Path(path) / "config.json") is not None:
+        return load_dense(Path(path), dtype, device).eval()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model.to(device).eval()
 

@@ -33,18 +33,30 @@ def tiny_models(tmp_path_factory, tiny_tokenizer):
     return {family: build_tiny_model(family, root / family, seed=1, tok=tiny_tokenizer) for family in FAMILIES}
 
 
-def run_cli(*args: str, capsys) -> tuple[int, str, str]:
-    """Run the real console entry point in-process; return (exit code, stdout, stderr)."""
+def run_cli(*args: str, capsys=None) -> tuple[int, str, str]:
+    """Run the real console entry point in-process; return (exit code, stdout, stderr). Without
+    `capsys` (module-scoped fixtures have none) the output is captured by redirecting sys.stdout/err."""
+    import contextlib
+    import io
+
     from heapr_serve import cli
 
     argv = sys.argv
     sys.argv = ["heapr-serve", *map(str, args)]
     code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = argv
+    out, err = io.StringIO(), io.StringIO()
+    redirect = contextlib.nullcontext() if capsys is not None else contextlib.ExitStack()
+    with redirect as stack:
+        if capsys is None:
+            stack.enter_context(contextlib.redirect_stdout(out))
+            stack.enter_context(contextlib.redirect_stderr(err))
+        try:
+            cli.main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            sys.argv = argv
+    if capsys is None:
+        return code, out.getvalue(), err.getvalue()
     captured = capsys.readouterr()
     return code, captured.out, captured.err

@@ -4,15 +4,33 @@ Each folder is a normal Hugging Face checkpoint (config, safetensors with per-ex
 transformers writes them, the project's tokenizer), small enough to load in seconds, with shapes vLLM's
 CPU backend accepts (head_dim 64; DeepSeek-V3's MLA with kv_lora_rank + qk_rope_head_dim = 576).
 
+Options make the layouts real checkpoints have (`build_tiny_model(..., mtp_layers=1, fp8_block=(128, 128),
+fused_experts=True, shard_bytes=1 << 20)`):
+
+- `mtp_layers`: DeepSeek-V3's multi-token-prediction layers `model.layers.{num_hidden_layers + i}.*` (a
+  full MoE decoder layer plus embed_tokens, enorm, hnorm, eh_proj, shared_head.norm/.head), declared by
+  `num_nextn_predict_layers`; transformers and vLLM's main model ignore them;
+- `fp8_block`: FP8 e4m3 block quantisation as DeepSeek-V3 / Qwen3-FP8 ship it: every linear weight
+  (not embeddings, heads, norms, routers) as float8_e4m3fn plus a float32 `weight_scale_inv`
+  [ceil(out/b0), ceil(in/b1)] (partial edge blocks where a width is not a multiple of the block),
+  everything else bfloat16 but `e_score_correction_bias` (float32), and the `quantization_config`;
+- `fused_experts`: routed experts on disk as `experts.gate_up_proj [E, 2I, H]` / `experts.down_proj [E, H, I]`;
+- `shard_bytes`: several safetensors shards with an index (FP8 scales all in the last shards, away
+  from their weights, so readers must look them up across files).
+
 Usage: python tools/build_tiny_models.py OUT_DIR [--family qwen3_moe ...] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 VOCAB = 4096
@@ -57,18 +75,149 @@ def tokenizer():
     return build_tokenizer(VOCAB)
 
 
-def build_tiny_model(family: str, out: Path, seed: int = 0, tok=None, **overrides) -> Path:
-    """Write a random `family` model to `out` and return it. `overrides` change config fields."""
+def build_tiny_model(family: str, out: Path, seed: int = 0, tok=None, *, mtp_layers: int | None = None,
+                     fp8_block: tuple[int, int] | None = None, fused_experts: bool = False,
+                     shard_bytes: int | None = None, **overrides) -> Path:
+    """Write a random `family` model to `out` and return it. `overrides` change config fields; the
+    keyword options (module docstring) give it the on-disk layouts of real checkpoints."""
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, **{**CONFIGS[family], **overrides})
+    fields = {**CONFIGS[family], **overrides}
+    if mtp_layers is not None:
+        fields["num_nextn_predict_layers"] = mtp_layers
+    config = AutoConfig.for_model(family, **fields)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # score-correction bias is zero at init; give routing something to do
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.normal_(0, 0.1)
+    out = Path(out)
     model.save_pretrained(out)
     (tok or tokenizer()).save_pretrained(out)
-    return Path(out)
+    if not (mtp_layers or fp8_block or fused_experts or shard_bytes):
+        return out
+
+    tensors = {}
+    for file in sorted(out.glob("model*.safetensors")):
+        tensors.update(load_file(file))
+        file.unlink()
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    saved = json.loads((out / "config.json").read_text())
+    if mtp_layers:
+        tensors.update(mtp_tensors(tensors, saved, mtp_layers, seed))
+    if fused_experts:
+        tensors = fuse_experts(tensors)
+    if fp8_block:
+        tensors = quantize_checkpoint(tensors, fp8_block)
+        saved["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": list(fp8_block)}
+        saved["dtype"] = "bfloat16"
+    save_shards(tensors, out, shard_bytes)
+    (out / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+    return out
+
+
+def mtp_tensors(tensors: dict[str, torch.Tensor], config: dict, count: int, seed: int) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3's MTP layers: layer `num_hidden_layers + i` is a random MoE decoder layer shaped like
+    the last one, plus the MTP parts (embed_tokens, enorm, hnorm, eh_proj, shared_head)."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    base, hidden, vocab = config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]
+    last = f"model.layers.{base - 1}."
+    new = {}
+    for i in range(count):
+        layer = f"model.layers.{base + i}."
+        for name, t in tensors.items():
+            if not name.startswith(last):
+                continue
+            if "norm" in name:
+                value = 1 + 0.1 * torch.randn(t.shape, generator=gen)
+            else:
+                value = torch.randn(t.shape, generator=gen) * (float(t.float().std()) or 0.1)
+            new[layer + name[len(last):]] = value.to(t.dtype)
+        new[layer + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+        for part in ("enorm", "hnorm", "shared_head.norm"):
+            new[f"{layer}{part}.weight"] = 1 + 0.1 * torch.randn(hidden, generator=gen)
+        new[layer + "eh_proj.weight"] = 0.02 * torch.randn(hidden, 2 * hidden, generator=gen)
+        new[layer + "shared_head.head.weight"] = 0.02 * torch.randn(vocab, hidden, generator=gen)
+    return new
+
+
+_PER_EXPERT = re.compile(r"^(?P<owner>.*layers\.\d+\.[a-z_]+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert gate/up/down -> `experts.gate_up_proj [E, 2I, H]` and `experts.down_proj [E, H, I]`."""
+    groups: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    out = {}
+    for name, t in tensors.items():
+        m = _PER_EXPERT.match(name)
+        if m:
+            groups.setdefault(m["owner"], {}).setdefault(m["proj"], {})[int(m["expert"])] = t
+        else:
+            out[name] = t
+    for owner, projs in groups.items():
+        experts = sorted(projs["gate_proj"])
+        out[f"{owner}.gate_up_proj"] = torch.stack([torch.cat([projs["gate_proj"][e], projs["up_proj"][e]]) for e in experts])
+        out[f"{owner}.down_proj"] = torch.stack([projs["down_proj"][e] for e in experts])
+    return out
+
+
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+def quantize_fp8_block(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, float32 scale_inv [..., ceil(rows/b0), ceil(cols/b1)]) with
+    weight ~= fp8 * scale_inv per block, as DeepSeek-V3's FP8 checkpoints store it."""
+    rows, cols = weight.shape[-2:]
+    r, c = -(-rows // block[0]), -(-cols // block[1])
+    padded = F.pad(weight.float(), (0, c * block[1] - cols, 0, r * block[0] - rows))
+    tiles = padded.reshape(*weight.shape[:-2], r, block[0], c, block[1])
+    scale = (tiles.abs().amax(dim=(-3, -1)) / FP8_MAX).clamp(min=1e-12)
+    q = (tiles / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(padded.shape)[..., :rows, :cols].contiguous(), scale.float()
+
+
+_NOT_QUANTISED = ("embed_tokens", "lm_head", "shared_head.head", "norm", ".mlp.gate.weight", "shared_expert_gate")
+
+
+def quantize_checkpoint(tensors: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Every linear weight (2-D `.weight`, or a fused expert stack) to FP8 with block scales; the rest
+    bfloat16, but `e_score_correction_bias`, which DeepSeek-V3 ships in float32."""
+    out = {}
+    for name, t in tensors.items():
+        linear = (t.dim() == 2 and name.endswith(".weight")) or name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        if linear and not any(part in name for part in _NOT_QUANTISED):
+            out[name], out[name + "_scale_inv"] = quantize_fp8_block(t, block)
+        elif name.endswith("e_score_correction_bias"):
+            out[name] = t.float()
+        else:
+            out[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
+    return out
+
+
+def save_shards(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: int | None) -> None:
+    """`model.safetensors`, or shards of about `shard_bytes` with an index; FP8 scales go last, so most
+    sit in another shard than their weights."""
+    names = sorted(n for n in tensors if not n.endswith("_scale_inv")) + sorted(n for n in tensors if n.endswith("_scale_inv"))
+    if not shard_bytes:
+        save_file({n: tensors[n].contiguous() for n in names}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, current, size = [], [], 0
+    for name in names:
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in shard}, str(out / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def main() -> None:

@@ -20,6 +20,11 @@ FORMAT_VERSION = 1
 # (`...layers.3.mlp.experts.gate_up_proj`); shared by the validator, the writer and the baselines.
 PER_EXPERT_TENSOR = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 FUSED_EXPERTS_TENSOR = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+# The decoder layer a tensor belongs to (`model.layers.61.enorm.weight` -> 61), for any tensor.
+LAYER_OF_TENSOR = re.compile(r"(?:^|\.)layers\.(?P<layer>\d+)\.")
+# FP8 block scales (DeepSeek-V3, Qwen3-FP8): `<weight name>_scale_inv` beside each quantised weight.
+SCALE_SUFFIX = "_scale_inv"
+MTP_REASON = "MTP (num_nextn_predict_layers), not calibrated"
 
 
 @contextmanager
@@ -112,6 +117,46 @@ def parse_widths(config: dict, config_file: Path | str) -> dict[int, list[int]]:
 
 
 
+def tensor_layer(name: str) -> int | None:
+    m = LAYER_OF_TENSOR.search(name)
+    return int(m["layer"]) if m else None
+
+
+def extra_layers(config: dict, names, where: Path | str, extra_key: str | None) -> list[int]:
+    """Decoder layers past `num_hidden_layers` that have tensors in `names` (DeepSeek-V3's MTP layer
+    `model.layers.61.*`), checked against the config's count of them (`extra_key`,
+    e.g. num_nextn_predict_layers): a tensor of a layer the config does not declare is refused."""
+    base = int(_config_value(config, "num_hidden_layers"))
+    allowed = int(config.get(extra_key) or 0) if extra_key else 0
+    found = set()
+    for name in names:
+        layer = tensor_layer(name)
+        if layer is None or layer < base:
+            continue
+        if layer >= base + allowed:
+            declared = f" and {extra_key} {allowed}" if extra_key else ""
+            raise HeaprError(f"{where}: tensor {name} is for layer {layer}, but config.json declares num_hidden_layers {base}{declared}; "
+                             "remove the stray tensors or fix config.json")
+        found.add(layer)
+    return sorted(found)
+
+
+def parse_kept_whole(config: dict, config_file: Path | str, widths: dict[int, list[int]]) -> dict[int, str]:
+    """Layer -> reason, from `heapr.kept_whole_layers`: layers whose experts are stored at the dense width
+    (the MTP layer, which calibration never runs)."""
+    raw = config.get("heapr", {}).get("kept_whole_layers") or {}
+    if not isinstance(raw, dict):
+        raise HeaprError(f"{config_file}: heapr.kept_whole_layers must map layer indices to reasons")
+    kept = {}
+    for layer, reason in raw.items():
+        if not str(layer).isdigit():
+            raise HeaprError(f"{config_file}: heapr.kept_whole_layers has key {layer!r}, not a layer index")
+        if int(layer) in widths:
+            raise HeaprError(f"{config_file}: layer {layer} is both in heapr.expert_widths and heapr.kept_whole_layers")
+        kept[int(layer)] = str(reason)
+    return dict(sorted(kept.items()))
+
+
 def source_fingerprint(source: Path) -> str:
     """A cheap identity of a checkpoint's weights (size, head and tail of every shard), so `apply`
     can tell that saved scores belong to these weights and not to a retrained or replaced model."""
@@ -128,10 +173,12 @@ def source_fingerprint(source: Path) -> str:
 
 
 def count_source_params(source: Path) -> int:
-    """Parameters of a checkpoint, from the safetensors headers alone."""
+    """Parameters of a checkpoint, from the safetensors headers alone (FP8 block scales are not
+    parameters and are not counted)."""
     total = 0
     for file in sorted(set(safetensors_files(source).values())):
         with open_safetensors(Path(source) / file) as f:
             for name in f.keys():
-                total += torch.Size(f.get_slice(name).get_shape()).numel()
+                if not name.endswith(SCALE_SUFFIX):
+                    total += torch.Size(f.get_slice(name).get_shape()).numel()
     return total

@@ -42,3 +42,8 @@ def inspect_command(checkpoint: Path) -> None:
         f"scope {heapr.get('scope')}, align {heapr.get('align')}, dense width {ckpt.dense_width}, "
         f"experts at width 0: {sum(w == 0 for ws in ckpt.widths.values() for w in ws)}, source {heapr.get('source_model')}"
     )
+    for layer, reason in ckpt.kept_whole.items():
+        console.print(f"layer {layer} kept whole at the dense width: {reason}")
+    if heapr.get("source_quantization"):
+        q = heapr["source_quantization"]
+        console.print(f"source was {q.get('quant_method')} {q.get('weight_block_size')}-block quantised; written dequantised to {q.get('written_as')}")

@@ -25,6 +25,11 @@ def write_model_card(folder: Path, config: dict, plan, source_params: int, prune
         "",
         f"Requested ratio {heapr['ratio']:.2%}, effective {heapr['effective_ratio']:.2%}, scope `{heapr['scope']}`, align {heapr['align']}.",
         f"Calibration: {calib.get('source', '?')}, {calib.get('nsamples', '?')} x {calib.get('seq_len', '?')} tokens, sha256 `{calib.get('sha256', '?')[:16]}`.",
+        *[f"Layer {layer} is kept whole at the dense width: {reason}." for layer, reason in (heapr.get("kept_whole_layers") or {}).items()],
+        *[f"Layer {layer} was left out: {reason}." for layer, reason in (heapr.get("dropped_layers") or {}).items()],
+        *([f"The source was {heapr['source_quantization'].get('quant_method')} block-quantised "
+           f"({heapr['source_quantization'].get('weight_block_size')}); this checkpoint holds it dequantised to "
+           f"{heapr['source_quantization'].get('written_as')}."] if heapr.get("source_quantization") else []),
         "",
         "| layer | kept share | min width | max width | width-0 experts |",
         "|---:|---:|---:|---:|---:|",

@@ -8,9 +8,12 @@ never resident. Everything a real checkpoint may hold is handled here, once:
   stacks, both filled into transformers' fused experts;
 - FP8 block-quantised weights (DeepSeek-V3's `weight_scale_inv`, Qwen3-FP8): dequantised to the
   calibration dtype as they are read;
-- parameters the model keeps in float32 (DeepSeek-V3's `e_score_correction_bias`) stay float32,
-  because each tensor is copied into the module's own parameter, whose dtype the model chose;
-- tied input/output embeddings; decoder layers past `num_hidden_layers` (MTP) are never read.
+- parameters the model keeps in float32 (DeepSeek-V3's `e_score_correction_bias`) stay float32:
+  `build_meta_model` applies the model's `_keep_in_fp32_modules(_strict)` as `from_pretrained` does,
+  and each tensor is copied into the module's own parameter;
+- tied input/output embeddings; decoder layers past `num_hidden_layers` (MTP) are never read here
+  (the writer keeps them whole or drops them), but tensors of layers the config does not declare
+  are refused.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from heapr_serve.checkpoint.format import read_config, safetensors_files
+from heapr_serve.checkpoint.format import SCALE_SUFFIX, extra_layers, open_safetensors, read_config, safetensors_files
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family, family_for
 
-SCALE_SUFFIX = "_scale_inv"
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _PER_EXPERT = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -75,20 +78,41 @@ class _RawSafetensors:
         return out
 
 
-def fp8_block_size(config: dict) -> tuple[int, int] | None:
-    """(rows, cols) of the source's FP8 weight blocks, or None when it is not FP8 block-quantised."""
-    q = config.get("quantization_config") or {}
-    if str(q.get("quant_method", "")).lower() != "fp8":
+def fp8_block_size(config: dict, config_file: Path | str = "config.json") -> tuple[int, int] | None:
+    """(rows, cols) of the source's FP8 weight blocks, or None when it is not quantised; any other
+    quantisation, or FP8 that is not block-quantised with dynamic activation scales, is refused."""
+    q = config.get("quantization_config")
+    if not q:
         return None
+    method = str(q.get("quant_method", "")).lower() if isinstance(q, dict) else ""
+    if method != "fp8":
+        raise HeaprError(f"{config_file}: quantization_config.quant_method {method or '?'!r} is not supported; pass the "
+                         "unquantised checkpoint (or a block-quantised FP8 one, DeepSeek-V3 / Qwen3-FP8 style)")
     block = q.get("weight_block_size")
-    if not block:
-        raise HeaprError("config.json: quantization_config is fp8 without weight_block_size; only block-quantised FP8 sources (DeepSeek-V3 style) are supported")
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise HeaprError(f"{config_file}: quantization_config is fp8 without a valid weight_block_size (got {block!r}); "
+                         "only block-quantised FP8 sources (DeepSeek-V3 style, e.g. [128, 128]) are supported")
+    scheme = q.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise HeaprError(f"{config_file}: quantization_config.activation_scheme is {scheme!r}; only dynamic activation "
+                         "scaling (no stored input scales) is supported for FP8 sources")
     return int(block[0]), int(block[1])
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def check_scale_shape(weight_shape, scale_shape, block: tuple[int, int], name: str) -> None:
+    """A block scale has one entry per (block rows x block cols) tile, partial edge tiles included."""
+    *lead, rows, cols = weight_shape
+    expected = (*lead, -(-rows // block[0]), -(-cols // block[1]))
+    if tuple(scale_shape) != expected:
+        raise HeaprError(f"{name}{SCALE_SUFFIX} has shape {list(scale_shape)}, but {name} {list(weight_shape)} in "
+                         f"{block[0]}x{block[1]} blocks needs {list(expected)}; the checkpoint's scales do not match its weights")
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str = "weight") -> torch.Tensor:
     """W = W_fp8 * scale per (block rows x block cols) tile, in float32 (partial edge tiles included)."""
     rows, cols = weight.shape[-2:]
+    check_scale_shape(tuple(weight.shape), tuple(scale_inv.shape), block, name)
     scale = scale_inv.float().repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
     return weight.float() * scale
 
@@ -101,10 +125,36 @@ class SourceCheckpoint:
         self.config = read_config(self.path)
         self.family: Family = family_for(self.config)
         self.files = safetensors_files(self.path)  # disk name -> file
-        self.fp8_block = fp8_block_size(self.config)
+        self.fp8_block = fp8_block_size(self.config, self.path / "config.json")
         # transformers module name -> disk name, for every stored tensor but FP8 scales
         self.by_module = {self.family.module_tensor_name(n): n for n in self.files if not n.endswith(SCALE_SUFFIX)}
         self.num_layers = int(self.config["num_hidden_layers"])
+        # decoder layers past num_hidden_layers with tensors on disk (DeepSeek-V3's MTP layer); checked
+        self.extra_layers = extra_layers(self.config, self.files, self.path, self.family.extra_layers_key)
+        if self.fp8_block is None and (scale := next((n for n in self.files if n.endswith(SCALE_SUFFIX)), None)):
+            raise HeaprError(f"{self.path}: tensor {scale} is an FP8 block scale, but config.json declares no fp8 quantization_config")
+        if self.fp8_block is not None:
+            self._check_fp8_headers()
+
+    def _check_fp8_headers(self) -> None:
+        """Every FP8 weight has a block scale of the right shape (safetensors headers only), so a broken
+        checkpoint is refused before any calibration, not in the middle of it."""
+        shapes, fp8 = {}, []
+        for file in sorted(set(self.files.values())):
+            with open_safetensors(self.path / file) as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    shapes[name] = tuple(piece.get_shape())
+                    if piece.get_dtype().startswith("F8"):
+                        fp8.append((name, file))
+        for name, file in fp8:
+            scale = shapes.get(name + SCALE_SUFFIX)
+            if scale is None:
+                raise HeaprError(f"{self.path / file}: FP8 tensor {name} has no {name + SCALE_SUFFIX}; the checkpoint is incomplete")
+            try:
+                check_scale_shape(shapes[name], scale, self.fp8_block, name)
+            except HeaprError as err:
+                raise HeaprError(f"{self.path / file}: {err}") from None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -116,23 +166,41 @@ class SourceCheckpoint:
         return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
     def read(self, disk_names: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """The named tensors (FP8 ones dequantised to float32); files are opened for this call only
-        and closed again, so only what was read stays resident."""
-        with ExitStack() as files:
-            return {name: self._get(name, files, {}).to(device) for name in disk_names}
+        """The named tensors (FP8 ones dequantised to float32), one file opened at a time and closed
+        again, so only what was read stays resident."""
+        by_file: dict[str, list[str]] = {}
+        for name in disk_names:
+            if name not in self.files:
+                raise HeaprError(f"{self.path}: tensor {name} is missing from the checkpoint")
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, names in by_file.items():
+            with open_safetensors(self.path / file) as f:
+                for name in names:
+                    out[name] = self.get(f, name).to(device)
+        return out
 
-    def _get(self, name: str, stack: ExitStack, handles: dict) -> torch.Tensor:
-        if name not in self.files:
-            raise HeaprError(f"{self.path}: tensor {name} is missing from the checkpoint")
-        file = self.files[name]
-        if file not in handles:
-            handles[file] = stack.enter_context(_RawSafetensors(self.path / file))
-        tensor = handles[file].get_tensor(name)
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            if self.fp8_block is None:
-                raise HeaprError(f"{self.path / file}: {name} is FP8 but config.json declares no fp8 quantization_config")
-            tensor = dequantize_fp8(tensor, self._get(name + SCALE_SUFFIX, stack, handles), self.fp8_block)
-        return tensor
+    def get(self, f, name: str, fp8_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tensor `name` from the open file `f`; an FP8 one dequantised (in float32, then cast to
+        `fp8_dtype`) with its block scales, which may sit in another shard."""
+        tensor = f.get_tensor(name)
+        if tensor.dtype not in FP8_DTYPES:
+            return tensor
+        file = self.path / self.files.get(name, "?")
+        if self.fp8_block is None:
+            raise HeaprError(f"{file}: {name} is FP8 but config.json declares no fp8 quantization_config")
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self.files:
+            raise HeaprError(f"{file}: FP8 tensor {name} has no {scale_name}; the checkpoint is incomplete")
+        if self.files[scale_name] == self.files.get(name):
+            scale = f.get_tensor(scale_name)
+        else:
+            with open_safetensors(self.path / self.files[scale_name]) as g:
+                scale = g.get_tensor(scale_name)
+        try:
+            return dequantize_fp8(tensor, scale, self.fp8_block, name).to(fp8_dtype)
+        except HeaprError as err:
+            raise HeaprError(f"{file}: {err}") from None
 
     # -- filling modules -----------------------------------------------------------------------------
 
@@ -165,7 +233,8 @@ class SourceCheckpoint:
                 plan[key] = names
         if missing:
             raise HeaprError(f"{self.path}: no tensor on disk for {missing[:3]}; is this a complete {self.family.architecture} checkpoint?")
-        # one source tensor at a time, copied into its place and freed: the peak is the module plus one tensor
+        # one source tensor at a time, read (plain file reads, no memory map) and copied into its place:
+        # the peak is the module plus one tensor
         handles: dict = {}
         with torch.no_grad(), ExitStack() as files:
             for key, names in plan.items():
@@ -178,7 +247,10 @@ class SourceCheckpoint:
                 else:  # down_proj [E, H, I]
                     parts = [(target[e], n) for e, n in enumerate(names)]
                 for place, name in parts:
-                    value = self._get(name, files, handles)
+                    file = self.files[name]
+                    if file not in handles:
+                        handles[file] = files.enter_context(_RawSafetensors(self.path / file))
+                    value = self.get(handles[file], name)
                     if tuple(value.shape) != tuple(place.shape):
                         raise HeaprError(f"{self.path}: {name} has shape {list(value.shape)}, the model expects {list(place.shape)} for {prefix + key}")
                     place.copy_(value)
@@ -204,8 +276,36 @@ def _rebuild_non_persistent_buffers(module: nn.Module, device) -> None:
             setattr(module, name, buf)
 
 
+def fp32_patterns(model, dtype: torch.dtype) -> re.Pattern | None:
+    """The model's own keep-in-float32 rule, as `from_pretrained` applies it: `_keep_in_fp32_modules`
+    when loading in float16, `_keep_in_fp32_modules_strict` in float16 or bfloat16 (DeepSeek-V3's
+    `e_score_correction_bias`). A regex to search tensor names with, or None."""
+    globs = set()
+    if dtype == torch.float16:
+        globs |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if dtype in (torch.float16, torch.bfloat16):
+        globs |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    return re.compile("|".join(g.replace("*", ".*") for g in sorted(globs))) if globs else None
+
+
+def keep_fp32(model, dtype: torch.dtype):
+    """Cast the tensors the model keeps in float32 back to float32 (in place; meta tensors too):
+    `from_config(dtype=...)`, unlike `from_pretrained`, casts everything."""
+    pattern = fp32_patterns(model, dtype)
+    if pattern is None:
+        return model
+    for module_name, module in model.named_modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is not None and tensor.is_floating_point() and pattern.search(f"{module_name}.{name}"):
+                    cast = tensor.to(torch.float32)
+                    store[name] = nn.Parameter(cast, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else cast
+    return model
+
+
 def build_meta_model(config_path: Path, dtype: torch.dtype):
-    """The transformers model of a dense folder, on the meta device (no memory), in `dtype`."""
+    """The transformers model of a dense folder, on the meta device (no memory), in `dtype` (but the
+    tensors the model keeps in float32 in float32, as `from_pretrained` would)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(config_path))
@@ -213,7 +313,7 @@ def build_meta_model(config_path: Path, dtype: torch.dtype):
         del config.quantization_config  # FP8 sources are dequantised on read
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+    return keep_fp32(model, dtype).eval()
 
 
 def load_dense(path: Path, dtype: torch.dtype, device: torch.device):

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from heapr_serve.checkpoint.format import (FUSED_EXPERTS_TENSOR, PER_EXPERT_TENSOR, dense_expert_width, open_safetensors,
-                                           parse_widths, read_config, safetensors_files)
+from heapr_serve.checkpoint.format import (FUSED_EXPERTS_TENSOR, PER_EXPERT_TENSOR, SCALE_SUFFIX, dense_expert_width, extra_layers,
+                                           num_routed_experts, open_safetensors, parse_kept_whole, parse_widths, read_config,
+                                           safetensors_files, tensor_layer)
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family, family_for
 
@@ -25,6 +26,8 @@ class PrunedCheckpoint:
     dense_width: int
     hidden_size: int
     tensor_files: dict[str, str]  # tensor name -> file name
+    kept_whole: dict[int, str]  # decoder layer -> why its experts are at the dense width (the MTP layer)
+    num_hidden_layers: int  # tensors of layers from here on (MTP) are not part of the model's forward
 
     @property
     def heapr(self) -> dict:
@@ -43,15 +46,30 @@ def validate_checkpoint(path: str | Path) -> PrunedCheckpoint:
         raise HeaprError(f"{config_file}: no `heapr` section, so this is not a pruned checkpoint")
     family = family_for(config)
     widths = parse_widths(config, config_file)
+    kept_whole = parse_kept_whole(config, config_file, widths)
     dense = int(config["heapr"].get("dense_width") or dense_expert_width(config))
     hidden = int(config["hidden_size"])
+    if config.get("quantization_config"):
+        raise HeaprError(f"{config_file}: has a quantization_config, but pruned checkpoints are written unquantised; "
+                         "re-create the folder with `heapr-serve compress`")
     files = safetensors_files(path)
 
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for file in sorted(set(files.values())):
         with open_safetensors(path / file) as f:
             for name in f.keys():
-                shapes[name] = (tuple(f.get_slice(name).get_shape()), file)
+                piece = f.get_slice(name)
+                if name.endswith(SCALE_SUFFIX) or piece.get_dtype().startswith("F8"):
+                    raise HeaprError(f"{path / file}: tensor {name} is FP8 data or an FP8 scale, but pruned checkpoints are "
+                                     "written unquantised; re-create the folder with `heapr-serve compress`")
+                shapes[name] = (tuple(piece.get_shape()), file)
+    extra = extra_layers(config, shapes, path, family.extra_layers_key)
+    undeclared = sorted(set(extra) - set(kept_whole))
+    if undeclared:
+        layer = undeclared[0]
+        name = next(n for n in shapes if tensor_layer(n) == layer)
+        raise HeaprError(f"{path / shapes[name][1]}: tensor {name} is for layer {layer} (past num_hidden_layers), which "
+                         "heapr.kept_whole_layers does not list; re-create the folder with `heapr-serve compress`")
 
     seen_expert_tensors = set()
     prefix = None
@@ -65,6 +83,13 @@ def validate_checkpoint(path: str | Path) -> PrunedCheckpoint:
         prefix = m["prefix"]
         if proj not in family.disk_projs or m["block"] != family.disk_block:
             raise HeaprError(f"{path / file}: unexpected expert tensor {name} for a {family.model_type} model")
+        if layer in kept_whole:
+            expected = (hidden, dense) if proj == family.disk_projs[2] else (dense, hidden)
+            if expert >= num_routed_experts(config) or shape != expected:
+                raise HeaprError(f"{path / file}: tensor {name} has shape {list(shape)} but layer {layer} is kept whole "
+                                 f"({kept_whole[layer]}), so its experts are at the dense width (expected {list(expected)})")
+            seen_expert_tensors.add(name)
+            continue
         if layer not in widths:
             raise HeaprError(f"{path / file}: tensor {name} is for layer {layer}, which heapr.expert_widths does not list")
         width = widths[layer][expert] if expert < len(widths[layer]) else None
@@ -89,4 +114,12 @@ def validate_checkpoint(path: str | Path) -> PrunedCheckpoint:
                 name = family.expert_tensor_name(prefix, layer, expert, proj)
                 if name not in seen_expert_tensors:
                     raise HeaprError(f"{path}: tensor {name} is missing (expert {expert} of layer {layer} is declared width {width})")
-    return PrunedCheckpoint(path, config, family, widths, dense, hidden, files)
+    for layer, reason in kept_whole.items():
+        names = [family.expert_tensor_name(prefix, layer, e, p) for e in range(num_routed_experts(config)) for p in range(3)]
+        if layer not in extra:
+            raise HeaprError(f"{config_file}: heapr.kept_whole_layers lists layer {layer} ({reason}), which has no tensors")
+        if any(n in seen_expert_tensors for n in names):  # a kept-whole MoE layer has every expert, whole
+            missing = next((n for n in names if n not in seen_expert_tensors), None)
+            if missing:
+                raise HeaprError(f"{path}: tensor {missing} is missing (layer {layer} is kept whole: {reason})")
+    return PrunedCheckpoint(path, config, family, widths, dense, hidden, files, kept_whole, int(config["num_hidden_layers"]))

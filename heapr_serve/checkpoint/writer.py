@@ -19,7 +19,10 @@ from safetensors.torch import save_file
 
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family
-from heapr_serve.checkpoint.format import FORMAT_VERSION, FUSED_EXPERTS_TENSOR, PER_EXPERT_TENSOR, open_safetensors, safetensors_files
+from heapr_serve.checkpoint.format import (FORMAT_VERSION, FUSED_EXPERTS_TENSOR, MTP_REASON, PER_EXPERT_TENSOR, SCALE_SUFFIX,
+                                           dense_expert_width, num_routed_experts, open_safetensors, tensor_layer)
+from heapr_serve.checkpoint.source import SourceCheckpoint
+from heapr_serve.progress import console
 
 # Files that travel with the weights; anything else in the source (its model card, training notes,
 # other formats) describes the dense model and stays behind.
@@ -134,29 +137,63 @@ def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[i
 
 
 def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: dict[int, list[torch.Tensor]],
-                            heapr: dict, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress=None) -> dict:
+                            heapr: dict, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress=None,
+                            drop_mtp: bool = False) -> dict:
     """Write weights, config, tokenizer and side files of the pruned model into `folder` (a staging
-    folder). Returns {"params": n, "bytes": n}."""
+    folder). Returns {"params": n, "bytes": n}.
+
+    Beyond the MoE layers in `keep`: decoder layers past num_hidden_layers (DeepSeek-V3's MTP layer)
+    are written whole, their experts per-expert at the dense width, and declared in
+    `heapr.kept_whole_layers`, or left out with `drop_mtp` (config's count of them set to 0). An FP8
+    block-quantised source is written dequantised to bfloat16, without its scales or its
+    quantization_config, and recorded in `heapr.source_quantization`."""
     source = Path(source)
-    files = safetensors_files(source)
+    src = SourceCheckpoint(source)
+    config = json.loads((source / "config.json").read_text())
+    extra = src.extra_layers
+    dense, num_experts = dense_expert_width(config), num_routed_experts(config)
+    slices = dict(keep)
+    if not drop_mtp:
+        slices.update({layer: [torch.arange(dense)] * num_experts for layer in extra})
+    fp8 = src.fp8_block is not None
+    if fp8:
+        console.print(f"note: {source} is FP8 block-quantised ({src.fp8_block[0]}x{src.fp8_block[1]} blocks); the pruned "
+                      "checkpoint is written dequantised to bfloat16 without scales (pruned experts are served unquantised "
+                      "for now), recorded in heapr.source_quantization", highlight=False, soft_wrap=True)
+
     writer = _ShardWriter(folder, max_shard_bytes)
     names_by_file: dict[str, list[str]] = {}
-    for name, file in files.items():
+    for name, file in src.files.items():
         names_by_file.setdefault(file, []).append(name)
+    dequantised = 0
     for file in sorted(names_by_file):
         with open_safetensors(source / file) as f:
             for name in sorted(names_by_file[file]):
-                tensor = f.get_tensor(name)
-                slices = _expert_slices(family, name, tensor, keep)
-                for out_name, out_tensor in slices if slices is not None else [(name, tensor)]:
-                    writer.add(out_name, out_tensor)
+                skip = (fp8 and name.endswith(SCALE_SUFFIX)) or (drop_mtp and tensor_layer(name) in extra)
+                if not skip:
+                    tensor = src.get(f, name, fp8_dtype=torch.bfloat16)
+                    dequantised += fp8 and (name + SCALE_SUFFIX) in src.files
+                    pieces = _expert_slices(family, name, tensor, slices)
+                    for out_name, out_tensor in pieces if pieces is not None else [(name, tensor)]:
+                        writer.add(out_name, out_tensor)
                 if progress is not None:
                     progress(name)
     writer.finish()
 
-    config = json.loads((source / "config.json").read_text())
+    record = {"format_version": FORMAT_VERSION, **heapr}
     config["architectures"] = [family.pruned_architecture]
-    config["heapr"] = {"format_version": FORMAT_VERSION, **heapr}
+    if drop_mtp and family.extra_layers_key and config.get(family.extra_layers_key):
+        config[family.extra_layers_key] = 0
+        if extra:
+            record["dropped_layers"] = {str(layer): "MTP (num_nextn_predict_layers), dropped by --drop-mtp" for layer in extra}
+    elif extra:
+        record["kept_whole_layers"] = {str(layer): MTP_REASON for layer in extra}
+    if fp8:
+        record["source_quantization"] = {**config.pop("quantization_config"), "written_as": "bfloat16",
+                                         "dequantised_tensors": int(dequantised)}
+        for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+            config[key] = "bfloat16"
+    config["heapr"] = record
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for item in sorted(source.iterdir()):
         if item.is_file() and any(fnmatch(item.name, pattern) for pattern in _TRAVELLING_FILES):

@@ -27,11 +27,11 @@ from heapr_serve.checkpoint.model_card import write_model_card
 from heapr_serve.checkpoint.writer import check_output_path, staging_folder, write_pruned_checkpoint
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import family_for
-from heapr_serve.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model
+from heapr_serve.checkpoint.source import SourceCheckpoint
+from heapr_serve.models import load_model, load_tokenizer, model_reference, pick_device, pick_dtype, resolve_model
 from heapr_serve.progress import console, progress_bar
 from heapr_serve.prune.allocation import PruningPlan, check_allocation_options
 from heapr_serve.prune.methods import METHODS, expert_allocation, get_method, plan_for_method, uniform_allocation
-from heapr_serve.checkpoint.source import SourceCheckpoint
 from heapr_serve.score import distributed
 from heapr_serve.score.run import RunOptions, finish_run, run_calibration
 from heapr_serve.score.stats import SCORES_FILE, ExpertStats
@@ -53,12 +53,12 @@ def _check_source(source: Path) -> dict:
     if "heapr" in config:
         raise HeaprError(f"{source}: is already a pruned checkpoint; compress its dense source, or re-prune with `heapr-serve apply {source} --ratio R`")
     family_for(config)
-    safetensors_files(source)
+    SourceCheckpoint(source)  # shards, FP8 quantization_config, layers past num_hidden_layers: checked in a second
     return config
 
 
 def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, scope: str, align: int,
-                    keep_unrouted: bool, overwrite: bool, method: str = "heapr", seed: int = 0) -> PruneResult:
+                    keep_unrouted: bool, overwrite: bool, method: str = "heapr", seed: int = 0, drop_mtp: bool = False) -> PruneResult:
     """Plan with `method` (heapr_serve.prune.methods) from `stats` and write the pruned checkpoint (with the
     statistics, so any method can re-prune it later) to `out`."""
     config = read_config(source)
@@ -89,7 +89,7 @@ def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, s
     files = safetensors_files(source)
     with progress_bar() as progress, staging_folder(out, overwrite) as folder:
         task = progress.add_task("writing checkpoint", total=len(files))
-        written = write_pruned_checkpoint(source, folder, family, plan.keep, heapr, progress=lambda _: progress.advance(task))
+        written = write_pruned_checkpoint(source, folder, family, plan.keep, heapr, progress=lambda _: progress.advance(task), drop_mtp=drop_mtp)
         heapr["pruned_params"] = written["params"]
         config_file = folder / "config.json"
         saved = json.loads(config_file.read_text())
@@ -180,6 +180,7 @@ def compress_command(
     activations_dir: Optional[Path] = typer.Option(None, help="With streaming: keep the saved layer inputs in files here instead of host memory."),
     resume: bool = typer.Option(False, help="Continue an interrupted calibration of this output from its last checkpoint."),
     checkpoint_every: int = typer.Option(8, help="Checkpoint the statistics every N batches (a streamed run reads every layer twice per N batches)."),
+    drop_mtp: bool = typer.Option(False, "--drop-mtp", help="Leave out the MTP layer (DeepSeek-V3 num_nextn_predict_layers) instead of keeping it whole."),
 ) -> None:
     """Score every atomic expert with HEAPr (or a baseline --method) and write a smaller checkpoint."""
     start = time.perf_counter()
@@ -212,11 +213,11 @@ def compress_command(
                             lambda dt, dev: load_model(source, dt, dev), what)
     if stats is None:  # another rank than 0: rank 0 writes
         return
-    stats.metadata.update({"source_model": str(source), "model_type": config["model_type"], "calibration": calibration.describe(),
+    stats.metadata.update({"source_model": model_reference(model, source), "model_type": config["model_type"], "calibration": calibration.describe(),
                            "source_fingerprint": fingerprint})
     gc.collect()
 
-    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed)
+    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed, drop_mtp)
     finish_run(out, identity)
     _warn_unrouted(result.plan, keep_unrouted)
     console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch_device)))
@@ -236,6 +237,7 @@ def apply_command(
     evaluate: bool = typer.Option(False, "--eval", help="Afterwards, compare held-out perplexity of dense and pruned."),
     method: str = typer.Option("heapr", "--method", help=f"Pruning method: {', '.join(METHODS)}."),
     seed: int = typer.Option(0, help="Seed for --method random."),
+    drop_mtp: bool = typer.Option(False, "--drop-mtp", help="Leave out the MTP layer (DeepSeek-V3 num_nextn_predict_layers) instead of keeping it whole."),
 ) -> None:
     """Re-prune at another ratio (or with another --method) from saved statistics, without calibrating again."""
     start = time.perf_counter()
@@ -251,7 +253,7 @@ def apply_command(
         raise HeaprError(f"{scores}: scores are for a {stats.metadata['model_type']} model but {source} is {config['model_type']}; pass the right --model")
     if stats.metadata.get("source_fingerprint") not in (None, source_fingerprint(source)):
         raise HeaprError(f"{scores}: scores were computed on other weights than those now in {source} (retrained or replaced?); re-run `heapr-serve compress`")
-    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed)
+    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed, drop_mtp)
     _warn_unrouted(result.plan, keep_unrouted)
     console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch.device("cpu"))))
     if evaluate:

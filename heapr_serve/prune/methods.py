@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 
 from heapr_serve.checkpoint.format import FUSED_EXPERTS_TENSOR, PER_EXPERT_TENSOR, read_config, safetensors_files
+from heapr_serve.checkpoint.source import SourceCheckpoint
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import family_for
 from heapr_serve.prune.allocation import PruningPlan, check_allocation_options, plan_pruning
@@ -66,6 +67,7 @@ def expert_weight_norms(source: Path, layers: set[int]) -> dict[int, dict[str, t
     family = family_for(config)
     per_expert: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
     norms: dict[int, dict[str, torch.Tensor]] = {}
+    src = SourceCheckpoint(source)  # FP8 weights are read dequantised
     files = safetensors_files(source)
     for file in sorted(set(files.values())):
         with safe_open(Path(source) / file, "pt") as f:
@@ -73,13 +75,13 @@ def expert_weight_norms(source: Path, layers: set[int]) -> dict[int, dict[str, t
                 m = PER_EXPERT_TENSOR.match(name)
                 if m and int(m["layer"]) in layers and m["block"] == family.disk_block and m["proj"] in family.disk_projs:
                     proj = ("gate", "up", "down")[family.disk_projs.index(m["proj"])]
-                    w = f.get_tensor(name).float()
+                    w = src.get(f, name).float()
                     norm = w.norm(dim=0) if proj == "down" else w.norm(dim=1)
                     per_expert.setdefault(int(m["layer"]), {}).setdefault(proj, {})[int(m["expert"])] = norm
                     continue
                 m = FUSED_EXPERTS_TENSOR.match(name)
                 if m and int(m["layer"]) in layers:
-                    w = f.get_tensor(name).float()
+                    w = src.get(f, name).float()
                     layer_norms = norms.setdefault(int(m["layer"]), {})
                     if m["proj"] == "gate_up_proj":  # [E, 2I, H]
                         width = w.shape[1] // 2

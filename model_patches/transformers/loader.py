@@ -16,7 +16,8 @@ from torch import nn
 
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import moe_blocks
-from heapr_serve.checkpoint.format import open_safetensors
+from heapr_serve.checkpoint.format import open_safetensors, tensor_layer
+from heapr_serve.checkpoint.source import fp32_patterns
 from heapr_serve.checkpoint.validate import validate_checkpoint
 from heapr_serve.score.moe_forward import sorted_moe_forward
 
@@ -86,11 +87,21 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device
         with torch.device("meta"):
             block.experts = RaggedExperts(ckpt.hidden_size, ckpt.widths[layer], block.experts.act_fn, dtype)
 
+    # Tensors of layers past num_hidden_layers (DeepSeek-V3's MTP layer, kept whole) are not part of
+    # the model's forward: transformers ignores them too. What the model keeps in float32 (DeepSeek-V3's
+    # e_score_correction_bias) stays float32, as `from_pretrained` would keep it.
+    fp32 = fp32_patterns(model, dtype)
     state = {}
     for file in sorted(set(ckpt.tensor_files.values())):
         with open_safetensors(Path(path) / file, device=str(device)) as f:
             for name in f.keys():
-                state[ckpt.family.module_tensor_name(name)] = f.get_tensor(name).to(dtype)
+                layer = tensor_layer(name)
+                if layer is not None and layer >= ckpt.num_hidden_layers:
+                    continue
+                key = ckpt.family.module_tensor_name(name)
+                tensor = f.get_tensor(name)
+                keep32 = fp32 is not None and tensor.is_floating_point() and fp32.search(key)
+                state[key] = tensor.to(torch.float32 if keep32 else dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in tied]

@@ -119,6 +119,7 @@ class HeaprModelMixin:
         if missing and not pp_ok:
             raise HeaprError(f"heapr.expert_widths lists layers {missing} that are not MoE layers of this model")
         self._heapr_widths = widths
+        self._heapr_num_layers = getattr(vllm_config.model_config.hf_config, "num_hidden_layers", None)
         logger.info(
             "heapr-serve: %d ragged MoE layers, %d buckets in all, backend %s",
             len(built),
@@ -133,8 +134,17 @@ class HeaprModelMixin:
         experts = self._heapr_experts()
         proj_names = {name: i for i, name in enumerate(self.heapr_family.disk_projs)}
 
+        base = self._heapr_num_layers
+        skipped: set[int] = set()
+
         def others():
             for name, tensor in weights:
+                lm = _LAYER_INDEX.search(name)
+                if base is not None and lm and int(lm[1]) >= base:
+                    # a layer past num_hidden_layers (DeepSeek-V3's MTP layer, kept whole at the dense
+                    # width): never part of this model, as stock vLLM skips it (get_spec_layer_idx_...)
+                    skipped.add(int(lm[1]))
+                    continue
                 m = _EXPERT_TENSOR.match(name)
                 if m and m["owner"] in experts and m["proj"] in proj_names:
                     experts[m["owner"]].load_expert(int(m["expert"]), proj_names[m["proj"]], tensor, name)
@@ -146,6 +156,8 @@ class HeaprModelMixin:
                 yield name, tensor
 
         loaded = set(super().load_weights(others()))
+        if skipped:
+            logger.info("heapr-serve: skipped the tensors of layers %s (past num_hidden_layers: MTP, not served by this model)", sorted(skipped))
         for module in experts.values():
             module.check_complete()
         for mod_name, module in self.named_modules():

@@ -19,6 +19,7 @@ from heapr_serve.score.calibration_pass import collect_statistics
 from heapr_serve.score.observers import HeaprObserver
 
 from conftest import FAMILIES
+from tests.helpers.ragged import zero_pruned_neurons
 
 
 def _stats(folder, unrouted_expert=None):
@@ -35,17 +36,7 @@ def _stats(folder, unrouted_expert=None):
 
 def _zeroed_dense(folder, plan):
     """The dense model with every pruned neuron zeroed: the function the pruned model must compute."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.no_grad():
-        for layer, block in moe_blocks(model).items():
-            width = block.experts.down_proj.shape[-1]
-            for e, kept in enumerate(plan.keep[layer]):
-                dropped = torch.ones(width, dtype=torch.bool)
-                dropped[kept] = False
-                block.experts.gate_up_proj[e, :width][dropped] = 0
-                block.experts.gate_up_proj[e, width:][dropped] = 0
-                block.experts.down_proj[e][:, dropped] = 0
-    return model.eval()
+    return zero_pruned_neurons(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), plan).eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from heapr_serve.checkpoint.format import SCALE_SUFFIX, safetensors_files, tensor_layer
 from heapr_serve.checkpoint.source import SourceCheckpoint, dequantize_fp8, load_dense
 from heapr_serve.checkpoint.validate import validate_checkpoint
@@ -33,6 +31,8 @@ from heapr_serve.families import moe_blocks
 from heapr_serve.prune.methods import expert_weight_norms, plan_for_method
 from heapr_serve.score.stats import SCORES_FILE, ExpertStats
 from model_patches.transformers.loader import RaggedExperts
+from tests.helpers.ragged import zero_pruned_neurons
+from tests.helpers.vllm_driver import run_engines
 from tools.build_tiny_models import build_tiny_model
 
 FAST = ["--nsamples", "8", "--seq-len", "32", "--batch-size", "4"]
@@ -88,17 +88,7 @@ def _as_written(source: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def _zero_pruned(model, plan):
-    with torch.no_grad():
-        for layer, block in moe_blocks(model).items():
-            width = block.experts.down_proj.shape[-1]
-            for e, kept in enumerate(plan.keep[layer]):
-                dropped = torch.ones(width, dtype=torch.bool)
-                dropped[kept] = False
-                block.experts.gate_up_proj[e, :width][dropped] = 0
-                block.experts.gate_up_proj[e, width:][dropped] = 0
-                block.experts.down_proj[e][:, dropped] = 0
-    return model
+_zero_pruned = zero_pruned_neurons
 
 
 def _header_params(folder: Path, layers_from: int) -> int:
@@ -361,14 +351,9 @@ def served(tmp_path_factory, compressed, tiny_tokenizer):
     folders = {"deepseek": compressed["deepseek_v3-fp8-mtp"][0], "qwen3": compressed["qwen3_moe-fp8"][0]}
     folders["deepseek-zeropad"] = zero_padded_dense(folders["deepseek"], root / "deepseek-zeropad")
     runs = [{"key": k, "model": str(f), "dtype": "float32", "prompts": prompts, "max_tokens": MAX_TOKENS} for k, f in folders.items()]
-    job, result = root / "job.json", root / "out.json"
-    job.write_text(json.dumps({"runs": runs}))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.run([sys.executable, "-m", "tests.helpers.vllm_driver", str(job), str(result)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = {spec["key"]: r for spec, r in zip(runs, json.loads(result.read_text())["runs"])}
-    return {"folders": folders, "results": results, "prompts": prompts, "log": proc.stdout + proc.stderr}
+    done, log = run_engines(runs, root, timeout=600)
+    results = {spec["key"]: r for spec, r in zip(runs, done)}
+    return {"folders": folders, "results": results, "prompts": prompts, "log": log}
 
 
 def _top5(result):

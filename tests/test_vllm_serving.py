@@ -24,7 +24,6 @@ generated position we compare vLLM's greedy token and its top-5 log-probabilitie
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import EXAMPLE_MODEL, ROOT
+from tests.helpers.vllm_driver import run_engines
 from tests.helpers.ragged import aligned_widths, make_ragged, mixed_widths, zero_padded_dense
 
 pytest.importorskip("vllm")
@@ -108,13 +108,8 @@ def served(tmp_path_factory, tiny_tokenizer):
     runs.append(run("deepseek_v3-zeropad@float32", folders["deepseek_v3-zeropad"], "float32"))
     runs.append(run(f"{memory_key}-dense@{memory_dtype}", folders[f"{memory_key}-dense"], memory_dtype, [[1, 2, 3]], 1))
     runs.append(run("bad@bfloat16", bad, "bfloat16", [[1, 2, 3]], 1))
-    job, out = root / "job.json", root / "out.json"
-    job.write_text(json.dumps({"runs": runs}))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.run([sys.executable, "-m", "tests.helpers.vllm_driver", str(job), str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = {spec["key"]: r for spec, r in zip(runs, json.loads(out.read_text())["runs"])}
+    done, _ = run_engines(runs, root, timeout=900)
+    results = {spec["key"]: r for spec, r in zip(runs, done)}
     return {"folders": folders, "results": results, "bad_expert": bad_expert, "memory": (memory_key, memory_dtype)}
 
 

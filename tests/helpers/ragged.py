@@ -127,3 +127,20 @@ def zero_padded_dense(pruned: Path, out: Path) -> Path:
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
             shutil.copy(f, out / f.name)
     return out
+
+
+def zero_pruned_neurons(model, plan):
+    """`model` (dense, fused experts) with every neuron `plan` removes zeroed in place: the function
+    the pruned checkpoint must compute."""
+    from heapr_serve.families import moe_blocks
+
+    with torch.no_grad():
+        for layer, block in moe_blocks(model).items():
+            width = block.experts.down_proj.shape[-1]
+            for e, kept in enumerate(plan.keep[layer]):
+                dropped = torch.ones(width, dtype=torch.bool)
+                dropped[kept] = False
+                block.experts.gate_up_proj[e, :width][dropped] = 0
+                block.experts.gate_up_proj[e, width:][dropped] = 0
+                block.experts.down_proj[e][:, dropped] = 0
+    return model

@@ -16,9 +16,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-
 _LOADED: dict[str, int] = {}
 
 
@@ -129,7 +126,26 @@ class _Bytes:
         return 1
 
 
+def run_engines(runs: list[dict], root, timeout: float) -> list[dict]:
+    """Run the engine specs `runs` one after another in ONE fresh subprocess of this driver (the CPU
+    engine's start-up and memory are paid once); returns their results in order."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(root)
+    job, out = root / "job.json", root / "out.json"
+    job.write_text(json.dumps({"runs": runs}))
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.vllm_driver", str(job), str(out)],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return json.loads(out.read_text())["runs"], proc.stdout + proc.stderr
+
+
 def main() -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     job = json.loads(open(sys.argv[1]).read())
     results = []
     for spec in job["runs"]:

@@ -150,24 +150,25 @@ class ABProxy:
     async def check_health(self, report: bool) -> None:
         """Poll each arm's /health (and /v1/models once, to learn the model label)."""
         for arm in self.arms.values():
-            was_up = arm.up
             try:
                 r = await arm.client.get("/health", timeout=min(2.0, self.cfg.timeout))
-                arm.up = r.status_code == 200
-                arm.last_error = "" if arm.up else f"/health answered {r.status_code}"
+                up, error = r.status_code == 200, "" if r.status_code == 200 else f"/health answered {r.status_code}"
             except httpx.HTTPError as exc:
-                arm.up, arm.last_error = False, _describe(exc)
-            if arm.up and arm.model == "unknown":
+                up, error = False, _describe(exc)
+            if up and arm.model == "unknown":
                 with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
                     r = await arm.client.get("/v1/models", timeout=min(2.0, self.cfg.timeout))
                     arm.model = str(r.json()["data"][0]["id"])
+            # the change is said before it is published (no await in between), so whoever sees the
+            # new state through /health also finds it in the log
+            if (report and not up) or (not report and arm.up != up):
+                state = "back up" if up else (
+                    f"not reachable ({error}); its traffic fails over to the other arm "
+                    "until /health answers" if self.cfg.failover else f"not reachable ({error})")
+                print(f"ab-proxy: arm {arm.name} ({arm.url}) {state}", file=sys.stderr, flush=True)
+            arm.up, arm.last_error = up, error
             self._label(arm)
             self.metrics.up.labels(arm.name, arm.model).set(1 if arm.up else 0)
-            if (report and not arm.up) or (not report and was_up != arm.up):
-                state = "back up" if arm.up else (
-                    f"not reachable ({arm.last_error}); its traffic fails over to the other arm "
-                    "until /health answers" if self.cfg.failover else f"not reachable ({arm.last_error})")
-                print(f"ab-proxy: arm {arm.name} ({arm.url}) {state}", file=sys.stderr, flush=True)
 
     def _label(self, arm: Arm) -> None:
         if arm.model not in arm.known:

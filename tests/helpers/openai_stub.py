@@ -6,7 +6,7 @@ load and failover tests can use hundreds of requests on a small machine. Its tim
 command line (time to first token, delay between tokens), so a test knows which arm is faster and
 by how much. `/stats` tells a test how many requests it started, finished, and saw the client drop.
 
-Run it as a script (it starts in well under a second):
+Run it as a script (no package import, so it starts in well under a second):
 
     python tests/helpers/openai_stub.py --port 9001 --model stub-a --ttft 0.02 --token-delay 0.005
 """
@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from heapr_serve.ab.local_vllm import free_port  # noqa: F401  (re-exported for the tests)
 
 
 def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0) -> Starlette:
@@ -141,6 +141,13 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0)
 
 
 # --- launching processes from tests: the stub, and the real `heapr-serve` commands under test ---
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (here, not imported: the stub must start fast)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:

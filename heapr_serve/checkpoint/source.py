@@ -255,11 +255,11 @@ class SourceCheckpoint:
                         raise HeaprError(f"{self.path}: {name} has shape {list(value.shape)}, the model expects {list(place.shape)} for {prefix + key}")
                     place.copy_(value)
                     del value
-        _rebuild_non_persistent_buffers(module, device)
+        rebuild_non_persistent_buffers(module, device)
         return module
 
 
-def _rebuild_non_persistent_buffers(module: nn.Module, device) -> None:
+def rebuild_non_persistent_buffers(module: nn.Module, device) -> None:
     """Buffers not stored in checkpoints (rotary inverse frequencies) are recomputed on `device`;
     any other non-persistent buffer would hold garbage after `to_empty`, so it is refused."""
     for owner_name, owner in module.named_modules():

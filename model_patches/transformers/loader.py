@@ -18,6 +18,7 @@ from heapr_serve.errors import HeaprError
 from heapr_serve.families import moe_blocks
 from heapr_serve.checkpoint.format import open_safetensors, tensor_layer
 from heapr_serve.checkpoint.source import fp32_patterns
+from heapr_serve.checkpoint.source import rebuild_non_persistent_buffers
 from heapr_serve.checkpoint.validate import validate_checkpoint
 from heapr_serve.score.moe_forward import sorted_moe_forward
 
@@ -56,14 +57,6 @@ class RaggedExperts(nn.Module):
         return sorted_moe_forward(
             hidden_states, top_k_index, top_k_weights, self.weights, self.act_fn, self.num_experts
         )
-
-
-def _rebuild_non_persistent_buffers(model: torch.nn.Module, device) -> None:
-    """Buffers not stored in checkpoints (rotary inverse frequencies) are recomputed on `device`."""
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child).__name__.endswith("RotaryEmbedding"):
-                setattr(parent, child_name, type(child)(config=child.config).to(device))
 
 
 def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"):
@@ -110,7 +103,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device
         raise HeaprError(f"{path}: tensors do not match the {ckpt.family.architecture} layout ({what})")
     if tied:
         model.lm_head.weight = model.get_input_embeddings().weight
-    _rebuild_non_persistent_buffers(model, device)
+    rebuild_non_persistent_buffers(model, device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise HeaprError(f"{path}: could not materialise {leftover[:3]}; this transformers version is not supported")

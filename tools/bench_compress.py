@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -176,7 +177,7 @@ def streamed_main(args) -> None:
                           f"{med[mode]['peak'] / GIB:.3f}", f"{over / GIB:.3f}", bound, ratio)
         if not args.skip_big:
             big = write_random_qwen3_moe(Path(tmp) / "big", args.big_layers, args.big_hidden, args.big_experts, args.big_width)
-            shutil_free(small)
+            shutil.rmtree(small, ignore_errors=True)  # room on disk for the big one
             r = _run_child("streamed", big, args, args.dtype)
             layer, saved = _layer_and_activation_bytes(big, args, args.dtype)
             from heapr_serve.checkpoint.format import count_source_params
@@ -188,12 +189,6 @@ def streamed_main(args) -> None:
                           f"{over / GIB:.3f}", f"{1.2 * (layer + saved) / GIB:.3f}",
                           f"(e) {over / (1.2 * (layer + saved)):.2f} <= 1; (f) fp32 weights / peak {fp32 / r['peak']:.1f} >= 4")
     Console(width=200).print(table)
-
-
-def shutil_free(folder: Path) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:

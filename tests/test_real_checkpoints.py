@@ -449,6 +449,6 @@ def test_streamed_compress_of_real_checkpoints_equals_in_memory(tmp_path, source
     a, b = ExpertStats.load(compressed[name][0]), ExpertStats.load(out)
     for layer in a.act_sq:
         assert torch.equal(a.tokens[layer], b.tokens[layer])
-        for kind in ("act_sq", "grad_sq"):
+        for kind in ("act_sq", "grad_sq", "fisher"):
             x, y = getattr(a, kind)[layer].double(), getattr(b, kind)[layer].double()
             assert ((x - y).abs() / x.abs().clamp(min=1e-30)).max() < 1e-4, (layer, kind)

@@ -58,3 +58,27 @@ def test_scores_survive_save_and_load(tmp_path, tiny_models):
         assert torch.equal(back.act_sq[layer], stats.act_sq[layer])
         assert torch.equal(back.grad_sq[layer], stats.grad_sq[layer])
         assert torch.equal(back.tokens[layer], stats.tokens[layer])
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_fisher_matches_per_token_brute_force(tiny_models, family):
+    """`--method fisher`'s one-pass sum (a * dL/da)^2 equals the per-token definition through the
+    gradient at each expert's output (float64, token by token), padding excluded."""
+    from heapr_serve.prune.methods import ScoreInputs, fisher_score
+    from heapr_serve.score.observers import MethodStatsObserver
+    from tools.two_stage_reference import fisher_reference
+
+    calib = _calibration(4096)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32)
+    reference = fisher_reference(model, calib.batches(2, pad_id=0), loss_scale=96.0)
+    stats = collect_statistics(model, calib.batches(2, pad_id=0), loss_scale=96.0, observer=MethodStatsObserver())
+    scores = fisher_score(ScoreInputs(stats, tiny_models[family]))
+    assert set(scores) == set(reference) and scores
+    for layer, ref in reference.items():
+        got = scores[layer]
+        routed = ~torch.isnan(ref)
+        assert torch.equal(routed, ~torch.isnan(got)) and routed.any() and (ref[routed] > 0).all()
+        rel = ((got - ref).abs() / ref.abs())[routed].max().item()
+        assert rel < 1e-5, f"layer {layer}: relative difference {rel:.2e}"
+        # not HEAPr's product of means: the rankings differ somewhere
+        assert not torch.equal(torch.argsort(got[routed]), torch.argsort(stats.scores()[layer][routed]))

@@ -39,7 +39,7 @@ def _max_rel(a: ExpertStats, b: ExpertStats) -> float:
     worst = 0.0
     for layer in a.act_sq:
         assert torch.equal(a.tokens[layer], b.tokens[layer]), layer
-        for kind in ("act_sq", "grad_sq"):
+        for kind in ("act_sq", "grad_sq", "fisher"):
             x, y = getattr(a, kind)[layer].double(), getattr(b, kind)[layer].double()
             nonzero = x != 0
             assert torch.equal(nonzero, y != 0)
@@ -160,6 +160,7 @@ def test_killed_then_resumed_equals_uninterrupted(tiny_models, tmp_path, mode):
         assert torch.equal(whole.act_sq[layer], resumed.act_sq[layer])
         assert torch.equal(whole.grad_sq[layer], resumed.grad_sq[layer])
         assert torch.equal(whole.tokens[layer], resumed.tokens[layer])
+        assert torch.equal(whole.fisher[layer], resumed.fisher[layer])
     assert whole.metadata[REAP_KEY] == resumed.metadata[REAP_KEY]
     assert _widths(tmp_path / "whole") == _widths(out)
     assert not state.exists()

@@ -3,6 +3,9 @@ and benchmarked against: stage 1 forms Gbar_i = mean_t g_t g_t^T (H x H per expe
 at each expert's output; stage 2 runs a second forward pass for the activations; then
 s_k = mean_t a_{t,k}^2 * d_k^T Gbar_i d_k. Memory is O(E H^2): only for small models. Both stages
 plug into the same observer lifecycle and calibration pass as the one-pass method.
+
+`fisher_reference` is the brute-force definition of `--method fisher`: token by token, the activation
+times the gradient at the expert's output projected on d_k, squared and summed (float64).
 """
 
 from __future__ import annotations
@@ -72,3 +75,39 @@ def two_stage_scores(model, batches, loss_scale: float) -> dict[int, torch.Tenso
         quad = torch.einsum("ehk,ehg,egk->ek", down, gbar, down)  # d_k^T Gbar d_k
         scores[layer] = torch.where(n > 0, (acts.act_sq[layer] / n) * quad, torch.full_like(quad, float("nan")))
     return scores
+
+
+class _FisherByOutputGradient(ExpertObserver):
+    """Per-token, float64: sum_t (a_{t,k} * d_k . g_t)^2 from the gradient g_t at each token's expert
+    output and the down-projection column d_k (chain rule by hand, not the activation's gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fisher, self.counts, self.downs = {}, {}, {}
+
+    def allocate(self, layer, experts):
+        num_experts, _, width = experts.down_proj.shape
+        self.fisher[layer] = torch.zeros(num_experts, width, dtype=torch.float64, device=experts.down_proj.device)
+        self.counts[layer] = torch.zeros(num_experts, dtype=torch.int64)
+        self.downs[layer] = experts.down_proj
+
+    def observe(self, layer, expert, tokens, activation, output, route_weights):
+        self.counts[layer][expert] += self.count(tokens)
+        a = self.real_rows(tokens, activation.detach().double())
+        down = self.downs[layer][expert].detach().double()  # [H, I]
+        fisher = self.fisher[layer][expert]
+        if output.requires_grad:
+
+            def accumulate(grad: torch.Tensor) -> None:
+                for t in range(a.shape[0]):  # one token at a time: the definition, not a vectorised shortcut
+                    fisher.add_((a[t] * (grad[t].double() @ down)) ** 2)
+
+            output.register_hook(accumulate)
+
+
+def fisher_reference(model, batches, loss_scale: float) -> dict[int, torch.Tensor]:
+    """Per MoE layer, [E, I] sum over real tokens of (a_k dL/da_k)^2 (float64), NaN where no tokens."""
+    observer = _FisherByOutputGradient()
+    InMemoryPass(model).run(list(batches), observer, loss_scale)
+    return {layer: torch.where(observer.counts[layer].unsqueeze(-1) > 0, fisher, torch.full_like(fisher, float("nan")))
+            for layer, fisher in observer.fisher.items()}

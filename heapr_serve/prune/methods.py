@@ -9,6 +9,7 @@ A method is two choices, kept apart so that each baseline isolates one of HEAPr'
 | method      | score                                              | allocation                          |
 |-------------|----------------------------------------------------|-------------------------------------|
 | heapr       | mean a_k^2 * mean (dL/da_k)^2 (second order)       | global ranking (or --scope layer)   |
+| fisher      | sum_t (a_{t,k} * dL/da_{t,k})^2 (exact emp. Fisher) | global ranking (or --scope layer)   |
 | uniform     | HEAPr's score                                      | every expert keeps the same width   |
 | activation  | mean a_k^2 * ||d_k||^2 (no gradients)              | global ranking                      |
 | magnitude   | ||g_k|| * ||u_k|| * ||d_k|| (weights only)         | global ranking                      |
@@ -105,6 +106,20 @@ def _mean_act_sq(stats: ExpertStats, layer: int) -> torch.Tensor:
 def heapr_score(inputs: ScoreInputs) -> dict[int, torch.Tensor]:
     """HEAPr: mean a^2 * mean (dL/da)^2 (= mean a^2 * d^T Gbar d, design §1)."""
     return inputs.stats.scores()
+
+
+def fisher_score(inputs: ScoreInputs) -> dict[int, torch.Tensor]:
+    """The exact empirical Fisher of scaling atomic expert k's output by alpha (OBS's quantity for
+    alpha 1 -> 0): sum over real tokens of (a_k * dL/da_k)^2. A sum, not a mean: the loss is one fixed
+    normalisation for every token, so an expert that sees more tokens costs more to prune. NaN for
+    experts that received no tokens (as HEAPr)."""
+    if not inputs.stats.fisher:
+        raise HeaprError("--method fisher: the scores file has no Fisher statistics (written by an older heapr-serve); re-run `heapr-serve compress` to recalibrate")
+    out = {}
+    for layer, fisher in inputs.stats.fisher.items():
+        routed = inputs.stats.tokens[layer].unsqueeze(-1) > 0
+        out[layer] = torch.where(routed, fisher.double(), torch.full_like(fisher, float("nan"), dtype=torch.float64))
+    return out
 
 
 def activation_score(inputs: ScoreInputs) -> dict[int, torch.Tensor]:
@@ -215,6 +230,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("heapr", "HEAPr: second-order (Fisher) atomic-expert score, global ranking", heapr_score, global_allocation),
+        Method("fisher", "exact empirical Fisher sum (a*dL/da)^2 per atomic expert, global ranking", fisher_score, global_allocation),
         Method("uniform", "HEAPr score, but every expert keeps the same width", heapr_score, uniform_allocation),
         Method("activation", "activation-only E[a^2]*||d||^2, no gradients, global ranking", activation_score, global_allocation),
         Method("magnitude", "weight magnitude ||g||*||u||*||d||, global ranking", magnitude_score, global_allocation),

@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from heapr_serve.errors import HeaprError
 from heapr_serve.score.moe_forward import fused_expert_weights, sorted_moe_forward
 from heapr_serve.score.stats import REAP_KEY, ExpertStats
 
@@ -86,6 +87,8 @@ class HeaprObserver(ExpertObserver):
     """HEAPr's statistics (design §1): per atomic expert, sum a^2 in the forward pass and sum (dL/da)^2
     from a hook in the backward pass, and the tokens each expert saw."""
 
+    KINDS = ("act_sq", "grad_sq", "tokens")  # the running sums, by name (what `sums()` returns)
+
     def __init__(self) -> None:
         super().__init__()
         self.stats = ExpertStats()
@@ -101,14 +104,17 @@ class HeaprObserver(ExpertObserver):
         self.stats.act_sq[layer][expert] += (a * a).sum(0)
         self.stats.tokens[layer][expert] += self.count(tokens)
         if activation.requires_grad:
-            grad_sq = self.stats.grad_sq[layer][expert]
             weight = None if self.token_weight is None else self.token_weight[tokens].unsqueeze(-1)
 
             def accumulate(grad: torch.Tensor) -> None:
                 g = grad.detach().float()
-                grad_sq.add_((g if weight is None else g * weight).pow(2).sum(0))
+                self.gradient_sums(layer, expert, a, g if weight is None else g * weight)
 
             activation.register_hook(accumulate)
+
+    def gradient_sums(self, layer: int, expert: int, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Backward-pass sums of one expert's tokens: `a` and `g` = dL/da [n, I], padding rows zero."""
+        self.stats.grad_sq[layer][expert].add_(g.pow(2).sum(0))
 
     def sums(self) -> dict[str, torch.Tensor]:
         """Every running sum by name: what ranks all-reduce and a resumable run checkpoints."""
@@ -121,6 +127,10 @@ class HeaprObserver(ExpertObserver):
 
     def load_sums(self, sums: dict[str, torch.Tensor]) -> None:
         """Continue from saved sums (a resumed run): they replace this observer's, layer by layer."""
+        kinds = {name.rsplit(".", 1)[0] for name in sums}
+        missing = set(self.KINDS) - kinds
+        if missing:
+            raise HeaprError(f"the saved calibration state lacks {sorted(missing)} (written by an older heapr-serve); run again without --resume")
         for name, value in sums.items():
             kind, layer = name.rsplit(".", 1)
             self._store(kind)[int(layer)] = value.clone()
@@ -134,8 +144,11 @@ class HeaprObserver(ExpertObserver):
 
 
 class MethodStatsObserver(HeaprObserver):
-    """HEAPr's statistics plus REAP's per-expert sum over real tokens of w * ||y||_2, so one pass
-    serves every method of heapr_serve.prune.methods."""
+    """HEAPr's statistics plus the exact empirical Fisher of each atomic expert, sum over real tokens
+    of (a * dL/da)^2 (`--method fisher`), and REAP's per-expert sum over real tokens of w * ||y||_2,
+    so one pass serves every method of heapr_serve.prune.methods."""
+
+    KINDS = HeaprObserver.KINDS + ("fisher", "reap")
 
     def __init__(self) -> None:
         super().__init__()
@@ -143,7 +156,12 @@ class MethodStatsObserver(HeaprObserver):
 
     def allocate(self, layer, experts) -> None:
         super().allocate(layer, experts)
+        self.stats.fisher[layer] = torch.zeros_like(self.stats.act_sq[layer])
         self.reap[layer] = torch.zeros(experts.num_experts, dtype=torch.float64, device=experts.down_proj.device)
+
+    def gradient_sums(self, layer, expert, a, g) -> None:
+        super().gradient_sums(layer, expert, a, g)
+        self.stats.fisher[layer][expert].add_((a * g).pow(2).sum(0))
 
     def observe(self, layer, expert, tokens, activation, output, route_weights) -> None:
         super().observe(layer, expert, tokens, activation, output, route_weights)
@@ -151,10 +169,13 @@ class MethodStatsObserver(HeaprObserver):
         self.reap[layer][expert] += self.real_rows(tokens, norms).double().sum()
 
     def sums(self) -> dict[str, torch.Tensor]:
-        return {**super().sums(), **{f"reap.{layer}": r for layer, r in sorted(self.reap.items())}}
+        return {**super().sums(), **{f"fisher.{layer}": f for layer, f in sorted(self.stats.fisher.items())},
+                **{f"reap.{layer}": r for layer, r in sorted(self.reap.items())}}
 
     def _store(self, kind: str) -> dict[int, torch.Tensor]:
-        return self.reap if kind == "reap" else super()._store(kind)
+        if kind == "reap":
+            return self.reap
+        return self.stats.fisher if kind == "fisher" else super()._store(kind)
 
     def result(self) -> ExpertStats:
         self.stats.metadata[REAP_KEY] = {str(layer): r.cpu().tolist() for layer, r in sorted(self.reap.items())}

@@ -5,6 +5,10 @@ mean outer product of the gradients at the expert's output. Since d_k^T g_t = dL
 exactly mean_t a_{t,k}^2 * mean_t (dL/da_{t,k})^2: two float32 sums of squares per atomic expert and a
 token count per expert (heapr_serve.score.observers fills them). Sums, so batches, ranks and resumed
 runs combine by addition.
+
+`fisher` (optional: files of older versions lack it) is the exact empirical Fisher of each atomic
+expert's output scale, sum_t (a_{t,k} * dL/da_{t,k})^2: the product inside the sum, where HEAPr's score
+is the product of two means (`--method fisher`, heapr_serve.prune.methods).
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ REAP_KEY = "reap_weighted_norm_sum"
 
 @dataclass
 class ExpertStats:
-    """Per MoE layer: sum of a^2 and of (dL/da)^2 per atomic expert [E, I], tokens per expert [E]."""
+    """Per MoE layer: sum of a^2, of (dL/da)^2 and of (a dL/da)^2 per atomic expert [E, I], tokens per
+    expert [E]."""
 
     act_sq: dict[int, torch.Tensor] = field(default_factory=dict)
     grad_sq: dict[int, torch.Tensor] = field(default_factory=dict)
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+    fisher: dict[int, torch.Tensor] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
 
     @classmethod
@@ -41,6 +47,7 @@ class ExpertStats:
             stats.act_sq[layer] = torch.zeros(experts, width, dtype=torch.float32, device=device)
             stats.grad_sq[layer] = torch.zeros(experts, width, dtype=torch.float32, device=device)
             stats.tokens[layer] = torch.zeros(experts, dtype=torch.int64, device=device)
+            stats.fisher[layer] = torch.zeros(experts, width, dtype=torch.float32, device=device)
         return stats
 
     def scores(self) -> dict[int, torch.Tensor]:
@@ -53,7 +60,7 @@ class ExpertStats:
         return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.act_sq, self.grad_sq, self.tokens) for t in d.values())
+        return sum(t.numel() * t.element_size() for d in (self.act_sq, self.grad_sq, self.tokens, self.fisher) for t in d.values())
 
     def save(self, path: Path) -> None:
         tensors = {}
@@ -61,6 +68,8 @@ class ExpertStats:
             tensors[f"layers.{layer}.act_sq"] = self.act_sq[layer].cpu().contiguous()
             tensors[f"layers.{layer}.grad_sq"] = self.grad_sq[layer].cpu().contiguous()
             tensors[f"layers.{layer}.tokens"] = self.tokens[layer].cpu().contiguous()
+            if layer in self.fisher:
+                tensors[f"layers.{layer}.fisher"] = self.fisher[layer].cpu().contiguous()
         save_file(tensors, str(path), metadata={"heapr": json.dumps(self.metadata)})
 
     @classmethod
@@ -79,6 +88,7 @@ class ExpertStats:
                     getattr(stats, kind)[int(layer)] = f.get_tensor(name)
         except (ValueError, OSError, KeyError, AttributeError, SafetensorError) as err:
             raise HeaprError(f"{path}: not a HEAPr scores file ({err})") from None
-        if not stats.act_sq or set(stats.act_sq) != set(stats.grad_sq) or set(stats.act_sq) != set(stats.tokens):
+        if not stats.act_sq or set(stats.act_sq) != set(stats.grad_sq) or set(stats.act_sq) != set(stats.tokens) \
+                or (stats.fisher and set(stats.fisher) != set(stats.act_sq)):
             raise HeaprError(f"{path}: incomplete HEAPr scores file; re-run `heapr-serve compress`")
         return stats

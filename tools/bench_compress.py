@@ -6,6 +6,8 @@ On a random MoE with Qwen3-30B-A3B's proportions scaled down to fit a CPU (exper
       code, same data)                                   target <= 1.25
   (b) bytes of statistics / (8 x number of atomic experts)   target <= 1.1
   (c) two-stage (explicit H x H covariance) time / one-pass time
+  (g) the pass `compress` runs for every method (HEAPr's sums + the Fisher sum of --method fisher +
+      REAP's) / HEAPr's sums alone                       target <= 1.05 (fisher costs what heapr costs)
 Runs alternate A and B several times and report medians, so machine noise hits both alike.
 
 With --streamed it measures the streamed calibration pass instead (each run in a fresh process, so
@@ -39,7 +41,7 @@ from transformers import AutoModelForCausalLM
 from heapr_serve.calibrate.datasets import CalibrationSet
 from heapr_serve.score.calibration_pass import collect_statistics, freeze, loss_on_batch
 from heapr_serve.score.moe_forward import use_sorted_forward
-from heapr_serve.score.observers import HeaprObserver
+from heapr_serve.score.observers import HeaprObserver, MethodStatsObserver
 from tools.two_stage_reference import two_stage_scores
 from tools.build_tiny_models import build_tiny_model
 
@@ -232,10 +234,11 @@ def main() -> None:
     scale = float(args.batch_size * args.seq_len)
 
     plain_forward_backward(model, batches[:1], scale)  # warm-up
-    plain, one_pass, two_stage = [], [], []
+    plain, one_pass, two_stage, every_method = [], [], [], []
     for _ in range(args.repeats):
         plain.append(timed(lambda: plain_forward_backward(model, batches, scale)))
         one_pass.append(timed(lambda: collect_statistics(model, batches, scale, observer=HeaprObserver())))
+        every_method.append(timed(lambda: collect_statistics(model, batches, scale, observer=MethodStatsObserver())))
         if not args.skip_two_stage:
             two_stage.append(timed(lambda: two_stage_scores(model, batches, scale)))
     stats = collect_statistics(model, batches[:1], scale, observer=HeaprObserver())
@@ -249,6 +252,8 @@ def main() -> None:
     table.add_row("plain forward+backward (median s)", f"{statistics.median(plain):.3f}", "")
     table.add_row("one-pass HEAPr scoring (median s)", f"{statistics.median(one_pass):.3f}", "")
     table.add_row("(a) scoring / plain forward+backward", f"{a:.3f}", "<= 1.25")
+    table.add_row("every method's pass incl. fisher (median s)", f"{statistics.median(every_method):.3f}", "")
+    table.add_row("(g) every method's pass / HEAPr's sums alone", f"{statistics.median(every_method) / statistics.median(one_pass):.3f}", "<= 1.05")
     table.add_row("(b) statistics bytes / (8 x atomic experts)", f"{b:.4f} ({stats.nbytes():,} B, {atomic:,} atomic experts)", "<= 1.1")
     if two_stage:
         c = statistics.median(two_stage) / statistics.median(one_pass)

@@ -99,17 +99,26 @@ def _env() -> dict:
 
 
 def test_two_gloo_ranks_equal_one(tiny_models, tmp_path, capsys):
+    """The statistics, and the --reconstruct re-fit (Gram matrices summed over ranks), of two ranks."""
     src = tiny_models["qwen2_moe"]
-    assert run_cli("compress", src, "-o", tmp_path / "one", *FAST, capsys=capsys)[0] == 0
+    assert run_cli("compress", src, "-o", tmp_path / "one", *FAST, "--reconstruct", capsys=capsys)[0] == 0
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "heapr_serve", "compress",
-                           str(src), "-o", str(tmp_path / "two"), *FAST], capture_output=True, text=True, env=_env(),
+                           str(src), "-o", str(tmp_path / "two"), *FAST, "--reconstruct"], capture_output=True, text=True, env=_env(),
                           timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 ranks" in proc.stderr
     assert _widths(tmp_path / "one") == _widths(tmp_path / "two")
     assert _max_rel(ExpertStats.load(tmp_path / "one"), ExpertStats.load(tmp_path / "two")) < 1e-5
     assert not partial_folder(tmp_path / "two").exists()
+    from safetensors.torch import load_file
+
+    one, two = ({n: t for f in sorted((tmp_path / run).glob("model*.safetensors")) for n, t in load_file(str(f)).items()} for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    downs = [n for n in one if n.endswith("down_proj.weight") and ".experts." in n]
+    assert downs and all(torch.allclose(one[n], two[n], rtol=1e-4, atol=1e-6) for n in downs)
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["heapr"]["reconstruct"]["experts_refit"] > 0
+    assert not list(tmp_path.glob(".*heapr-refit*"))
 
 
 def test_bad_input_under_torchrun_is_said_once(tiny_models, tmp_path):

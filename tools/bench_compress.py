@@ -16,7 +16,12 @@ peak resident memory is that run's own; in-memory and streamed alternate):
   (e) streamed peak RSS - baseline, against 1.2 x (one decoder layer + saved activations)
   (f) the same on a model whose float32 weights are >= 4x the streamed peak (streamed only)
 
+With --reconstruct it measures what `compress --reconstruct` adds (the same random model as --streamed,
+`compress` in-process, plain and with each --reconstruct-inputs, alternating):
+  (h) compress --reconstruct wall / compress wall        target <= 1.5
+
 Usage: python -m tools.bench_compress [--hidden 512 --experts 64 --width 192 --layers 2 --repeats 3]
+       python -m tools.bench_compress --reconstruct [--repeats 3]
        python -m tools.bench_compress --streamed [--big-layers 24 --big-hidden 1024 --big-experts 64 --big-width 512]
 """
 
@@ -61,6 +66,7 @@ def timed(fn) -> float:
 
 
 GIB = 1024**3
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_random_qwen3_moe(folder: Path, layers: int, hidden: int, experts: int, width: int, top_k: int = 8,
@@ -155,6 +161,43 @@ def _layer_and_activation_bytes(folder: Path, args, dtype: str) -> tuple[int, in
     return need.largest_layer, saved
 
 
+def reconstruct_main(args) -> None:
+    from typer.testing import CliRunner
+
+    from heapr_serve.cli import app
+
+    modes = {"plain": [], "--reconstruct (pruned inputs)": ["--reconstruct"],
+             "--reconstruct (dense inputs)": ["--reconstruct", "--reconstruct-inputs", "dense"]}
+    walls: dict[str, list[float]] = {m: [] for m in modes}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        model = write_random_qwen3_moe(Path(tmp) / "m", args.layers, args.hidden, args.experts, args.width, dtype=torch.float32)
+        for tokenizer_file in (ROOT / "examples" / "tiny-qwen3-moe").glob("tokenizer*"):  # compress loads a tokenizer
+            shutil.copy(tokenizer_file, model / tokenizer_file.name)
+        g = torch.Generator().manual_seed(0)
+        calib = Path(tmp) / "calib.jsonl"  # pre-tokenised random windows: the same tokens for every run
+        calib.write_text("".join(json.dumps({"input_ids": torch.randint(0, 4096, (args.seq_len,), generator=g).tolist()}) + "\n"
+                                 for _ in range(args.nsamples)))
+        runner = CliRunner()
+        for _ in range(args.repeats):
+            for mode, flags in modes.items():
+                cmd = ["compress", str(model), "-o", str(Path(tmp) / "out"), "--ratio", "0.5", "--overwrite", "--nsamples",
+                       str(args.nsamples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--calib", str(calib), *flags]
+                start = time.perf_counter()
+                result = runner.invoke(app, cmd)
+                walls[mode].append(time.perf_counter() - start)
+                if result.exit_code != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed: {result.output[-2000:]}")
+    plain = statistics.median(walls["plain"])
+    table = Table(title=f"compress --reconstruct: {args.layers} x {args.experts} x {args.width}, hidden {args.hidden}, "
+                        f"{args.nsamples} x {args.seq_len} tokens; medians of {args.repeats} alternating runs")
+    for col in ("compress", "wall s", "ratio to plain", "target"):
+        table.add_column(col, justify="left" if col == "compress" else "right")
+    for mode in modes:
+        wall = statistics.median(walls[mode])
+        table.add_row(mode, f"{wall:.2f}", f"{wall / plain:.3f}", "" if mode == "plain" else "(h) <= 1.5")
+    Console(width=160).print(table)
+
+
 def streamed_main(args) -> None:
     table = Table(title=f"streamed calibration ({args.nsamples} x {args.seq_len} tokens, batch {args.batch_size}, {args.dtype}); "
                         "medians of alternating fresh processes")
@@ -206,6 +249,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-two-stage", action="store_true")
     parser.add_argument("--streamed", action="store_true", help="measure the streamed pass (see above)")
+    parser.add_argument("--reconstruct", action="store_true", help="measure what compress --reconstruct adds (see above)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--big-layers", type=int, default=24)
     parser.add_argument("--big-hidden", type=int, default=1024)
@@ -219,6 +263,8 @@ def main() -> None:
         return child(args.child[0], Path(args.child[1]), args.nsamples, args.seq_len, args.batch_size, args.dtype)
     if args.streamed:
         return streamed_main(args)
+    if args.reconstruct:
+        return reconstruct_main(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _reduction(record: dict) -> str:
+    before = record.get("error_before", 0.0)
+    return f"{1 - record['error_after'] / before:.1%}" if before > 0 else "0%"
+
+
 def write_model_card(folder: Path, config: dict, plan, source_params: int, pruned_params: int, name: str) -> None:
     """`folder` is the staging folder; `name` the output's final name, for the title."""
     heapr = config["heapr"]
@@ -30,6 +35,10 @@ def write_model_card(folder: Path, config: dict, plan, source_params: int, prune
         *([f"The source was {heapr['source_quantization'].get('quant_method')} block-quantised "
            f"({heapr['source_quantization'].get('weight_block_size')}); this checkpoint holds it dequantised to "
            f"{heapr['source_quantization'].get('written_as')}."] if heapr.get("source_quantization") else []),
+        *([f"The kept neurons' down-projection columns were re-fitted (`--reconstruct`, {heapr['reconstruct']['inputs']} inputs, "
+           f"damp {heapr['reconstruct']['damp']:g}) to the dense experts' outputs on the calibration tokens: "
+           f"{heapr['reconstruct']['experts_refit']} experts re-fitted, their calibration output error "
+           f"{_reduction(heapr['reconstruct'])} lower."] if heapr.get("reconstruct") else []),
         "",
         "| layer | kept share | min width | max width | width-0 experts |",
         "|---:|---:|---:|---:|---:|",

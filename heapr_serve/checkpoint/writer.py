@@ -109,8 +109,18 @@ class _ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[int, list[torch.Tensor]]):
-    """The pruned per-expert tensors for one source tensor, or None if it is not a routed expert."""
+def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[int, list[torch.Tensor]], refit=None):
+    """The pruned per-expert tensors for one source tensor, or None if it is not a routed expert.
+    `refit(layer, expert)` gives re-fitted kept down-projection columns [H, K] (`--reconstruct`) or None."""
+
+    def down_columns(layer: int, expert: int, down: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        new = refit(layer, expert) if refit is not None else None
+        if new is None:
+            return down.index_select(1, kept)
+        if tuple(new.shape) != (down.shape[0], len(kept)):
+            raise ValueError(f"re-fitted down projection of layer {layer} expert {expert} has shape {list(new.shape)}, expected {[down.shape[0], len(kept)]}")
+        return new.to(down.dtype)
+
     m = PER_EXPERT_TENSOR.match(name)
     if m and int(m["layer"]) in keep and m["block"] == family.disk_block and m["proj"] in family.disk_projs:
         layer, expert = int(m["layer"]), int(m["expert"])
@@ -118,7 +128,7 @@ def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[i
         if len(kept) == 0:
             return []
         proj = family.disk_projs.index(m["proj"])
-        return [(name, tensor.index_select(1 if proj == 2 else 0, kept))]
+        return [(name, down_columns(layer, expert, tensor, kept) if proj == 2 else tensor.index_select(0, kept))]
     m = FUSED_EXPERTS_TENSOR.match(name)
     if m and int(m["layer"]) in keep:
         layer = int(m["layer"])
@@ -131,14 +141,14 @@ def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[i
                 out.append((family.expert_tensor_name(m["prefix"], layer, expert, 0), tensor[expert, :width].index_select(0, kept)))
                 out.append((family.expert_tensor_name(m["prefix"], layer, expert, 1), tensor[expert, width:].index_select(0, kept)))
             else:  # down_proj [E, H, I]
-                out.append((family.expert_tensor_name(m["prefix"], layer, expert, 2), tensor[expert].index_select(1, kept)))
+                out.append((family.expert_tensor_name(m["prefix"], layer, expert, 2), down_columns(layer, expert, tensor[expert], kept)))
         return out
     return None
 
 
 def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: dict[int, list[torch.Tensor]],
                             heapr: dict, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress=None,
-                            drop_mtp: bool = False) -> dict:
+                            drop_mtp: bool = False, refit=None) -> dict:
     """Write weights, config, tokenizer and side files of the pruned model into `folder` (a staging
     folder). Returns {"params": n, "bytes": n}.
 
@@ -146,7 +156,8 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
     are written whole, their experts per-expert at the dense width, and declared in
     `heapr.kept_whole_layers`, or left out with `drop_mtp` (config's count of them set to 0). An FP8
     block-quantised source is written dequantised to bfloat16, without its scales or its
-    quantization_config, and recorded in `heapr.source_quantization`."""
+    quantization_config, and recorded in `heapr.source_quantization`. `refit(layer, expert)`: the
+    re-fitted kept down-projection columns of `--reconstruct` (heapr_serve.prune.reconstruct), or None."""
     source = Path(source)
     src = SourceCheckpoint(source)
     config = json.loads((source / "config.json").read_text())
@@ -173,7 +184,7 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
                 if not skip:
                     tensor = src.get(f, name, fp8_dtype=torch.bfloat16)
                     dequantised += fp8 and (name + SCALE_SUFFIX) in src.files
-                    pieces = _expert_slices(family, name, tensor, slices)
+                    pieces = _expert_slices(family, name, tensor, slices, refit)
                     for out_name, out_tensor in pieces if pieces is not None else [(name, tensor)]:
                         writer.add(out_name, out_tensor)
                 if progress is not None:

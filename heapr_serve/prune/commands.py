@@ -8,6 +8,7 @@ the pruning -> stream the pruned checkpoint into a staging folder -> rename it i
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import resource
@@ -32,9 +33,22 @@ from heapr_serve.models import load_model, load_tokenizer, model_reference, pick
 from heapr_serve.progress import console, progress_bar
 from heapr_serve.prune.allocation import PruningPlan, check_allocation_options
 from heapr_serve.prune.methods import METHODS, expert_allocation, get_method, plan_for_method, uniform_allocation
+from heapr_serve.prune.reconstruct import DEFAULT_DAMP, INPUTS, reconstruct, temporary_folder
 from heapr_serve.score import distributed
 from heapr_serve.score.run import RunOptions, finish_run, run_calibration
 from heapr_serve.score.stats import SCORES_FILE, ExpertStats
+
+
+@dataclass
+class Reconstruction:
+    """What `--reconstruct` needs: this rank's calibration batches and how to run and fit them."""
+
+    batches: list
+    dtype: torch.dtype
+    device: torch.device
+    damp: float = DEFAULT_DAMP
+    inputs: str = "pruned"
+    activations_dir: Optional[Path] = None
 
 
 @dataclass
@@ -46,6 +60,7 @@ class PruneResult:
     pruned_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
     method: str = "heapr"
+    reconstruct: dict | None = None
 
 
 def _check_source(source: Path) -> dict:
@@ -58,8 +73,10 @@ def _check_source(source: Path) -> dict:
 
 
 def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, scope: str, align: int,
-                    keep_unrouted: bool, overwrite: bool, method: str = "heapr", seed: int = 0, drop_mtp: bool = False) -> PruneResult:
-    """Plan with `method` (heapr_serve.prune.methods) from `stats` and write the pruned checkpoint (with the
+                    keep_unrouted: bool, overwrite: bool, method: str = "heapr", seed: int = 0, drop_mtp: bool = False,
+                    reconstruction: Reconstruction | None = None) -> PruneResult:
+    """Plan with `method` (heapr_serve.prune.methods) from `stats`, re-fit the kept down-projection
+    columns if asked (heapr_serve.prune.reconstruct), and write the pruned checkpoint (with the
     statistics, so any method can re-prune it later) to `out`."""
     config = read_config(source)
     family = family_for(config)
@@ -87,9 +104,16 @@ def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, s
         "source_params": source_params,
     }
     files = safetensors_files(source)
-    with progress_bar() as progress, staging_folder(out, overwrite) as folder:
+    scratch = temporary_folder(out) if reconstruction is not None else contextlib.nullcontext()
+    with scratch as refit_folder, progress_bar() as progress, staging_folder(out, overwrite) as folder:
+        refit = None
+        if reconstruction is not None:
+            refit = refit_plan(source, plan, reconstruction, refit_folder, progress)
+            heapr["reconstruct"] = {"inputs": reconstruction.inputs, "damp": reconstruction.damp,
+                                    **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in refit.summary.items()}}
         task = progress.add_task("writing checkpoint", total=len(files))
-        written = write_pruned_checkpoint(source, folder, family, plan.keep, heapr, progress=lambda _: progress.advance(task), drop_mtp=drop_mtp)
+        written = write_pruned_checkpoint(source, folder, family, plan.keep, heapr, progress=lambda _: progress.advance(task), drop_mtp=drop_mtp,
+                                          refit=None if refit is None else refit.get)
         heapr["pruned_params"] = written["params"]
         config_file = folder / "config.json"
         saved = json.loads(config_file.read_text())
@@ -97,7 +121,14 @@ def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, s
         config_file.write_text(json.dumps(saved, indent=2) + "\n")
         stats.save(folder / SCORES_FILE)
         write_model_card(folder, saved, plan, source_params, written["params"], out.name)
-    return PruneResult(out, plan, source_params, written["params"], written["bytes"], method=method)
+    return PruneResult(out, plan, source_params, written["params"], written["bytes"], method=method, reconstruct=heapr.get("reconstruct"))
+
+
+def refit_plan(source: Path, plan: PruningPlan, r: Reconstruction, folder: Path, progress):
+    """Run the re-fit of `--reconstruct` (every rank of a torchrun launch calls this with its batches)."""
+    layers = progress.add_task(f"re-fitting down projections ({r.inputs} inputs)", total=SourceCheckpoint(source).num_layers)
+    return reconstruct(source, plan, r.batches, r.dtype, r.device, folder, r.damp, r.inputs, r.activations_dir,
+                       on_layer=lambda _: progress.advance(layers))
 
 
 def _peak_memory_gib(device: torch.device) -> str:
@@ -125,17 +156,29 @@ def summary_table(result: PruneResult, wall: float, peak: str) -> Table:
     table.add_row("experts at width 0", str(plan.zero_width_experts))
     unrouted = sum(len(e) for e in plan.unrouted.values())
     table.add_row("experts never routed in calibration", str(unrouted))
+    if result.reconstruct:
+        r = result.reconstruct
+        reduction = 1 - r["error_after"] / r["error_before"] if r["error_before"] > 0 else 0.0
+        table.add_row(f"re-fitted experts ({r['inputs']} inputs, damp {r['damp']:g})",
+                      f"{r['experts_refit']} (calibration output error -{reduction:.1%})")
     table.add_row("wall time", f"{wall:.1f} s")
     table.add_row("peak memory", peak)
     return table
 
 
-def _check_options(method: str, ratio: float, scope: str, align: int) -> None:
+def _check_options(method: str, ratio: float, scope: str, align: int, reconstruct: bool = False,
+                   reconstruct_inputs: str = "pruned", reconstruct_damp: float = DEFAULT_DAMP) -> None:
     """Validate the method and the ratio/scope/align flags in a millisecond, before any model is
     loaded, and say which flags the chosen method does not use."""
     allocation = get_method(method).allocate
     check_allocation_options(ratio, scope, align)
+    if reconstruct_inputs not in INPUTS:
+        raise HeaprError(f"--reconstruct-inputs {reconstruct_inputs!r}: use one of {', '.join(INPUTS)}")
+    if not (reconstruct_damp > 0 and reconstruct_damp < 1e6):
+        raise HeaprError(f"--reconstruct-damp must be a positive number (got {reconstruct_damp}); {DEFAULT_DAMP:g} is the default")
     ignored = []
+    if reconstruct and allocation is expert_allocation:
+        ignored.append("--reconstruct")
     if allocation in (expert_allocation, uniform_allocation) and scope != "global":
         ignored.append("--scope")
     if allocation is expert_allocation and align != 1:
@@ -181,10 +224,13 @@ def compress_command(
     resume: bool = typer.Option(False, help="Continue an interrupted calibration of this output from its last checkpoint."),
     checkpoint_every: int = typer.Option(8, help="Checkpoint the statistics every N batches (a streamed run reads every layer twice per N batches)."),
     drop_mtp: bool = typer.Option(False, "--drop-mtp", help="Leave out the MTP layer (DeepSeek-V3 num_nextn_predict_layers) instead of keeping it whole."),
+    reconstruct_: bool = typer.Option(False, "--reconstruct", help="Re-fit the kept neurons' down-projection columns to the dense expert outputs (least squares on the calibration tokens)."),
+    reconstruct_inputs: str = typer.Option("pruned", help="--reconstruct fits layer by layer on the pruned model's own inputs (pruned) or on the dense model's (dense)."),
+    reconstruct_damp: float = typer.Option(DEFAULT_DAMP, help="--reconstruct ridge damping, relative to the mean diagonal of each expert's Gram matrix."),
 ) -> None:
     """Score every atomic expert with HEAPr (or a baseline --method) and write a smaller checkpoint."""
     start = time.perf_counter()
-    _check_options(method, ratio, scope, align)
+    _check_options(method, ratio, scope, align, reconstruct_, reconstruct_inputs, reconstruct_damp)
     ranks = distributed.ranks_from_env()
     torch_device = distributed.device_for(ranks, pick_device(device))
     if batch_size < 1:
@@ -210,19 +256,44 @@ def compress_command(
                 "dtype": str(torch_dtype), "checkpoint_every": checkpoint_every, "world_size": ranks.world}
     opts = RunOptions(torch_dtype, torch_device, batch_size, streamed, activations_dir, checkpoint_every, resume, overwrite)
     stats = run_calibration(source, config, batches, [int(b[1].sum()) for b in batches], loss_scale, out, identity, opts,
-                            lambda dt, dev: load_model(source, dt, dev), what)
+                            lambda dt, dev: load_model(source, dt, dev), what, every_rank=reconstruct_)
     if stats is None:  # another rank than 0: rank 0 writes
         return
     stats.metadata.update({"source_model": model_reference(model, source), "model_type": config["model_type"], "calibration": calibration.describe(),
+                           "calibration_args": {"calib": calib, "nsamples": nsamples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size},
                            "source_fingerprint": fingerprint})
     gc.collect()
+    refit = Reconstruction(ranks.share(batches), torch_dtype, torch_device, reconstruct_damp, reconstruct_inputs, activations_dir) if reconstruct_ else None
+    if not ranks.is_main:  # --reconstruct: this rank's share of the re-fit, then rank 0 writes
+        plan = plan_for_method(method, stats, source, ratio, scope, align, keep_unrouted, seed)
+        with temporary_folder(out) as folder, progress_bar() as progress:
+            refit_plan(source, plan, refit, Path(folder), progress)
+        finish_run(out, identity)
+        return
 
-    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed, drop_mtp)
+    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed, drop_mtp, refit)
     finish_run(out, identity)
     _warn_unrouted(result.plan, keep_unrouted)
     console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch_device)))
     if evaluate:
         console.print(_evaluate_pair(source, out, torch_dtype, torch_device, seq_len))
+
+
+def _recorded_reconstruction(scores: Path, source: Path, config: dict, stats: ExpertStats, device: torch.device,
+                             damp: float, inputs: str) -> Reconstruction:
+    """`apply --reconstruct`: the calibration set the scores were computed on, read again and checked
+    against its recorded sha256 (the Gram matrices are too big to save beside the scores)."""
+    args = stats.metadata.get("calibration_args")
+    recorded = stats.metadata.get("calibration", {}).get("sha256")
+    if not args or not recorded:
+        raise HeaprError(f"{scores}: records no calibration arguments (written by an older heapr-serve); run `heapr-serve compress --reconstruct` instead")
+    tokenizer = load_tokenizer(source)
+    calibration = load_calibration(args["calib"], tokenizer, args["nsamples"], args["seq_len"], args["seed"], int(config["vocab_size"]))
+    if calibration.sha256 != recorded:
+        raise HeaprError(f"{scores}: the calibration set {args['calib'] or 'builtin'} no longer gives the tokens the scores were computed on; "
+                         "run `heapr-serve compress --reconstruct` instead")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return Reconstruction(list(calibration.batches(args["batch_size"], pad_id)), SourceCheckpoint(source).dtype, device, damp, inputs)
 
 
 def apply_command(
@@ -238,10 +309,15 @@ def apply_command(
     method: str = typer.Option("heapr", "--method", help=f"Pruning method: {', '.join(METHODS)}."),
     seed: int = typer.Option(0, help="Seed for --method random."),
     drop_mtp: bool = typer.Option(False, "--drop-mtp", help="Leave out the MTP layer (DeepSeek-V3 num_nextn_predict_layers) instead of keeping it whole."),
+    reconstruct_: bool = typer.Option(False, "--reconstruct", help="Re-fit the kept down-projection columns (re-reads the calibration set the scores recorded: one forward pass)."),
+    reconstruct_inputs: str = typer.Option("pruned", help="pruned (layer by layer on the pruned model's inputs) or dense."),
+    reconstruct_damp: float = typer.Option(DEFAULT_DAMP, help="Ridge damping relative to the mean Gram diagonal."),
+    device: str = typer.Option("auto", help="For --reconstruct: auto (a CUDA GPU when present), cpu, cuda, cuda:N."),
 ) -> None:
     """Re-prune at another ratio (or with another --method) from saved statistics, without calibrating again."""
     start = time.perf_counter()
-    _check_options(method, ratio, scope, align)
+    _check_options(method, ratio, scope, align, reconstruct_, reconstruct_inputs, reconstruct_damp)
+    torch_device = pick_device(device)
     stats = ExpertStats.load(scores)
     recorded = stats.metadata.get("source_model")
     if model is None and not recorded:
@@ -253,8 +329,9 @@ def apply_command(
         raise HeaprError(f"{scores}: scores are for a {stats.metadata['model_type']} model but {source} is {config['model_type']}; pass the right --model")
     if stats.metadata.get("source_fingerprint") not in (None, source_fingerprint(source)):
         raise HeaprError(f"{scores}: scores were computed on other weights than those now in {source} (retrained or replaced?); re-run `heapr-serve compress`")
-    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed, drop_mtp)
+    refit = _recorded_reconstruction(scores, source, config, stats, torch_device, reconstruct_damp, reconstruct_inputs) if reconstruct_ else None
+    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed, drop_mtp, refit)
     _warn_unrouted(result.plan, keep_unrouted)
-    console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch.device("cpu"))))
+    console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch_device)))
     if evaluate:
         console.print(_evaluate_pair(source, out, torch.float32, torch.device("cpu"), 256))

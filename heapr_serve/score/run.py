@@ -56,8 +56,9 @@ def choose_streamed(source: Path, config: dict, opts: RunOptions, seq_len: int, 
 
 
 def run_calibration(source: Path, config: dict, batches: list, num_tokens: list[int], loss_scale: float, out: Path,
-                    identity: dict, opts: RunOptions, load_model, what: str = "calibrating") -> ExpertStats | None:
-    """Calibrate; the statistics on rank 0, None on the other ranks. `num_tokens[i]` is the number of
+                    identity: dict, opts: RunOptions, load_model, what: str = "calibrating", every_rank: bool = False) -> ExpertStats | None:
+    """Calibrate; the statistics on rank 0, None on the other ranks (the summed statistics on every
+    rank with `every_rank`, which then ends the run with `finish_run`). `num_tokens[i]` is the number of
     real tokens of batch i; `load_model(dtype, device)` loads the whole model for the in-memory pass;
     `what` describes the calibration set for the first line printed."""
     ranks = distributed.ranks_from_env()
@@ -103,7 +104,7 @@ def run_calibration(source: Path, config: dict, batches: list, num_tokens: list[
             raise
     distributed.all_reduce_sums(ranks, observer.sums(), opts.device)
     stats = observer.result()
-    if not ranks.is_main:
+    if not ranks.is_main and not every_rank:
         distributed.finish(ranks)
         return None
     return stats

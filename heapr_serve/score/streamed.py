@@ -139,6 +139,67 @@ class StreamedPass:
         use_sorted_forward(module)
         return module
 
+    def _inputs(self, model, batches, store: ActivationStore) -> tuple[list[dict], list[torch.Tensor]]:
+        """h_0 of every batch into `store`; the decoder-layer arguments and attention mask of each."""
+        inner = model.model
+        self.source.load_module(inner.embed_tokens, "model.embed_tokens.", self.device)
+        rotary = inner.rotary_emb
+        inner.rotary_emb = type(rotary)(config=rotary.config).to(self.device)
+        layers = inner.layers
+        inner.layers = nn.ModuleList([_CaptureLayer()])
+        layer_kwargs, masks = [], []
+        with torch.no_grad():
+            for b, (input_ids, attention_mask, _) in enumerate(batches):
+                input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+                h0 = inner.embed_tokens(input_ids)
+                try:
+                    inner(inputs_embeds=h0, attention_mask=attention_mask, use_cache=False)
+                    raise RuntimeError("the model's forward never reached its decoder layers")
+                except _Captured as captured:
+                    layer_kwargs.append(captured.kwargs)
+                masks.append(attention_mask)
+                store.put(0, b, h0)
+        inner.layers = layers
+        _unload(inner.embed_tokens)
+        return layer_kwargs, masks
+
+    def forward_by_layer(self, batches, visit: Callable[[int, nn.Module, Callable], bool]) -> None:
+        """Forward only, one decoder layer resident, over every batch (no loss, no backward). For each
+        layer, `visit(layer, module, run)` may call `run(observer)` (every batch's input through the
+        layer, `observer` attached to its MoE block and shown each batch's mask) and change the
+        module's weights, and returns whether it did; the next layer's inputs are this layer's outputs
+        as `visit` left it (what the sequential re-fit of `--reconstruct` needs)."""
+        batches = list(batches)
+        model = build_meta_model(self.source.path, self.dtype)
+        store = ActivationStore(self.activations_dir)
+        try:
+            layer_kwargs, masks = self._inputs(model, batches, store)
+            with torch.no_grad():
+                for layer in range(self.source.num_layers):
+                    module = self._load_layer(model, layer)
+                    moe = {layer: module.mlp} if getattr(module.mlp, "experts", None) is not None else {}
+
+                    def run(observer) -> None:
+                        observer.attach(moe)
+                        try:
+                            for b in range(len(batches)):
+                                observer.begin_batch(masks[b])
+                                store.put(layer + 1, b, module(store.get(layer, b, self.device), **layer_kwargs[b]))
+                        finally:
+                            observer.detach()
+
+                    ran = [False]
+                    changed = visit(layer, module, lambda observer: (run(observer), ran.__setitem__(0, True)))
+                    if changed or not ran[0]:
+                        for b in range(len(batches)):
+                            store.put(layer + 1, b, module(store.get(layer, b, self.device), **layer_kwargs[b]))
+                    for b in range(len(batches)):
+                        store.drop(layer, b)
+                    _unload(module)
+                    self._step(f"forward layer {layer}")
+        finally:
+            store.close()
+
     def run(self, batches, observer, loss_scale, progress=None) -> None:
         batches = list(batches)
         model = build_meta_model(self.source.path, self.dtype)
@@ -147,25 +208,7 @@ class StreamedPass:
         store = ActivationStore(self.activations_dir)
         try:
             # embeddings, and the decoder-layer arguments of every batch from the stock forward
-            self.source.load_module(inner.embed_tokens, "model.embed_tokens.", self.device)
-            rotary = inner.rotary_emb
-            inner.rotary_emb = type(rotary)(config=rotary.config).to(self.device)
-            layers = inner.layers
-            inner.layers = nn.ModuleList([_CaptureLayer()])
-            layer_kwargs, masks = [], []
-            with torch.no_grad():
-                for b, (input_ids, attention_mask, _) in enumerate(batches):
-                    input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-                    h0 = inner.embed_tokens(input_ids)
-                    try:
-                        inner(inputs_embeds=h0, attention_mask=attention_mask, use_cache=False)
-                        raise RuntimeError("the model's forward never reached its decoder layers")
-                    except _Captured as captured:
-                        layer_kwargs.append(captured.kwargs)
-                    masks.append(attention_mask)
-                    store.put(0, b, h0)
-            inner.layers = layers
-            _unload(inner.embed_tokens)
+            layer_kwargs, masks = self._inputs(model, batches, store)
 
             # forward, layer-major: save every layer's input
             with torch.no_grad():

@@ -1,7 +1,8 @@
 """The proxy's own HTTP server: uvicorn, hardened against clients that hold connections.
 
 Why its own module: the proxy faces whatever production traffic sends. uvicorn bounds the size of a
-request head (h11's incomplete-event limit: a larger head gets a 400 and the connection closes) but
+request head that arrives in pieces (h11's incomplete-event limit: a larger one gets a 400 and the
+connection closes; the proxy app answers 431 to one that came whole) but
 not the time a client may take to send it, so a client that dribbles a header a byte at a time
 would hold its connection forever. Here the h11 protocol closes a connection that has not sent a
 complete request head within `client_timeout` seconds (on a fresh connection, and between
@@ -17,8 +18,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-MAX_HEAD_BYTES = 16 * 1024  # request line plus headers (uvicorn's own default, so the arms take what
-# passes); larger heads get a 400 and a close
+from heapr_serve.ab.proxy import MAX_HEAD_BYTES
+
 
 
 def h11_protocol(client_timeout: float) -> type[H11Protocol]:

@@ -61,6 +61,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 # sends those after forwarding the request, which may then be generating.
 FAILOVER_STATUSES = {503}
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+MAX_HEAD_BYTES = 16 * 1024  # a request's headers; what uvicorn (and so vLLM) takes by default
 
 
 @dataclass
@@ -151,6 +152,12 @@ class ABProxy:
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI app: Starlette behind the --max-inflight limit, which applies to generation
         requests only (so /health and /metrics answer under any load) and counts what it refuses."""
+        if scope["type"] == "http" and sum(len(k) + len(v) + 4 for k, v in scope["headers"]) \
+                > MAX_HEAD_BYTES:  # (the HTTP layer bounds heads that arrive in pieces)
+            self.metrics.rejected.labels("headers_too_large").inc()
+            await _error(431, f"request headers over {MAX_HEAD_BYTES} bytes",
+                         "invalid_request_error")(scope, receive, send)
+            return
         if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
             await self.starlette(scope, receive, send)
             return

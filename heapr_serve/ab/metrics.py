@@ -32,6 +32,9 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
                 7.5, 10, 15, 20, 30, 60, 120)
 E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20,
                30, 45, 60, 90, 120, 180, 300)
+# The proxy's own queueing: sub-millisecond when a connection is free, seconds when a pool is full.
+QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
                  0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5)
 
@@ -57,14 +60,20 @@ class ABMetrics:
                                  ("from_arm", "to_arm", "reason"), registry=r)
         self.rejected = Counter("heapr_ab_rejected", "Requests refused by the proxy itself before "
                                 "reaching an arm.", ("reason",), registry=r)
-        self.ttft = Histogram("heapr_ab_ttft_seconds", "Time to first token (streaming requests).",
+        self.queue_wait = Histogram(
+            "heapr_ab_queue_wait_seconds", "Time from the proxy receiving a request to sending it to "
+            "the arm (waiting for a connection of the arm's pool, connecting); not part of TTFT or "
+            "end-to-end latency, which start when the request is sent.", lab,
+            buckets=QUEUE_BUCKETS, registry=r)
+        self.ttft = Histogram("heapr_ab_ttft_seconds", "Time to first token (streaming requests), "
+                              "from sending the request to the arm.",
                               lab, buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("heapr_ab_itl_seconds", "Inter-token latency: gap between successive "
                              "token-bearing stream events.", lab, buckets=TOKEN_BUCKETS, registry=r)
         self.tpot = Histogram("heapr_ab_tpot_seconds", "Time per output token after the first, per "
                               "request.", lab, buckets=TOKEN_BUCKETS, registry=r)
-        self.e2e = Histogram("heapr_ab_e2e_latency_seconds", "End-to-end request latency of "
-                             "successful requests.", lab, buckets=E2E_BUCKETS, registry=r)
+        self.e2e = Histogram("heapr_ab_e2e_latency_seconds", "End-to-end latency of successful "
+                             "requests, from sending the request to the arm to its last byte.", lab, buckets=E2E_BUCKETS, registry=r)
         self.output_tokens = Counter("heapr_ab_output_tokens", "Output tokens of successful requests.",
                                      lab, registry=r)
         self.prompt_tokens = Counter("heapr_ab_prompt_tokens", "Prompt tokens of successful requests "
@@ -75,7 +84,7 @@ class ABMetrics:
 
     def init_arm(self, arm: str, model: str) -> None:
         """Create every series of an arm at zero, so Prometheus's rate() sees the first requests."""
-        for fam in (self.assigned, self.ttft, self.itl, self.tpot, self.e2e, self.output_tokens,
+        for fam in (self.assigned, self.queue_wait, self.ttft, self.itl, self.tpot, self.e2e, self.output_tokens,
                     self.prompt_tokens, self.in_flight, self.up):
             fam.labels(arm, model)
         for outcome in OUTCOMES:

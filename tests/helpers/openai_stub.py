@@ -4,7 +4,10 @@ It is a test helper, not part of what users run: the proxy and the benchmark und
 over real HTTP exactly as they talk to vLLM, but it answers in milliseconds and needs no model, so
 load and failover tests can use hundreds of requests on a small machine. Its timing is set on the
 command line (time to first token, delay between tokens), so a test knows which arm is faster and
-by how much. `/stats` tells a test how many requests it started, finished, and saw the client drop.
+by how much. `/stats` tells a test how many requests it started, finished, and saw the client drop;
+`/metrics` reports, under vLLM's own metric names, the latency it served itself (from the moment its
+handler got the request), so a test can set what the proxy or the benchmark measured against what
+the arm saw, as one would with vLLM.
 
 Run it as a script (no package import, so it starts in well under a second):
 
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 import uvicorn
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -32,13 +36,36 @@ from starlette.routing import Route
 
 
 
-def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0) -> Starlette:
-    """Starlette app serving /v1/completions, /v1/chat/completions, /v1/models, /health, /stats."""
+def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0,
+              models_off: bool = False) -> Starlette:
+    """Starlette app serving /v1/completions, /v1/chat/completions, /v1/models, /health, /stats,
+    /metrics. With `models_off`, /v1/models answers 503 until a POST to /admin/models-on (a test
+    then knows exactly when a proxy can learn this arm's model name)."""
     # what the last request carried, so a test can check what a proxy forwarded
     stats = {"started": 0, "finished": 0, "disconnected": 0, "last_model": None,
              "last_authorization": None, "last_headers": []}
+    listing = {"on": not models_off}
+    reg = CollectorRegistry()
+    buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+    ttft_h = Histogram("vllm:time_to_first_token_seconds", "TTFT as this server saw it",
+                       ["model_name"], buckets=buckets, registry=reg).labels(model)
+    e2e_h = Histogram("vllm:e2e_request_latency_seconds", "E2E as this server saw it",
+                      ["model_name"], buckets=buckets, registry=reg).labels(model)
+    gen_c = Counter("vllm:generation_tokens", "tokens generated", ["model_name"],
+                    registry=reg).labels(model)
+    prompt_c = Counter("vllm:prompt_tokens", "prompt tokens", ["model_name"],
+                       registry=reg).labels(model)
+    ok_c = Counter("vllm:request_success", "requests finished", ["model_name"],
+                   registry=reg).labels(model)
+
+    def served(arrival: float, n_prompt: int, n_out: int) -> None:
+        e2e_h.observe(time.perf_counter() - arrival)
+        gen_c.inc(n_out)
+        prompt_c.inc(n_prompt)
+        ok_c.inc()
 
     async def completions(request: Request) -> Response:
+        arrival = time.perf_counter()
         try:
             body = json.loads(await request.body())
         except ValueError:
@@ -87,6 +114,8 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0)
                     finish = "length" if i == n_out - 1 else None
                     ev = {"id": rid, "object": obj, "created": created, "model": model,
                           "choices": [choice(f" tok{i}", finish)]}
+                    if i == 0:
+                        ttft_h.observe(time.perf_counter() - arrival)
                     yield f"data: {json.dumps(ev)}\n\n"
                 if usage_in_stream:
                     ev = {"id": rid, "object": obj, "created": created, "model": model,
@@ -94,6 +123,7 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0)
                     yield f"data: {json.dumps(ev)}\n\n"
                 yield "data: [DONE]\n\n"
                 stats["finished"] += 1
+                served(arrival, n_prompt, n_out)
             except asyncio.CancelledError:
                 stats["disconnected"] += 1
                 raise
@@ -113,6 +143,7 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0)
                     "finish_reason": "length"} if chat else
                    {"index": 0, "text": text, "finish_reason": "length"})
             stats["finished"] += 1
+            served(arrival, n_prompt, n_out)
             return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                                  "created": created, "model": model, "choices": [msg],
                                  "usage": usage})
@@ -122,6 +153,8 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0)
         return await whole()
 
     async def models(_: Request) -> Response:
+        if not listing["on"]:
+            return Response(status_code=503)
         return JSONResponse({"object": "list", "data": [{"id": model, "object": "model",
                                                          "owned_by": "stub"}]})
 
@@ -131,12 +164,21 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0)
     async def stat(_: Request) -> Response:
         return JSONResponse(stats)
 
+    async def models_on(_: Request) -> Response:
+        listing["on"] = True
+        return Response(status_code=204)
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(reg), media_type="text/plain; version=0.0.4")
+
     return Starlette(routes=[
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", completions, methods=["POST"]),
         Route("/v1/models", models),
         Route("/health", health),
         Route("/stats", stat),
+        Route("/metrics", metrics),
+        Route("/admin/models-on", models_on, methods=["POST"]),
     ])
 
 
@@ -190,10 +232,11 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 
 def start_stub(port: int, model: str, ttft: float, token_delay: float, fail_status: int = 0,
-               log: Path | None = None) -> subprocess.Popen:
+               log: Path | None = None, models_off: bool = False) -> subprocess.Popen:
     """Run this file as a server on `port` and wait until it answers."""
     proc = spawn([sys.executable, __file__, "--port", str(port), "--model", model, "--ttft", str(ttft),
-                  "--token-delay", str(token_delay), "--fail-status", str(fail_status)], log)
+                  "--token-delay", str(token_delay), "--fail-status", str(fail_status)]
+                 + (["--models-off"] if models_off else []), log)
     wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=30)
     return proc
 
@@ -202,12 +245,12 @@ class ServerThread:
     """Run an ASGI app with uvicorn in a background thread of this process (tests of the proxy
     in-process: real sockets and HTTP, without paying a second interpreter start-up)."""
 
-    def __init__(self, app, port: int) -> None:
+    def __init__(self, app, port: int, config: uvicorn.Config | None = None) -> None:
         import threading
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                access_log=False, server_header=False, date_header=False,
-                                lifespan="on")
+        config = config or uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                          access_log=False, server_header=False,
+                                          date_header=False, lifespan="on")
         self.server = uvicorn.Server(config)
         self.url = f"http://127.0.0.1:{port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -226,6 +269,68 @@ class ServerThread:
         self.thread.join(timeout=15)
 
 
+class DroppingServer:
+    """An arm that takes a request and dies before answering: /health and /v1/models answer, a
+    POST is read to its last byte (and counted in `.received`), then the connection is reset. A
+    real TCP server in a thread, for the no-duplicate-generation tests: the proxy must not resend
+    such a request to the other arm, which would generate (and bill) it a second time."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.received = 0
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        import struct
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    part = conn.recv(65536)
+                    if not part:
+                        break
+                    data += part
+                head, _, body = data.partition(b"\r\n\r\n")
+                if head.startswith(b"GET"):
+                    text = b'{"data": [{"id": "dropper"}]}' if b"/v1/models" in head else b""
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: "
+                                 + str(len(text)).encode() + b"\r\n\r\n" + text)
+                    continue
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(body) < length:
+                    part = conn.recv(65536)
+                    if not part:
+                        break
+                    body += part
+                self.received += 1
+                # SO_LINGER 0: close with a reset, as a crashed process's connections end
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def __enter__(self) -> "DroppingServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+
 def heapr_serve_exe() -> str:
     """The `heapr-serve` console script of the running interpreter's environment."""
     exe = Path(sys.executable).parent / "heapr-serve"
@@ -240,8 +345,10 @@ def main() -> None:
     p.add_argument("--ttft", type=float, default=0.01, help="seconds before the first token")
     p.add_argument("--token-delay", type=float, default=0.002, help="seconds between tokens")
     p.add_argument("--fail-status", type=int, default=0, help="answer every completion with this status")
+    p.add_argument("--models-off", action="store_true", help="/v1/models answers 503 until a POST "
+                   "to /admin/models-on")
     args = p.parse_args()
-    app = build_app(args.model, args.ttft, args.token_delay, args.fail_status)
+    app = build_app(args.model, args.ttft, args.token_delay, args.fail_status, args.models_off)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

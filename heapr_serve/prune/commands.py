@@ -33,7 +33,7 @@ from heapr_serve.progress import console, progress_bar
 from heapr_serve.prune.allocation import PruningPlan, check_allocation_options
 from heapr_serve.prune.methods import METHODS, expert_allocation, get_method, plan_for_method, uniform_allocation
 from heapr_serve.score import distributed
-from heapr_serve.score.run import RunOptions, finish_run, run_calibration
+from heapr_serve.score.run import RunOptions, check_fits, finish_run, run_calibration
 from heapr_serve.score.stats import SCORES_FILE, ExpertStats
 
 
@@ -194,9 +194,10 @@ def compress_command(
     if activations_dir is not None and streamed is False:
         raise HeaprError("--activations-dir holds a streamed run's saved layer inputs; drop it or drop --no-streamed")
     source = resolve_model(model)
-    check_output_path(source, out, overwrite)
+    check_output_path(source, out, overwrite, ratio)
     config = _check_source(source)
     torch_dtype = SourceCheckpoint(source).dtype if dtype == "auto" else pick_dtype(dtype)
+    check_fits(source, config, RunOptions(torch_dtype, torch_device, batch_size, streamed, activations_dir, checkpoint_every), seq_len, nsamples)
     tokenizer = load_tokenizer(source)
     calibration = load_calibration(calib, tokenizer, nsamples, seq_len, seed, int(config["vocab_size"]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -247,7 +248,7 @@ def apply_command(
     if model is None and not recorded:
         raise HeaprError(f"{scores}: records no source model; pass --model DENSE_FOLDER")
     source = resolve_model(model or recorded)
-    check_output_path(source, out, overwrite)
+    check_output_path(source, out, overwrite, ratio)
     config = _check_source(source)
     if stats.metadata.get("model_type") not in (None, config["model_type"]):
         raise HeaprError(f"{scores}: scores are for a {stats.metadata['model_type']} model but {source} is {config['model_type']}; pass the right --model")

@@ -463,7 +463,11 @@ def _reason(exc: BaseException) -> str:
 
 def _check_url(flag: str, url: str) -> str:
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts.port  # noqa: B018  (ValueError for a port that is not a number in 0..65535)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
         raise HeaprError(f"{flag} {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8000")
     return url
 
@@ -474,12 +478,12 @@ def validate_config(cfg: ProxyConfig) -> None:
     _check_url("--b", cfg.b_url)
     if not 0.0 <= cfg.share_b <= 1.0:
         raise HeaprError(f"--share-b must be between 0 and 1 (the fraction sent to B), got {cfg.share_b}")
-    if cfg.connect_timeout <= 0 or cfg.timeout <= 0:
-        raise HeaprError("--connect-timeout and --timeout must be positive (seconds)")
+    for flag, value in (("--connect-timeout", cfg.connect_timeout), ("--timeout", cfg.timeout),
+                        ("--health-interval", cfg.health_interval)):
+        if not 0 < value < float("inf"):  # (NaN fails too)
+            raise HeaprError(f"{flag} must be a positive number of seconds, got {value}")
     if cfg.max_connections < 1:
         raise HeaprError("--max-connections must be at least 1")
-    if cfg.health_interval <= 0:
-        raise HeaprError("--health-interval must be positive seconds")
 
 
 def ab_proxy_command(
@@ -512,6 +516,8 @@ def ab_proxy_command(
     """OpenAI-compatible reverse proxy that splits live traffic between A and B and exports metrics."""
     import uvicorn
 
+    if not 0 < max_body_mb < float("inf"):
+        raise HeaprError(f"--max-body-mb must be a positive number, got {max_body_mb}")
     cfg = ProxyConfig(a_url=a, b_url=b, share_b=share_b, sticky_header=sticky_header,
                       model_a=model_a, model_b=model_b, proxy_key=proxy_key or None,
                       connect_timeout=connect_timeout, timeout=timeout,

@@ -169,7 +169,7 @@ def compress_command(
     nsamples: int = typer.Option(64, help="Number of calibration sequences."),
     seq_len: int = typer.Option(256, help="Tokens per calibration sequence."),
     batch_size: int = typer.Option(8, help="Sequences per forward/backward pass."),
-    seed: int = typer.Option(0, help="Seed for drawing calibration windows (and for --method random)."),
+    seed: int = typer.Option(0, min=-(2**63), max=2**63 - 1, help="Seed for drawing calibration windows (and for --method random)."),
     dtype: str = typer.Option("auto", help="Calibration dtype: auto (the checkpoint's own; bfloat16 for FP8 sources), float32, bfloat16 (statistics are always float32)."),
     device: str = typer.Option("auto", help="auto (a CUDA GPU when present), cpu, cuda, cuda:N."),
     keep_unrouted: bool = typer.Option(False, help="Keep experts that received no calibration tokens."),
@@ -237,7 +237,7 @@ def apply_command(
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
     evaluate: bool = typer.Option(False, "--eval", help="Afterwards, compare held-out perplexity of dense and pruned."),
     method: str = typer.Option("heapr", "--method", help=f"Pruning method: {', '.join(METHODS)}."),
-    seed: int = typer.Option(0, help="Seed for --method random."),
+    seed: int = typer.Option(0, min=-(2**63), max=2**63 - 1, help="Seed for --method random."),
     drop_mtp: bool = typer.Option(False, "--drop-mtp", help="Leave out the MTP layer (DeepSeek-V3 num_nextn_predict_layers) instead of keeping it whole."),
 ) -> None:
     """Re-prune at another ratio (or with another --method) from saved statistics, without calibrating again."""

@@ -66,7 +66,7 @@ def test_streamed_statistics_equal_in_memory(tiny_models, family, tmp_path):
                                   recompute_tokens=40, activations_dir=tmp_path / "acts"),
                       calib.batches(2, pad_id=0), 96.0)
     assert _max_rel(streamed, on_disk) == 0.0
-    assert list((tmp_path / "acts").iterdir()) == []
+    assert not (tmp_path / "acts").exists()  # the folder it made for them is gone too
 
 
 def _widths(folder: Path) -> dict:

@@ -9,6 +9,11 @@ from __future__ import annotations
 import sys
 
 import typer
+try:  # typer >= 0.26 carries its own copy of click
+    from typer import _click as click
+except ImportError:  # pragma: no cover
+    import click
+from typer.exceptions import Abort
 from rich.console import Console
 
 from heapr_serve.errors import HeaprError
@@ -39,18 +44,38 @@ app.command("ab-proxy")(ab_proxy_command)
 # --- end of command registrations ---
 
 
+def _say(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+
+
 def main() -> None:
-    """Console-script entry point: run the app, report HeaprError as one line."""
+    """Console-script entry point: run the app; report HeaprError, a bad flag value (click's usage
+    errors) and any stray OS error as one line with exit code 2."""
+    from rich.markup import escape
+
     from heapr_serve.score import distributed
 
     try:
-        app(standalone_mode=True)
+        code = app(standalone_mode=False)
     except HeaprError as err:
         ranks = distributed.ranks_from_env()
         if not distributed.is_quiet_rank():  # under torchrun, bad input is said once, by rank 0
             where = f"rank {ranks.rank}: " if ranks.world > 1 else ""
-            Console(stderr=True).print(f"[bold red]error:[/] {where}{err}", highlight=False, soft_wrap=True)
+            _say(escape(f"{where}{err}"))
         sys.exit(2)
+    except click.ClickException as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # the help was printed already
+            sys.exit(err.exit_code)
+        ctx = getattr(err, "ctx", None)
+        usage = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _say(escape(" ".join(err.format_message().split()) + usage))
+        sys.exit(2)
+    except Abort:
+        sys.exit(130)
+    except OSError as err:  # every writer turns its own into a HeaprError; this is the net under them
+        _say(escape(f"{err.filename or 'I/O'}: {err.strerror or err}; check the path and free disk space"))
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,7 @@ def test_bench_folder_without_config_and_unreachable_url(tmp_path, monkeypatch, 
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["notackpt"]  # no --out, empty or staged
 
 
 def test_bench_bad_prompt_file(tmp_path, monkeypatch, capsys, stubs):

@@ -361,7 +361,7 @@ def test_failover_timeouts_and_unreachable_arm_at_start(capfd):
     (["--share-b", "1.5"], "--share-b must be between 0 and 1"),
     (["--share-b", "-0.1"], "--share-b must be between 0 and 1"),
     (["--a", "localhost:8000"], "--a 'localhost:8000' is not an http(s) URL"),
-    (["--timeout", "0"], "--timeout must be positive"),
+    (["--timeout", "0"], "--timeout must be a positive number"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, words, monkeypatch, capsys):
     """`heapr-serve ab-proxy` with a bad value: one line naming the flag, exit code 2."""

@@ -20,8 +20,11 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -36,6 +39,7 @@ from heapr_serve.ab.arm import Arm
 from heapr_serve.ab.report import markdown_report, plot_report
 from heapr_serve.ab.metrics import ABMetrics, StreamTimer, parse_vllm_metrics
 from heapr_serve.errors import HeaprError
+from heapr_serve.preflight import check_output, staged_folder
 from heapr_serve.ab.local_vllm import LocalVllmServer
 
 # Plain English words for synthetic prompts: random sequences of them do not repeat, so no prefix
@@ -604,26 +608,31 @@ def bench_command(
                     ("--max-concurrency", max_concurrency)):
         if v < 1:
             raise HeaprError(f"{flag} must be at least 1, got {v}")
-    if warmup < 0 or timeout <= 0:
-        raise HeaprError("--warmup must be >= 0 and --timeout positive")
+    if warmup < 0:
+        raise HeaprError(f"--warmup must be at least 0, got {warmup}")
+    for flag, v in (("--timeout", timeout), ("--server-timeout", server_timeout), ("--kv-cache-gib", kv_cache_gib)):
+        if not v > 0 or v == float("inf"):
+            raise HeaprError(f"{flag} must be a positive number, got {v}")
     url_a, dir_a = _arm_source("--a", a)
     url_b, dir_b = _arm_source("--b", b)
     prompt_items = load_prompt_file(prompts) if prompts else None
+    if metrics_port is not None:
+        _check_port("--metrics-port", metrics_port)
+    check_output("--out", out, kind="folder", merge=True)  # written only at the end, staged
     plan = Plan(mode=mode, levels=levels, num_prompts=num_prompts, schedule=schedule,
                 blocks=blocks, max_concurrency=max_concurrency, endpoint=endpoint,
                 output_len=output_len, input_len=input_len, ignore_eos=ignore_eos,
                 warmup=warmup, seed=seed)
     arms = {"a": BenchArm("a", url_a, model_a or "", source=a), "b": BenchArm("b", url_b, model_b or "", source=b)}
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    out.mkdir(parents=True, exist_ok=True)
     metrics = ABMetrics()
-    command = "heapr-serve " + " ".join(_quote(x) for x in sys.argv[1:])
 
     def _terminate(signum, _frame):  # SIGTERM: unwind through the finally that stops servers
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, _terminate)
-    with ExitStack() as stack:
+    logs = Path(tempfile.mkdtemp(prefix="heapr-bench-logs-")) if dir_a or dir_b else None  # kept there if vLLM fails
+    with staged_folder("--out", out, merge=True) as staging, ExitStack() as stack:
         servers = []
         for name, folder in (("a", dir_a), ("b", dir_b)):
             if folder is None:
@@ -634,7 +643,7 @@ def bench_command(
             env = {} if "VLLM_CPU_KVCACHE_SPACE" in os.environ else {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gib)))}
             srv = LocalVllmServer(folder, served_name=model_a if name == "a" and model_a else
                                   model_b if name == "b" and model_b else served,
-                                  extra=server_arg, log=out / f"server-{name}.log", env=env,
+                                  extra=server_arg, log=logs / f"server-{name}.log", env=env,
                                   startup_timeout=server_timeout)
             stack.callback(srv.stop)
             srv.start()
@@ -655,8 +664,34 @@ def bench_command(
                                  "pick a free port") from None
             stack.callback(httpd.server_close)
             stack.callback(httpd.shutdown)  # (callbacks run last-in first-out)
-        run = asyncio.run(run_bench(arms, plan, prompt_items, headers, metrics, timeout, out))
+        run = asyncio.run(run_bench(arms, plan, prompt_items, headers, metrics, timeout, staging))
+        stack.close()  # servers stopped: their logs are complete
+        if logs is not None:
+            for log in sorted(logs.iterdir()):
+                shutil.move(str(log), staging / log.name)
+            logs.rmdir()
+        md, plotted = _write_reports(staging, arms, plan, prompts, metrics, run)
     signal.signal(signal.SIGTERM, old)
+    print(md)
+    plot = f"{out / 'plot.png'}, " if plotted else ""
+    print(f"bench: wrote {out / 'results.json'}, {out / 'results.md'}, {plot}{out / 'metrics.prom'}"
+          + ("" if plotted else " (no plot: install heapr-serve[plot] for matplotlib)"), file=sys.stderr)
+
+
+def _check_port(flag: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise HeaprError(f"{flag} {port} is out of range; give 1..65535")
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise HeaprError(f"{flag} {port}: cannot listen ({exc.strerror}); pick a free port") from None
+
+
+def _write_reports(folder: Path, arms, plan: Plan, prompts, metrics: ABMetrics, run: dict) -> tuple[str, bool]:
+    """results.json, results.md, plot.png and metrics.prom into the staging `folder` (it becomes
+    --out); returns the Markdown and whether a plot was drawn."""
+    command = "heapr-serve " + " ".join(_quote(x) for x in sys.argv[1:])
 
     report = {
         "tool": "heapr-serve bench", "command": command, "schedule": describe_schedule(plan),
@@ -668,15 +703,12 @@ def bench_command(
                     "platform": sys.platform},
         **run,
     }
-    (out / "results.json").write_text(json.dumps(report, indent=2))
     md = markdown_report(report)
-    (out / "results.md").write_text(md)
-    plotted = plot_report(report, out / "plot.png")
-    (out / "metrics.prom").write_bytes(metrics.exposition())
-    print(md)
-    plot = f"{out / 'plot.png'}, " if plotted else ""
-    print(f"bench: wrote {out / 'results.json'}, {out / 'results.md'}, {plot}{out / 'metrics.prom'}"
-          + ("" if plotted else " (no plot: install heapr-serve[plot] for matplotlib)"), file=sys.stderr)
+    (folder / "results.json").write_text(json.dumps(report, indent=2))
+    (folder / "results.md").write_text(md)
+    plotted = plot_report(report, folder / "plot.png")
+    (folder / "metrics.prom").write_bytes(metrics.exposition())
+    return md, plotted
 
 
 def _quote(arg: str) -> str:

@@ -630,7 +630,11 @@ def _reason(exc: BaseException) -> str:
 
 def _check_url(flag: str, url: str) -> str:
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts.port  # noqa: B018  (ValueError for a port that is not a number in 0..65535)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
         raise HeaprError(f"{flag} {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8000")
     return url
 
@@ -642,18 +646,16 @@ def validate_config(cfg: ProxyConfig) -> None:
     if not 0.0 <= cfg.share_b <= 1.0:
         raise HeaprError(f"--share-b must be between 0 and 1 (the fraction sent to B), got {cfg.share_b}")
     for flag, value in (("--connect-timeout", cfg.connect_timeout), ("--timeout", cfg.timeout),
-                        ("--idle-timeout", cfg.idle_timeout),
-                        ("--client-timeout", cfg.client_timeout)):
-        if not value > 0:
-            raise HeaprError(f"{flag} must be positive (seconds), got {value:g}")
+                        ("--idle-timeout", cfg.idle_timeout), ("--client-timeout", cfg.client_timeout),
+                        ("--health-interval", cfg.health_interval)):
+        if not 0 < value < float("inf"):  # (NaN fails too)
+            raise HeaprError(f"{flag} must be a positive number of seconds, got {value}")
     if cfg.max_connections is not None and cfg.max_connections < 1:
         raise HeaprError("--max-connections must be at least 1")
     if cfg.max_inflight < 1:
         raise HeaprError("--max-inflight must be at least 1")
     if cfg.max_body_bytes < 1:
         raise HeaprError("--max-body-mb must be positive")
-    if cfg.health_interval <= 0:
-        raise HeaprError("--health-interval must be positive seconds")
 
 
 def ab_proxy_command(
@@ -695,6 +697,8 @@ def ab_proxy_command(
 
     from heapr_serve.ab.http_server import server_config
 
+    if not 0 < max_body_mb < float("inf"):
+        raise HeaprError(f"--max-body-mb must be a positive number, got {max_body_mb}")
     cfg = ProxyConfig(a_url=a, b_url=b, share_b=share_b, sticky_header=sticky_header,
                       model_a=model_a, model_b=model_b, proxy_key=proxy_key or None,
                       connect_timeout=connect_timeout, timeout=timeout, idle_timeout=idle_timeout,

@@ -19,8 +19,10 @@ from safetensors.torch import save_file
 
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family
+from heapr_serve.preflight import check_output, check_path_text, staged_folder
 from heapr_serve.checkpoint.format import (FORMAT_VERSION, FUSED_EXPERTS_TENSOR, MTP_REASON, PER_EXPERT_TENSOR, SCALE_SUFFIX,
-                                           dense_expert_width, num_routed_experts, open_safetensors, tensor_layer)
+                                           dense_expert_width, num_routed_experts, open_safetensors, safetensors_files,
+                                           tensor_layer)
 from heapr_serve.checkpoint.source import SourceCheckpoint
 from heapr_serve.progress import console
 
@@ -32,40 +34,45 @@ _TRAVELLING_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.j
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-def check_output_path(source: Path, out: Path, overwrite: bool) -> None:
-    """Refuse to clobber an existing folder unless asked, and never write into the input."""
+def check_output_path(source: Path, out: Path, overwrite: bool, ratio: float = 0.0) -> None:
+    """Refuse to clobber an existing folder unless asked, never write into the input, and check
+    before any work that the output can be created with room for it (heapr_serve.preflight)."""
+    check_path_text("-o", out)
     out_abs, src_abs = out.resolve(), source.resolve()
     if out_abs == src_abs or src_abs in out_abs.parents or out_abs in src_abs.parents:
         raise HeaprError(f"-o {out}: the output must be outside the input model folder {source}; pick another path")
-    if out.exists() and not overwrite:
-        raise HeaprError(f"-o {out}: already exists; pass --overwrite to replace it or choose another path")
-    if out.exists() and not out.is_dir():
-        raise HeaprError(f"-o {out}: exists and is not a folder; choose another path")
+    check_output("-o", out, kind="folder", overwrite=overwrite, need_bytes=estimated_output_bytes(source, ratio))
+
+
+_BYTES_PER = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+def estimated_output_bytes(source: Path, ratio: float) -> int:
+    """Bytes the pruned checkpoint will take, from the source headers: routed-expert tensors shrink by
+    `ratio`, FP8 weights are written as bfloat16 without their scales; plus 2% for the rest."""
+    try:
+        files = sorted(set(safetensors_files(source).values()))
+    except HeaprError:  # no weights: the source checks that follow say so, with their own fix
+        return 0
+    total = 0
+    for file in files:
+        with open_safetensors(source / file) as f:
+            for name in f.keys():
+                if name.endswith(SCALE_SUFFIX):
+                    continue
+                view = f.get_slice(name)
+                size = torch.Size(view.get_shape()).numel() * _BYTES_PER.get(view.get_dtype(), 2)
+                expert = PER_EXPERT_TENSOR.match(name) or FUSED_EXPERTS_TENSOR.match(name)
+                total += int(size * (1 - ratio)) if expert else size
+    return int(total * 1.02)
 
 
 @contextmanager
 def staging_folder(out: Path, overwrite: bool):
-    """Yield a temporary folder next to `out`; on success it replaces `out`, on failure it vanishes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.heapr-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    """Yield a temporary folder next to `out`; on success it replaces `out`, on failure it vanishes
+    (and an OS error becomes one line naming `out`)."""
+    with staged_folder("-o", out, overwrite=overwrite) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise HeaprError(f"-o {out}: appeared while compressing; pass --overwrite to replace it")
-        old = out.parent / f".{out.name}.heapr-old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 class _ShardWriter:

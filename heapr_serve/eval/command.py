@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from heapr_serve.errors import HeaprError
-from heapr_serve.eval.endpoint import endpoint_model_id, endpoint_perplexity
+from heapr_serve.preflight import check_output, staged_file
+from heapr_serve.eval.endpoint import check_endpoint_url, endpoint_model_id, endpoint_perplexity
 from heapr_serve.eval.harness import _check_tasks, _import_lm_eval, lm_eval_tasks, run_lm_eval_endpoint, task_manager
 from heapr_serve.eval.perplexity import eval_tokens, eval_windows, perplexity
 
@@ -69,6 +70,33 @@ def lm_eval_table(results: dict[str, dict[str, float]], title: str):
     return table
 
 
+def _check_numbers(limit, num_fewshot, seq_len: int, batch_size: int, max_tokens) -> None:
+    for flag, value, least in (("--limit", limit, 1), ("--num-fewshot", num_fewshot, 0), ("--seq-len", seq_len, 2),
+                               ("--batch-size", batch_size, 1), ("--max-tokens", max_tokens, 1)):
+        if value is not None and value < least:
+            raise HeaprError(f"{flag} must be at least {least} (got {value})")
+    if max_tokens is not None and max_tokens < seq_len:
+        raise HeaprError(f"--max-tokens {max_tokens} is less than one window of --seq-len {seq_len}; raise --max-tokens or lower --seq-len")
+
+
+def _check_paths(paths: list[Path], endpoint: str | None, tokenizer: str | None, text: str | None, seq_len: int,
+                 json_out: Path | None) -> None:
+    """Everything about the paths and the endpoint that can be checked before a model is loaded."""
+    from heapr_serve.checkpoint.format import read_config
+    from heapr_serve.score.memory import check_context
+
+    if endpoint is not None:
+        check_endpoint_url(endpoint)
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise HeaprError(f"--tokenizer {tokenizer}: no such folder; pass a model folder with tokenizer files")
+    if text not in (None, "builtin") and not Path(text).is_file():
+        raise HeaprError(f"--text {text}: no such file; pass a UTF-8 .txt file")
+    for path in paths:
+        check_context(read_config(path), seq_len, str(path / "config.json"))
+    if json_out is not None:
+        check_output("--json", json_out, kind="file")
+
+
 def eval_command(
     checkpoints: Optional[list[Path]] = typer.Argument(None, help="Checkpoint folders scored through transformers (dense or pruned)."),
     endpoint: Optional[str] = typer.Option(None, help="URL of a running OpenAI-compatible server (e.g. http://localhost:8000): perplexity through it."),
@@ -96,10 +124,10 @@ def eval_command(
         _import_lm_eval()
         names = lm_eval_tasks(tasks)
         _check_tasks(task_manager(names), names)  # before any model is loaded
-    if limit is not None and limit < 1:
-        raise HeaprError(f"--limit must be at least 1 (got {limit})")
+    _check_numbers(limit, num_fewshot, seq_len, batch_size, max_tokens)
     torch_dtype, torch_device = pick_dtype(dtype), pick_device(device)
     paths = [resolve_model(str(p)) for p in checkpoints or []]
+    _check_paths(paths, endpoint, tokenizer, text, seq_len, json_out)
     if tokenizer is None and paths:
         tokenizer = str(paths[0])
     table = perplexity_table(paths, text, seq_len, batch_size, max_tokens, torch_dtype, torch_device, endpoint, tokenizer)
@@ -110,4 +138,5 @@ def eval_command(
         console.print(lm_eval_table(results, f"lm-eval through {endpoint}"))
         report["lm_eval"] = results
     if json_out is not None:
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        with staged_file("--json", json_out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")

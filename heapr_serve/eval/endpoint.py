@@ -26,6 +26,19 @@ def endpoint_base(url: str) -> str:
     return base
 
 
+def check_endpoint_url(url: str) -> None:
+    """Refuse, before anything is loaded, an --endpoint that is not an http(s) URL with a host and port."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(endpoint_base(url))
+        parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
+    except ValueError:
+        parts = None
+    if parts is None or not parts.hostname or any(c.isspace() for c in url.strip()):
+        raise HeaprError(f"--endpoint {url!r}: not a server URL; give e.g. http://127.0.0.1:8000")
+
+
 def _request(method: str, url: str, endpoint: str, **kwargs):
     import httpx
 

@@ -35,7 +35,7 @@ from heapr_serve.prune.allocation import PruningPlan, check_allocation_options
 from heapr_serve.prune.methods import METHODS, expert_allocation, get_method, plan_for_method, uniform_allocation
 from heapr_serve.prune.reconstruct import DEFAULT_DAMP, INPUTS, reconstruct, temporary_folder
 from heapr_serve.score import distributed
-from heapr_serve.score.run import RunOptions, finish_run, run_calibration
+from heapr_serve.score.run import RunOptions, check_fits, finish_run, run_calibration
 from heapr_serve.score.stats import SCORES_FILE, ExpertStats
 
 
@@ -212,7 +212,7 @@ def compress_command(
     nsamples: int = typer.Option(64, help="Number of calibration sequences."),
     seq_len: int = typer.Option(256, help="Tokens per calibration sequence."),
     batch_size: int = typer.Option(8, help="Sequences per forward/backward pass."),
-    seed: int = typer.Option(0, help="Seed for drawing calibration windows (and for --method random)."),
+    seed: int = typer.Option(0, min=-(2**63), max=2**63 - 1, help="Seed for drawing calibration windows (and for --method random)."),
     dtype: str = typer.Option("auto", help="Calibration dtype: auto (the checkpoint's own; bfloat16 for FP8 sources), float32, bfloat16 (statistics are always float32)."),
     device: str = typer.Option("auto", help="auto (a CUDA GPU when present), cpu, cuda, cuda:N."),
     keep_unrouted: bool = typer.Option(False, help="Keep experts that received no calibration tokens."),
@@ -240,9 +240,10 @@ def compress_command(
     if activations_dir is not None and streamed is False:
         raise HeaprError("--activations-dir holds a streamed run's saved layer inputs; drop it or drop --no-streamed")
     source = resolve_model(model)
-    check_output_path(source, out, overwrite)
+    check_output_path(source, out, overwrite, ratio)
     config = _check_source(source)
     torch_dtype = SourceCheckpoint(source).dtype if dtype == "auto" else pick_dtype(dtype)
+    check_fits(source, config, RunOptions(torch_dtype, torch_device, batch_size, streamed, activations_dir, checkpoint_every), seq_len, nsamples)
     tokenizer = load_tokenizer(source)
     calibration = load_calibration(calib, tokenizer, nsamples, seq_len, seed, int(config["vocab_size"]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -307,7 +308,7 @@ def apply_command(
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
     evaluate: bool = typer.Option(False, "--eval", help="Afterwards, compare held-out perplexity of dense and pruned."),
     method: str = typer.Option("heapr", "--method", help=f"Pruning method: {', '.join(METHODS)}."),
-    seed: int = typer.Option(0, help="Seed for --method random."),
+    seed: int = typer.Option(0, min=-(2**63), max=2**63 - 1, help="Seed for --method random."),
     drop_mtp: bool = typer.Option(False, "--drop-mtp", help="Leave out the MTP layer (DeepSeek-V3 num_nextn_predict_layers) instead of keeping it whole."),
     reconstruct_: bool = typer.Option(False, "--reconstruct", help="Re-fit the kept down-projection columns (re-reads the calibration set the scores recorded: one forward pass)."),
     reconstruct_inputs: str = typer.Option("pruned", help="pruned (layer by layer on the pruned model's inputs) or dense."),
@@ -323,7 +324,7 @@ def apply_command(
     if model is None and not recorded:
         raise HeaprError(f"{scores}: records no source model; pass --model DENSE_FOLDER")
     source = resolve_model(model or recorded)
-    check_output_path(source, out, overwrite)
+    check_output_path(source, out, overwrite, ratio)
     config = _check_source(source)
     if stats.metadata.get("model_type") not in (None, config["model_type"]):
         raise HeaprError(f"{scores}: scores are for a {stats.metadata['model_type']} model but {source} is {config['model_type']}; pass the right --model")

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from heapr_serve.errors import HeaprError
+from heapr_serve.preflight import check_output
 from heapr_serve.progress import console, progress_bar
 from heapr_serve.score import distributed
 from heapr_serve.score.calibration_pass import InMemoryPass
 from heapr_serve.score.checkpointing import CalibrationState, calibrate_in_chunks
-from heapr_serve.score.memory import GIB, available, estimate, host_available
+from heapr_serve.score.memory import batches_per_chunk, check_context, decide, estimate, fitting_flags, room_for
 from heapr_serve.score.observers import MethodStatsObserver
 from heapr_serve.score.stats import ExpertStats
 from heapr_serve.score.streamed import StreamedPass
@@ -37,22 +38,35 @@ class RunOptions:
     overwrite: bool = False
 
 
-def choose_streamed(source: Path, config: dict, opts: RunOptions, seq_len: int, batches_per_chunk: int) -> tuple[bool, str]:
-    """(streamed?, the reason in words) from the estimate of what each way needs and what is free."""
+def choose_streamed(source: Path, config: dict, opts: RunOptions, seq_len: int, batches_per_chunk: int,
+                    nsamples: int | None = None) -> tuple[bool, str]:
+    """(streamed?, the reason in words) from the estimate of what each way needs and what is free; a
+    HeaprError with the estimate and the flags that would fit when neither way fits."""
     need = estimate(source, config, opts.dtype, opts.batch_size, seq_len, batches_per_chunk)
-    host = host_available()
-    room = min(host, available(opts.device)) if opts.device.type == "cuda" else host
-    if opts.streamed is not None:
-        how = "streamed layer by layer (--streamed)" if opts.streamed else "in memory (--no-streamed)"
-        return opts.streamed, how
-    if need.in_memory <= 0.8 * room:
-        return False, f"in memory (needs ~{need.in_memory / GIB:.2f} GiB of {room / GIB:.1f} GiB free)"
-    if need.streamed > 0.8 * host and opts.activations_dir is None:
-        raise HeaprError(f"the model needs ~{need.in_memory / GIB:.1f} GiB in memory and ~{need.streamed / GIB:.1f} GiB streamed, "
-                         f"but {host / GIB:.1f} GiB are free; pass --activations-dir DIR (saved states on disk), a smaller "
-                         f"--batch-size / --checkpoint-every, or fewer --nsamples")
-    return True, (f"streamed layer by layer: in memory it would need ~{need.in_memory / GIB:.1f} GiB, "
-                  f"{room / GIB:.1f} GiB are free")
+    room = room_for(opts.device, opts.activations_dir)
+    world = distributed.ranks_from_env().world
+    samples = nsamples if nsamples is not None else batches_per_chunk * opts.batch_size * world
+
+    def fix() -> str:
+        return fitting_flags(source, config, opts.dtype, opts.batch_size, seq_len, samples, opts.checkpoint_every, world,
+                             room, opts.activations_dir)
+
+    return decide(need, room, opts.streamed, opts.activations_dir, fix)
+
+
+def check_fits(source: Path, config: dict, opts: RunOptions, seq_len: int, nsamples: int) -> None:
+    """Before the tokenizer, the calibration set or the model is loaded: refuse a --seq-len past the
+    model's positions, or a run that fits neither in memory nor streamed (the same estimate the run
+    decides by, so it fails in a second instead of at the kernel's hands)."""
+    if nsamples < 1:
+        raise HeaprError(f"--nsamples must be at least 1 (got {nsamples})")
+    if seq_len < 2:
+        raise HeaprError(f"--seq-len must be at least 2 (got {seq_len})")
+    check_context(config, seq_len, str(source / "config.json"))
+    if opts.activations_dir is not None:
+        check_output("--activations-dir", opts.activations_dir, merge=True)
+    world = distributed.ranks_from_env().world
+    choose_streamed(source, config, opts, seq_len, batches_per_chunk(nsamples, opts.batch_size, opts.checkpoint_every, world), nsamples)
 
 
 def run_calibration(source: Path, config: dict, batches: list, num_tokens: list[int], loss_scale: float, out: Path,
@@ -79,7 +93,10 @@ def run_calibration(source: Path, config: dict, batches: list, num_tokens: list[
     elif state.exists():
         state.remove()
 
-    streamed, how = choose_streamed(source, config, opts, int(batches[0][0].shape[1]), min(opts.checkpoint_every, len(mine)))
+    longest = max(int(b[0].shape[1]) for b in batches)
+    check_context(config, longest, str(source / "config.json"), f"calibration samples of {longest} tokens",
+                  "shorten the --calib samples or lower --seq-len")
+    streamed, how = choose_streamed(source, config, opts, longest, min(opts.checkpoint_every, len(mine)), len(batches) * opts.batch_size)
     world = f", {ranks.world} ranks" if ranks.world > 1 else ""
     if ranks.is_main:
         console.print(f"{what}, {how}{world}")

@@ -50,7 +50,10 @@ class ActivationStore:
     def __init__(self, folder: Path | None = None):
         self.folder = None
         self.memory: dict[tuple[int, int], torch.Tensor] = {}
+        self.created = None  # the --activations-dir itself, when this run made it (removed again)
         if folder is not None:
+            if not Path(folder).exists():
+                self.created = Path(folder)
             Path(folder).mkdir(parents=True, exist_ok=True)
             self.folder = Path(tempfile.mkdtemp(prefix="heapr-activations-", dir=folder))
 
@@ -76,6 +79,11 @@ class ActivationStore:
         self.memory.clear()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+        if self.created is not None:
+            try:
+                self.created.rmdir()
+            except OSError:
+                pass
 
 
 def _unload(module: nn.Module) -> None:

@@ -13,8 +13,13 @@ ratio is pruned from those statistics through `compress.prune_to_folder` (the pa
 - `--endpoint-ppl`: also serve each checkpoint with vLLM and measure the same perplexity through the
   endpoint (prompt logprobs), to show both paths agree.
 
+A method may carry a re-fit (`compress --reconstruct`): `heapr+reconstruct` (layer by layer on the
+pruned model's inputs, the default), `heapr+reconstruct-dense` (on the dense model's), and the same for
+any method (`fisher+reconstruct`); `all+` adds every method's reconstructed rows.
+
 Usage:
     python -m tools.quality_table [MODEL] --ratios 0.25,0.5 --methods all --out docs
+    python -m tools.quality_table --methods heapr,fisher,heapr+reconstruct,fisher+reconstruct --ratios 0.25,0.5,0.75
 """
 
 from __future__ import annotations
@@ -52,10 +57,18 @@ def calibrate(source: Path, nsamples: int, seq_len: int, batch_size: int, seed: 
     model = load_model(source, torch.float32, torch.device("cpu"))
     with progress_bar() as progress:
         task = progress.add_task("calibration (all methods)", total=calibration.num_tokens)
-        stats = collect_statistics(model, calibration.batches(batch_size, pad_id), float(batch_size * calibration.seq_len),
-                                     lambda n: progress.advance(task, n))
+        batches = list(calibration.batches(batch_size, pad_id))
+        stats = collect_statistics(model, batches, float(batch_size * calibration.seq_len), lambda n: progress.advance(task, n))
     stats.metadata.update({"source_model": str(source), "model_type": config["model_type"], "calibration": calibration.describe()})
-    return stats
+    return stats, batches
+
+
+def parse_method(spec: str) -> tuple[str, str | None]:
+    """'fisher+reconstruct' -> ('fisher', 'pruned'); 'heapr+reconstruct-dense' -> ('heapr', 'dense')."""
+    name, _, refit = spec.partition("+")
+    if refit not in ("", "reconstruct", "reconstruct-dense"):
+        raise ValueError(f"--methods {spec!r}: the suffix must be +reconstruct or +reconstruct-dense")
+    return name, None if not refit else ("dense" if refit.endswith("dense") else "pruned")
 
 
 def evaluate_folder(folder: Path, args, tokens, port: int, serve: bool) -> dict:
@@ -124,6 +137,12 @@ def claims(report: dict) -> list[str]:
             best = min(at, key=at.get)
             ranked = ", ".join(f"{m} {p:.2f}" for m, p in sorted(at.items(), key=lambda kv: kv[1]))
             out.append(f"ratio {ratio:g}: lowest perplexity is **{best}** ({'holds' if best == 'heapr' else 'does NOT hold'} for HEAPr); ranking: {ranked}")
+        if "heapr" in at:
+            for other in [m for m in at if m != "heapr" and ("+" in m or m == "fisher")]:
+                share = (at[other] - dense) / (at["heapr"] - dense) if at["heapr"] > dense else float("inf")
+                out.append(f"ratio {ratio:g}: perplexity increase {other} {at[other] - dense:+.3f} vs heapr {at['heapr'] - dense:+.3f}: "
+                           f"{share:.2f}x HEAPr's" + (f" (claim for --reconstruct at 0.5: at most 0.45x, {'holds' if share <= 0.45 else 'does NOT hold'})"
+                                                       if ratio == 0.5 and other == "heapr+reconstruct" else ""))
         if "heapr" in at and "reap" in at:
             h, r = at["heapr"] - dense, at["reap"] - dense
             share = h / r if r > 0 else float("inf")
@@ -174,7 +193,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from heapr_serve.checkpoint.format import count_source_params
-    from heapr_serve.prune.commands import prune_to_folder
+    from heapr_serve.prune.commands import Reconstruction, prune_to_folder
     from heapr_serve.errors import HeaprError
     from heapr_serve.eval.perplexity import eval_tokens, eval_windows
     from heapr_serve.prune.methods import METHODS, get_method
@@ -207,9 +226,10 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-        methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        methods = [x for m in methods for x in (list(METHODS) if m == "all" else [f"{n}+reconstruct" for n in METHODS] if m == "all+" else [m])]
         for m in methods:
-            get_method(m)
+            get_method(parse_method(m)[0])
     except ValueError:
         raise SystemExit(f"error: --ratios {args.ratios!r}: give comma-separated numbers like 0.25,0.5")
     except HeaprError as err:
@@ -220,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
-    stats = calibrate(source, args.nsamples, args.calib_seq_len, 8, args.seed)
+    stats, batches = calibrate(source, args.nsamples, args.calib_seq_len, 8, args.seed)
     tokens, text_source = eval_tokens(load_tokenizer(source), None)
     report = {"model": str(source), "ratios": ratios, "methods": methods, "align": args.align, "seq_len": args.seq_len,
               "eval_tokens": int(eval_windows(tokens, args.seq_len).numel()), "text": text_source,
@@ -231,7 +251,9 @@ def main(argv: list[str] | None = None) -> None:
         for ratio in ratios:
             folder = args.workdir / f"{method}-{ratio:g}"
             console.print(f"pruning: {method} at {ratio:g}")
-            prune_to_folder(source, folder, stats, ratio, "global", args.align, False, True, method, args.seed)
+            name, inputs = parse_method(method)
+            refit = None if inputs is None else Reconstruction(batches, torch.float32, torch.device("cpu"), inputs=inputs)
+            prune_to_folder(source, folder, stats, ratio, "global", args.align, False, True, name, args.seed, reconstruction=refit)
             checkpoints.append((method, ratio, folder))
     for method, ratio, folder in checkpoints:
         console.print(f"[bold]evaluating {method} {'' if ratio is None else ratio}[/] ({folder})")

@@ -139,3 +139,19 @@ def test_bad_reconstruct_flags(tiny_models, tmp_path, flags, message):
     code, _, err = run_cli("compress", tiny_models["qwen3_moe"], "-o", tmp_path / "x", "--reconstruct", *flags)
     assert code == 2 and message in err
     assert not (tmp_path / "x").exists()
+
+
+def test_error_from_the_observed_energy_equals_the_trace_form():
+    """refit_down's error with the dense energy the observer summed equals the tr(D C D^T) form."""
+    from heapr_serve.prune.reconstruct import refit_down
+
+    g = torch.Generator().manual_seed(0)
+    a, down = torch.randn(300, 24, generator=g, dtype=torch.float64), torch.randn(16, 24, generator=g)
+    kept = torch.tensor([0, 3, 5, 9, 10, 17, 20])
+    gram, energy = a.t() @ a, float((a @ down.double().t()).pow(2).sum())
+    new, before, after = refit_down(down, gram, kept, 1e-3, energy)
+    new2, before2, after2 = refit_down(down, gram, kept, 1e-3)
+    assert torch.equal(new, new2) and abs(before - before2) < 1e-9 * before and abs(after - after2) < 1e-9 * before
+    plain = (a @ down.double().t() - a[:, kept] @ down[:, kept].double().t()).pow(2).sum()
+    refit = (a @ down.double().t() - a[:, kept] @ new.double().t()).pow(2).sum()
+    assert abs(before - float(plain)) < 1e-9 * float(plain) and abs(after - float(refit)) < 1e-5 * float(plain) and refit < plain

@@ -41,25 +41,31 @@ INPUTS = ("pruned", "dense")
 
 
 class GramObserver(ExpertObserver):
-    """Per routed expert, C = sum over real tokens of a a^T (float64), forward only."""
+    """Per routed expert, C = sum over real tokens of a a^T, and the dense output energy sum ||D a||^2
+    (float64), forward only."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gram: dict[int, torch.Tensor] = {}
+        self.energy: dict[int, torch.Tensor] = {}
 
     def allocate(self, layer, experts) -> None:
         num_experts, _, width = experts.down_proj.shape
         self.gram[layer] = torch.zeros(num_experts, width, width, dtype=torch.float64, device=experts.down_proj.device)
+        self.energy[layer] = torch.zeros(num_experts, dtype=torch.float64, device=experts.down_proj.device)
 
     def observe(self, layer, expert, tokens, activation, output, route_weights) -> None:
         a = self.real_rows(tokens, activation.detach().double())
         self.gram[layer][expert].addmm_(a.t(), a)
+        self.energy[layer][expert] += self.real_rows(tokens, output.detach().double()).pow(2).sum()
 
 
-def refit_down(down: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float, float]:
+def refit_down(down: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float,
+               dense_energy: float | None = None) -> tuple[torch.Tensor | None, float, float]:
     """The re-fitted kept columns [H, K] (float32) of one expert's down projection `down` [H, I], or None
     when nothing changes (all or no neurons kept, no tokens seen, or the fit would not help); with the
-    calibration error sum_t ||D a_t - D'_K a_{t,K}||^2 before and after, from the Gram matrix alone."""
+    calibration error sum_t ||D a_t - D'_K a_{t,K}||^2 before and after, from the Gram matrix alone
+    (`dense_energy` = sum_t ||D a_t||^2 when the caller has it, else tr(D C D^T))."""
     if len(kept) == 0 or len(kept) == down.shape[1]:
         return None, 0.0, 0.0
     ckk = gram[kept][:, kept]
@@ -73,7 +79,8 @@ def refit_down(down: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp:
     def error(x: torch.Tensor) -> float:  # ||D a||^2 - 2 <X a_K, D a> + ||X a_K||^2, summed over tokens
         return float(dense_energy - 2 * (x * rhs.t()).sum() + ((x @ ckk) * x).sum())
 
-    dense_energy = ((d @ gram) * d).sum()
+    if dense_energy is None:
+        dense_energy = float(((d @ gram) * d).sum())
     before, after = error(d[:, kept]), error(solved)
     if not after < before:
         return None, before, before
@@ -114,12 +121,12 @@ def reconstruct(source: Path, plan: PruningPlan, batches: list, dtype: torch.dty
         experts = module.mlp.experts
         observer = GramObserver()
         run(observer)
-        distributed.all_reduce_sums(ranks, {f"gram.{layer}": observer.gram[layer]}, device)
-        gram = observer.gram.pop(layer)
+        distributed.all_reduce_sums(ranks, {f"gram.{layer}": observer.gram[layer], f"energy.{layer}": observer.energy[layer]}, device)
+        gram, energy = observer.gram.pop(layer), observer.energy.pop(layer).tolist()
         downs = {}
         for expert, kept in enumerate(plan.keep[layer]):
             down = experts.down_proj[expert]  # [H, I], the dense columns
-            new, before, after = refit_down(down, gram[expert], kept.to(gram.device), damp)
+            new, before, after = refit_down(down, gram[expert], kept.to(gram.device), damp, energy[expert])
             refit.summary["error_before"] += before
             refit.summary["error_after"] += after
             if new is not None:

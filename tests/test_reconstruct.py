@@ -155,3 +155,19 @@ def test_error_from_the_observed_energy_equals_the_trace_form():
     plain = (a @ down.double().t() - a[:, kept] @ down[:, kept].double().t()).pow(2).sum()
     refit = (a @ down.double().t() - a[:, kept] @ new.double().t()).pow(2).sum()
     assert abs(before - float(plain)) < 1e-9 * float(plain) and abs(after - float(refit)) < 1e-5 * float(plain) and refit < plain
+
+
+def test_output_correction_equals_running_the_layer_again(tiny_models, tmp_path, monkeypatch):
+    """The sequential re-fit corrects a layer's stored outputs by its routed experts' change instead
+    of running it again; with no room to keep the activations it runs the layer again: same result."""
+    from heapr_serve.prune import reconstruct
+
+    src = tiny_models["deepseek_v3"]  # shared experts, dense first layer, scaled routing weights
+    assert run_cli("compress", src, "-o", tmp_path / "corrected", "--ratio", "0.5", *FAST, "--reconstruct")[0] == 0
+    monkeypatch.setattr(reconstruct, "ACTIVATION_BUDGET", 0)
+    assert run_cli("compress", src, "-o", tmp_path / "rerun", "--ratio", "0.5", *FAST, "--reconstruct")[0] == 0
+    records = [json.loads((tmp_path / r / "config.json").read_text())["heapr"]["reconstruct"] for r in ("corrected", "rerun")]
+    moe_layers = len(json.loads((tmp_path / "rerun" / "config.json").read_text())["heapr"]["expert_widths"])
+    assert records[0]["layers_recomputed"] == 0 and records[1]["layers_recomputed"] == moe_layers
+    a, b = _downs(tmp_path / "corrected"), _downs(tmp_path / "rerun")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)

@@ -93,7 +93,7 @@ class RefitDowns:
     model's would not fit in memory), read back by the checkpoint writer."""
 
     folder: Path
-    summary: dict = field(default_factory=lambda: {"experts_refit": 0, "error_before": 0.0, "error_after": 0.0})
+    summary: dict = field(default_factory=lambda: {"experts_refit": 0, "error_before": 0.0, "error_after": 0.0, "layers_recomputed": 0})
 
     def put(self, layer: int, downs: dict[int, torch.Tensor]) -> None:
         if downs:
@@ -107,6 +107,44 @@ class RefitDowns:
             return f.get_tensor(str(expert)) if str(expert) in f.keys() else None
 
 
+class _RoutedActivations(GramObserver):
+    """The Gram sums, and per batch each expert's tokens, router weights and activations, so that a
+    re-fitted layer's stored outputs can be corrected by the change of its routed experts' output
+    alone (sum over routed tokens of w (D~ - D) a) instead of running the whole layer again. Stops
+    recording past `budget` bytes (the caller then recomputes)."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.budget, self.bytes = budget, 0
+        self.seen: list[list[tuple]] | None = []
+
+    def begin_batch(self, attention_mask) -> None:
+        super().begin_batch(attention_mask)
+        if self.seen is not None:
+            self.seen.append([])
+
+    def observe(self, layer, expert, tokens, activation, output, route_weights) -> None:
+        super().observe(layer, expert, tokens, activation, output, route_weights)
+        if self.seen is not None:
+            self.bytes += activation.numel() * activation.element_size()
+            if self.bytes > self.budget:
+                self.seen = None
+            else:
+                self.seen[-1].append((expert, tokens, route_weights.detach(), activation.detach()))
+
+
+def _corrected(old: torch.Tensor, seen: list[tuple], change: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A layer's output after its routed experts' down projections changed by `change[e]` [H, I]."""
+    delta = torch.zeros(old.shape[0] * old.shape[1], old.shape[-1], dtype=torch.float32, device=old.device)
+    for expert, tokens, weights, activation in seen:
+        if expert in change:
+            delta.index_add_(0, tokens, (activation.float() @ change[expert].t()) * weights.float().unsqueeze(-1))
+    return old.float() + delta.view(old.shape)
+
+
+ACTIVATION_BUDGET = 2 * 1024**3  # bytes of routed activations kept per layer for the output correction
+
+
 def reconstruct(source: Path, plan: PruningPlan, batches: list, dtype: torch.dtype, device: torch.device, folder: Path,
                 damp: float = DEFAULT_DAMP, inputs: str = "pruned", activations_dir: Path | None = None,
                 on_layer=None) -> RefitDowns:
@@ -115,15 +153,15 @@ def reconstruct(source: Path, plan: PruningPlan, batches: list, dtype: torch.dty
     refit = RefitDowns(Path(folder))
     calibration = StreamedPass(source, dtype, device, activations_dir, on_step=on_layer)
 
-    def visit(layer: int, module, run) -> bool:
+    def visit(layer: int, module, v) -> bool:
         if layer not in plan.keep:
             return False
         experts = module.mlp.experts
-        observer = GramObserver()
-        run(observer)
+        observer = _RoutedActivations(ACTIVATION_BUDGET) if inputs == "pruned" else GramObserver()
+        v.run(observer)
         distributed.all_reduce_sums(ranks, {f"gram.{layer}": observer.gram[layer], f"energy.{layer}": observer.energy[layer]}, device)
         gram, energy = observer.gram.pop(layer), observer.energy.pop(layer).tolist()
-        downs = {}
+        downs, change = {}, {}
         for expert, kept in enumerate(plan.keep[layer]):
             down = experts.down_proj[expert]  # [H, I], the dense columns
             new, before, after = refit_down(down, gram[expert], kept.to(gram.device), damp, energy[expert])
@@ -132,17 +170,45 @@ def reconstruct(source: Path, plan: PruningPlan, batches: list, dtype: torch.dty
             if new is not None:
                 downs[expert] = new.to(down.dtype)
                 refit.summary["experts_refit"] += 1
-            if inputs == "pruned":  # the layer as the pruned checkpoint will compute it
+            if inputs == "pruned" and len(kept) < down.shape[1]:  # the layer as the pruned checkpoint computes it
                 column = down.new_zeros(down.shape)
                 if len(kept):
                     column[:, kept] = downs[expert] if new is not None else down[:, kept]
+                change[expert] = column.float() - down.float()
                 down.copy_(column)
         del gram
         refit.put(layer, downs)
-        return inputs == "pruned"
+        if inputs == "dense" or not change:
+            return False
+        recompute = not _correct_outputs(v, observer.seen, change)
+        refit.summary["layers_recomputed"] += recompute
+        return recompute
 
     calibration.forward_by_layer(batches, visit)
     return refit
+
+
+def _correct_outputs(v, seen, change) -> bool:
+    """Correct every stored output of the re-fitted layer by its routed experts' change; checked on the
+    first batch against running the layer again (which catches a block that does not add its routed
+    experts' output linearly to the residual). False: the caller must recompute every output."""
+    if seen is None:
+        return False
+    for b in range(v.batches):
+        old = v.output(b)
+        corrected = _corrected(old, seen[b], change)
+        if b == 0:
+            exact = v.recompute(0).float()
+            moved = (exact - old.float()).norm()
+            if (corrected - exact).norm() > CORRECTION_TOLERANCE * max(float(moved), 1e-30):
+                return False
+            corrected = exact
+        v.set_output(b, corrected.to(old.dtype))
+        seen[b] = None  # free as we go
+    return True
+
+
+CORRECTION_TOLERANCE = 0.05  # of the change itself; float32 rounding is ~1e-4 of it, a structural mismatch ~1
 
 
 def temporary_folder(out: Path) -> tempfile.TemporaryDirectory:

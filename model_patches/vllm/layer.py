@@ -25,6 +25,7 @@ from the family registry in model_patches.vllm.models.
 
 from __future__ import annotations
 
+import itertools
 import re
 import weakref
 from collections.abc import Iterable
@@ -99,6 +100,7 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         # one bucket holding every expert in order, unpadded: the stock call, no remapping at all
         self.identity = len(self.buckets) == 1 and self.buckets[0].experts == tuple(range(E))
         self.isa = None
+        self.native = False  # the C++ op (model_patches.vllm.cpu_ext) is loaded
         self._bucket_lists = None  # (bucket_of, local_of, prepacked stacks) as Python lists, for decode
 
     # -- vLLM method interface --------------------------------------------------------------------
@@ -138,6 +140,14 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
             for b in range(len(self.buckets)):
                 for name in (f"w13_b{b}", f"w2_b{b}"):
                     replace_parameter(layer, name, cpu_prepack_moe_weight(getattr(layer, name).data, self.isa))
+            if not self.identity:
+                from model_patches.vllm import cpu_ext
+
+                # built (first time) and loaded here, at load time, never while Dynamo traces
+                self.native = cpu_ext.load()
+                # module buffers, not method attributes, so that Dynamo sees them as model state
+                layer.register_buffer("heapr_bucket_of", self.bucket_of.to(torch.int32), persistent=False)
+                layer.register_buffer("heapr_local_of", self.local_of.to(torch.int32), persistent=False)
         elif self.backend == "ragged":
             from model_patches.vllm.kernels.ragged_moe_triton import pack_ragged_experts
 
@@ -176,8 +186,16 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
                               topk_ids.to(torch.int32), layer.activation.value, self.isa, False)
                 return out
             # vLLM compiles the CPU model with fullgraph=True and calls the MoE forward inline, so the
-            # data-dependent bucket dispatch runs inside an opaque custom op
-            return torch.ops.heapr_serve.cpu_bucketed_moe(x, topk_weights, topk_ids, layer.layer_name)
+            # data-dependent bucket dispatch runs inside an opaque op: native (one C++ call, no Python
+            # per step) when it built, else the Python custom op
+            if self.native:
+                n = len(self.buckets)
+                return torch.ops.heapr_cpu.bucketed_moe(
+                    x, topk_weights, topk_ids, layer.heapr_bucket_of, layer.heapr_local_of,
+                    [getattr(layer, f"w13_b{b}") for b in range(n)], [getattr(layer, f"w2_b{b}") for b in range(n)],
+                    layer.activation.value, self.isa,
+                )
+            return torch.ops.heapr_serve.cpu_bucketed_moe(x, topk_weights, topk_ids, layer._heapr_key)
         if self.backend == "ragged":
             p = self.packed
             return torch.ops.heapr.ragged_fused_moe(
@@ -261,11 +279,13 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         return out if out is not None else torch.zeros_like(x)
 
 
+_LAYER_IDS = itertools.count()
 _CPU_LAYERS: "weakref.WeakValueDictionary[str, HeaprRoutedExperts]" = weakref.WeakValueDictionary()
 
 
 def _cpu_bucketed_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
-    """Routed-expert output of the named pruned layer on CPU (width buckets, stock CPU kernel)."""
+    """Routed-expert output of the named pruned layer on CPU (width buckets, stock CPU kernel); the
+    Python fallback of the native op. `layer_name` is the layer's per-instance key."""
     layer = _CPU_LAYERS[layer_name]
     return layer.quant_method._apply_cpu(layer, x, topk_weights, topk_ids)
 
@@ -301,7 +321,9 @@ class HeaprRoutedExperts(RoutedExperts):
         self.heapr_files = heapr_files or {}
         self.heapr_projs = {name: i for i, name in enumerate(heapr_projs)}  # the family's on-disk names
         self._heapr_loaded: set[tuple[int, int]] = set()
-        _CPU_LAYERS[self.layer_name] = self
+        # unique per instance: layer names repeat across models in one process
+        self._heapr_key = f"{self.layer_name}#{next(_LAYER_IDS)}"
+        _CPU_LAYERS[self._heapr_key] = self
 
     def _get_quant_method(self, prefix, quant_config, moe_config):
         if quant_config is not None:

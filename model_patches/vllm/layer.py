@@ -39,7 +39,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
 from heapr_serve.errors import HeaprError
-from model_patches.vllm.buckets import plan_buckets, rank_share
+from model_patches.vllm.buckets import choose_layout, plan_buckets, plan_slices, rank_share, rank_widths
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def _ragged_op_available() -> bool:
 class HeaprRaggedMoEMethod(FusedMoEMethodBase):
     """Creates per-bucket weight stacks, prepacks them for the platform kernel, runs the buckets."""
 
-    def __init__(self, moe: FusedMoEConfig, widths: list[int], backend: str | None = None):
+    def __init__(self, moe: FusedMoEConfig, widths: list[int], backend: str | None = None, layout: str | None = None):
         super().__init__(moe)
         self.widths = list(widths)
         par = moe.moe_parallel_config
@@ -82,23 +82,31 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         if backend is None:
             if current_platform.is_cpu():
                 backend = "cpu"
+            elif len(set(self.widths)) == 1:
+                backend = "triton_buckets"  # unpruned (or uniformly pruned) layer: one stock fused_experts call
             elif current_platform.is_cuda() and moe.activation.value == "silu" and _ragged_op_available():
                 backend = "ragged"
             else:
                 backend = "triton_buckets"
         self.backend = backend
-        align = 32 if backend == "cpu" else 1  # CPU grouped GEMM tiles the intermediate dim by 32
-        self.buckets = plan_buckets(self.widths, self.tp_size, self.tp_rank, align)
-        self.rank_widths = [hi - lo for lo, hi in (rank_share(w, self.tp_size, self.tp_rank) for w in self.widths)]
+        # CPU grouped GEMM tiles the intermediate dim by 32; stock Triton buckets run any width, but
+        # one call per distinct width would be up to E calls per layer, so they share 16-wide tiles
+        self.tile = 32 if backend == "cpu" else 16 if backend == "triton_buckets" else 1
+        self.buckets = plan_buckets(self.widths, self.tp_size, self.tp_rank, self.tile)
+        self.rank_widths = rank_widths(self.widths, self.tp_size, self.tp_rank, self.tile)
         E = len(self.widths)
+        # one bucket holding every expert in order, unpadded: the stock call, no remapping at all
+        self.identity = len(self.buckets) == 1 and self.buckets[0].experts == tuple(range(E))
+        self.layout = "buckets"
+        if backend == "cpu" and not self.identity:
+            self.layout = layout or choose_layout(self.widths, self.tp_size, self.tp_rank, self.tile, moe.hidden_dim, moe.experts_per_token)
+        self.slices = plan_slices(self.widths, self.tp_size, self.tp_rank, self.tile) if self.layout == "slices" else None
         bucket_of = torch.full((E,), -1, dtype=torch.int64)
         local_of = torch.zeros(E, dtype=torch.int64)
         for b, bucket in enumerate(self.buckets):
             for i, e in enumerate(bucket.experts):
                 bucket_of[e], local_of[e] = b, i
         self.bucket_of, self.local_of = bucket_of, local_of
-        # one bucket holding every expert in order, unpadded: the stock call, no remapping at all
-        self.identity = len(self.buckets) == 1 and self.buckets[0].experts == tuple(range(E))
         self.isa = None
         self.native = False  # the C++ op (model_patches.vllm.cpu_ext) is loaded
         self._bucket_lists = None  # (bucket_of, local_of, prepacked stacks) as Python lists, for decode
@@ -120,6 +128,15 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         if num_experts != len(self.widths):
             raise HeaprError(f"{layer.layer_name}: {num_experts} local experts but {len(self.widths)} widths declared")
         extra.pop("weight_loader", None)
+        if self.layout == "slices":  # one stack of every expert's slices and a final all-zero slice
+            sl = self.slices
+            w13 = torch.nn.Parameter(torch.zeros(sl.zero + 1, 2 * sl.width, hidden_size, dtype=params_dtype), requires_grad=False)
+            w2 = torch.nn.Parameter(torch.zeros(sl.zero + 1, hidden_size, sl.width, dtype=params_dtype), requires_grad=False)
+            layer.register_parameter("w13_slices", w13)
+            layer.register_parameter("w2_slices", w2)
+            set_weight_attrs(w13, extra)
+            set_weight_attrs(w2, extra)
+            return
         for b, bucket in enumerate(self.buckets):
             n = len(bucket.experts)
             # zeros, not empty: padding rows/columns must be exact zeros
@@ -137,6 +154,22 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
             from vllm.model_executor.utils import replace_parameter
 
             self.isa = _cpu_isa(layer.params_dtype)
+            if self.layout == "slices":
+                from model_patches.vllm import cpu_ext
+
+                for name in ("w13_slices", "w2_slices"):
+                    replace_parameter(layer, name, cpu_prepack_moe_weight(getattr(layer, name).data, self.isa))
+                self.native = cpu_ext.load()
+                sl = self.slices
+                # expert -> its slice ids, padded with the zero slice (the static-shape Python path)
+                table = torch.full((len(self.widths), max(1, sl.max_count)), sl.zero, dtype=torch.int32)
+                for e, (st, c) in enumerate(zip(sl.start, sl.count)):
+                    table[e, :c] = torch.arange(st, st + c, dtype=torch.int32)
+                layer.register_buffer("heapr_slice_ids", table, persistent=False)
+                layer.register_buffer("heapr_slice_mask", (table != sl.zero).to(torch.float32), persistent=False)
+                layer.register_buffer("heapr_slice_start", torch.tensor(sl.start, dtype=torch.int32), persistent=False)
+                layer.register_buffer("heapr_slice_count", torch.tensor(sl.count, dtype=torch.int32), persistent=False)
+                return
             for b in range(len(self.buckets)):
                 for name in (f"w13_b{b}", f"w2_b{b}"):
                     replace_parameter(layer, name, cpu_prepack_moe_weight(getattr(layer, name).data, self.isa))
@@ -188,6 +221,8 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
             # vLLM compiles the CPU model with fullgraph=True and calls the MoE forward inline, so the
             # data-dependent bucket dispatch runs inside an opaque op: native (one C++ call, no Python
             # per step) when it built, else the Python custom op
+            if self.layout == "slices":
+                return self._apply_cpu_slices(layer, x, topk_weights, topk_ids)
             if self.native:
                 n = len(self.buckets)
                 return torch.ops.heapr_cpu.bucketed_moe(
@@ -204,6 +239,25 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         return self._apply_triton_buckets(layer, x, topk_weights, topk_ids)
 
     # -- kernels ----------------------------------------------------------------------------------
+
+    def _apply_cpu_slices(self, layer, x, topk_weights, topk_ids):
+        """One vLLM kernel call for the whole layer: each token's top-k experts become its slices."""
+        act = layer.activation.value
+        if self.native:  # top-k' = the batch's largest slice count (exact at one token)
+            return torch.ops.heapr_cpu.sliced_moe(
+                x, topk_weights, topk_ids, layer.heapr_slice_start, layer.heapr_slice_count,
+                layer.w13_slices, layer.w2_slices, self.slices.zero, act, self.isa,
+            )
+        # static shapes, so Dynamo traces it into the graph: top-k' = top-k x the largest slice count
+        from vllm._custom_ops import cpu_fused_moe
+
+        T = topk_ids.shape[0]
+        ids = layer.heapr_slice_ids[topk_ids.long()].reshape(T, -1)
+        weights = (topk_weights.to(torch.float32).unsqueeze(-1) * layer.heapr_slice_mask[topk_ids.long()]).reshape(T, -1)
+        out = torch.empty_like(x)
+        cpu_fused_moe(out, x, layer.w13_slices, layer.w2_slices, None, None, weights.contiguous(), ids.contiguous(),
+                      act, self.isa, False)
+        return out
 
     def _apply_cpu(self, layer, x, topk_weights, topk_ids):
         from vllm._custom_ops import cpu_fused_moe
@@ -313,9 +367,11 @@ class HeaprRoutedExperts(RoutedExperts):
     """`RoutedExperts` whose experts have the widths declared in config.json (checked at load)."""
 
     def __init__(self, *args, heapr_widths: list[int], heapr_files: dict | None = None,
-                 heapr_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), **kwargs):
+                 heapr_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+                 heapr_layout: str | None = None, **kwargs):
         # set before nn.Module.__init__ runs: _get_quant_method (called by super) needs them
         self.__dict__["_heapr_widths"] = list(heapr_widths)
+        self.__dict__["_heapr_layout"] = heapr_layout  # None: the cost model decides (tests force one)
         super().__init__(*args, **kwargs)
         self.heapr_widths = list(heapr_widths)
         self.heapr_files = heapr_files or {}
@@ -332,7 +388,7 @@ class HeaprRoutedExperts(RoutedExperts):
             raise HeaprError("expert parallelism is not supported for pruned checkpoints yet; use tensor parallelism")
         if self.expert_map_manager.num_fused_shared_experts:
             raise HeaprError("fused shared experts (ROCm AITER) are not supported for pruned checkpoints")
-        return HeaprRaggedMoEMethod(moe_config, self.__dict__["_heapr_widths"])
+        return HeaprRaggedMoEMethod(moe_config, self.__dict__["_heapr_widths"], layout=self.__dict__["_heapr_layout"])
 
     @property
     def method(self) -> HeaprRaggedMoEMethod:
@@ -365,8 +421,20 @@ class HeaprRoutedExperts(RoutedExperts):
             raise HeaprError(f"{where}tensor {name} appears twice in the checkpoint")
         self._heapr_loaded.add((expert, proj))
         method = self.method
-        lo, hi = rank_share(width, method.tp_size, method.tp_rank)
+        lo, hi = rank_share(width, method.tp_size, method.tp_rank, method.tile)
         if hi == lo:
+            return
+        if method.layout == "slices":  # neuron j of this rank's share -> slice start + j // c, row j % c
+            sl = method.slices
+            c = sl.width
+            for j in range(0, hi - lo, c):
+                n = min(c, hi - lo - j)
+                s = sl.start[expert] + j // c
+                if proj == 2:
+                    self.w2_slices.data[s, :, :n].copy_(tensor[:, lo + j : lo + j + n])
+                else:
+                    offset = 0 if proj == 0 else c
+                    self.w13_slices.data[s, offset : offset + n].copy_(tensor[lo + j : lo + j + n])
             return
         b, i = int(method.bucket_of[expert]), int(method.local_of[expert])
         padded = method.buckets[b].width

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -133,11 +134,68 @@ at::Tensor bucketed_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, 
   return acc.to(x.scalar_type());
 }
 
+// The slice layout (model_patches/vllm/buckets.py): expert e is slices [start[e], start[e] + count[e])
+// of one uniform stack whose slice `zero` is all zeros. Each token's top-k experts become its slices
+// (same router weight each), padded to the batch's largest slice count with the zero slice at weight
+// 0 (exact: silu(0) * 0 = 0), and the whole layer is one vLLM kernel call, straight from x to out.
+at::Tensor sliced_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                      const at::Tensor& start_t, const at::Tensor& count_t, const at::Tensor& w13,
+                      const at::Tensor& w2, int64_t zero, c10::string_view act_sv, c10::string_view isa_sv) {
+  TORCH_CHECK(x_in.dim() == 2 && topk_ids.dim() == 2 && topk_weights.sizes() == topk_ids.sizes());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(0), K = topk_ids.size(1);
+  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
+  const at::Tensor start_c = start_t.to(at::kInt).contiguous(), count_c = count_t.to(at::kInt).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const float* wt = wts.data_ptr<float>();
+  const int32_t* start = start_c.data_ptr<int32_t>();
+  const int32_t* count = count_c.data_ptr<int32_t>();
+  const int64_t E = start_c.numel();
+  int64_t width = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t e = id[t * K + j];
+      TORCH_CHECK(e >= 0 && e < E, "expert id ", e, " out of range");
+      n += count[e];
+    }
+    width = std::max(width, n);
+  }
+  at::Tensor out = at::empty_like(x);
+  if (width == 0) return out.zero_();
+  at::Tensor sid = at::empty({T, width}, ids.options().dtype(at::kInt));
+  at::Tensor sw = at::empty({T, width}, wts.options());
+  int32_t* sp = sid.data_ptr<int32_t>();
+  float* wp = sw.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t e = id[t * K + j];
+      for (int32_t c = 0; c < count[e]; ++c, ++n) {
+        sp[t * width + n] = start[e] + c;
+        wp[t * width + n] = wt[t * K + j];
+      }
+    }
+    for (; n < width; ++n) {
+      sp[t * width + n] = static_cast<int32_t>(zero);
+      wp[t * width + n] = 0.f;
+    }
+  }
+  run_kernel(out, x, w13, w2, sw, sid, std::string(act_sv), std::string(isa_sv));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(heapr_cpu, m) {
+  m.def("sliced_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor start, Tensor count, "
+        "Tensor w13, Tensor w2, int zero, str act, str isa) -> Tensor");
   m.def("bucketed_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor bucket_of, Tensor local_of, "
         "Tensor[] w13, Tensor[] w2, str act, str isa) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(heapr_cpu, CPU, m) { m.impl("bucketed_moe", &bucketed_moe); }
+TORCH_LIBRARY_IMPL(heapr_cpu, CPU, m) {
+  m.impl("bucketed_moe", &bucketed_moe);
+  m.impl("sliced_moe", &sliced_moe);
+}

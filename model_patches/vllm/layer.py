@@ -197,7 +197,12 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
             for b in range(len(self.buckets)):  # the packed copy replaces the bucket stacks
                 del layer._parameters[f"w13_b{b}"]
                 del layer._parameters[f"w2_b{b}"]
-            self.packed = packed
+            # module state, not method attributes: sleep mode, weight reload and .to() must see them
+            layer.register_parameter("w13_packed", torch.nn.Parameter(packed.w13, requires_grad=False))
+            layer.register_parameter("w2t_packed", torch.nn.Parameter(packed.w2t, requires_grad=False))
+            for name in ("widths", "w13_offsets", "w2_offsets"):
+                layer.register_buffer(f"heapr_packed_{name}", getattr(packed, name), persistent=False)
+            self.max_width = packed.max_width
         else:
             device = getattr(layer, "w13_b0").device if self.buckets else "cpu"
             maps = []
@@ -232,9 +237,9 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
                 )
             return torch.ops.heapr_serve.cpu_bucketed_moe(x, topk_weights, topk_ids, layer._heapr_key)
         if self.backend == "ragged":
-            p = self.packed
             return torch.ops.heapr.ragged_fused_moe(
-                x, p.w13, p.w2t, p.widths, p.w13_offsets, p.w2_offsets, topk_ids, topk_weights, p.max_width
+                x, layer.w13_packed, layer.w2t_packed, layer.heapr_packed_widths, layer.heapr_packed_w13_offsets,
+                layer.heapr_packed_w2_offsets, topk_ids, topk_weights, self.max_width,
             )
         return self._apply_triton_buckets(layer, x, topk_weights, topk_ids)
 

@@ -55,7 +55,7 @@ def test_tensor_parallel_split_keeps_tile_multiples():
 @pytest.mark.parametrize("tp", [1, 2, 3])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_plans_never_pad_past_tile_rounding(tp, seed):
-    """Either layout holds each rank's neurons rounded up to the tile, no more (plus one zero slice)."""
+    """Either layout holds each rank's neurons rounded up to the tile, no more."""
     from tools.moe_layer import pruned_widths
 
     widths = pruned_widths(32, 768, 0.3, 1, seed)
@@ -64,8 +64,8 @@ def test_plans_never_pad_past_tile_rounding(tp, seed):
         allowed = sum(-(-w // 32) * 32 for w in rw)
         assert sum(b.width * len(b.experts) for b in plan_buckets(widths, tp, r, 32)) == allowed
         sl = plan_slices(widths, tp, r, 32)
-        assert sl.zero * sl.width == allowed
-        assert sorted(sl.start[e] + i for e in range(32) for i in range(sl.count[e])) == list(range(sl.zero))
+        assert sl.size * sl.width == allowed
+        assert sorted(sl.start[e] + i for e in range(32) for i in range(sl.count[e])) == list(range(sl.size))
 
 
 def test_cost_model_picks_one_call_for_small_layers_and_buckets_for_wide_ones():

@@ -7,7 +7,7 @@ widths are a few tiles at most, a second layout is cheaper: every expert is cut 
 form one uniform stack, and a token's top-k experts become its top-k' slices: one kernel call per
 layer, whatever the widths. `choose_layout` is the cost model between the two. Neither layout pads
 beyond rounding each per-rank width up to the tile (so memory never grows past that rounding); a
-slice layout adds one all-zero slice, the target of empty slots. Pure Python, no vLLM import.
+slice layout fills a batch's empty slots with the token's own slices at weight 0. Pure Python, no vLLM import.
 """
 
 from __future__ import annotations
@@ -43,15 +43,22 @@ class Bucket:
 @dataclass(frozen=True)
 class Slices:
     """Every expert cut into `width`-wide slices: expert e owns slices [start[e], start[e] + count[e])
-    of one stack, whose last slice (`zero`) is all zeros and takes the empty slots."""
+    of one stack of `size` slices. Empty slots repeat one of the token's own slices at weight 0 (no
+    extra memory); `zero` is the slot for a token with no slice at all (the stack's slice 0)."""
 
     width: int
     start: tuple[int, ...]
     count: tuple[int, ...]
 
     @property
-    def zero(self) -> int:
+    def total(self) -> int:
         return sum(self.count)
+
+    @property
+    def size(self) -> int:
+        return max(1, self.total)  # a layer of width-0 experts still needs one (zero) slice
+
+    zero = 0
 
     @property
     def max_count(self) -> int:

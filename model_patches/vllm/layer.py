@@ -128,10 +128,10 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         if num_experts != len(self.widths):
             raise HeaprError(f"{layer.layer_name}: {num_experts} local experts but {len(self.widths)} widths declared")
         extra.pop("weight_loader", None)
-        if self.layout == "slices":  # one stack of every expert's slices and a final all-zero slice
+        if self.layout == "slices":  # one stack of every expert's slices
             sl = self.slices
-            w13 = torch.nn.Parameter(torch.zeros(sl.zero + 1, 2 * sl.width, hidden_size, dtype=params_dtype), requires_grad=False)
-            w2 = torch.nn.Parameter(torch.zeros(sl.zero + 1, hidden_size, sl.width, dtype=params_dtype), requires_grad=False)
+            w13 = torch.nn.Parameter(torch.zeros(sl.size, 2 * sl.width, hidden_size, dtype=params_dtype), requires_grad=False)
+            w2 = torch.nn.Parameter(torch.zeros(sl.size, hidden_size, sl.width, dtype=params_dtype), requires_grad=False)
             layer.register_parameter("w13_slices", w13)
             layer.register_parameter("w2_slices", w2)
             set_weight_attrs(w13, extra)
@@ -161,12 +161,18 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
                     replace_parameter(layer, name, cpu_prepack_moe_weight(getattr(layer, name).data, self.isa))
                 self.native = cpu_ext.load()
                 sl = self.slices
-                # expert -> its slice ids, padded with the zero slice (the static-shape Python path)
-                table = torch.full((len(self.widths), max(1, sl.max_count)), sl.zero, dtype=torch.int32)
+                # expert -> its slice ids (the static-shape Python path), padded with its own first
+                # slice at weight 0 (an expert of width 0: slice `zero`, weight 0)
+                width = max(1, sl.max_count)
+                table = torch.full((len(self.widths), width), sl.zero, dtype=torch.int32)
+                mask = torch.zeros(len(self.widths), width, dtype=torch.float32)
                 for e, (st, c) in enumerate(zip(sl.start, sl.count)):
-                    table[e, :c] = torch.arange(st, st + c, dtype=torch.int32)
+                    if c:
+                        table[e] = st
+                        table[e, :c] = torch.arange(st, st + c, dtype=torch.int32)
+                        mask[e, :c] = 1.0
                 layer.register_buffer("heapr_slice_ids", table, persistent=False)
-                layer.register_buffer("heapr_slice_mask", (table != sl.zero).to(torch.float32), persistent=False)
+                layer.register_buffer("heapr_slice_mask", mask, persistent=False)
                 layer.register_buffer("heapr_slice_start", torch.tensor(sl.start, dtype=torch.int32), persistent=False)
                 layer.register_buffer("heapr_slice_count", torch.tensor(sl.count, dtype=torch.int32), persistent=False)
                 return

@@ -135,9 +135,9 @@ at::Tensor bucketed_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, 
 }
 
 // The slice layout (model_patches/vllm/buckets.py): expert e is slices [start[e], start[e] + count[e])
-// of one uniform stack whose slice `zero` is all zeros. Each token's top-k experts become its slices
-// (same router weight each), padded to the batch's largest slice count with the zero slice at weight
-// 0 (exact: silu(0) * 0 = 0), and the whole layer is one vLLM kernel call, straight from x to out.
+// of one uniform stack. Each token's top-k experts become its slices (same router weight each),
+// padded to the batch's largest slice count with a slice of its own at weight 0, and the whole layer
+// is one vLLM kernel call, straight from x to out. `zero` pads tokens that have no slice at all.
 at::Tensor sliced_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                       const at::Tensor& start_t, const at::Tensor& count_t, const at::Tensor& w13,
                       const at::Tensor& w2, int64_t zero, c10::string_view act_sv, c10::string_view isa_sv) {
@@ -177,8 +177,11 @@ at::Tensor sliced_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, co
         wp[t * width + n] = wt[t * K + j];
       }
     }
+    // pad with the token's own first slice at weight 0: exact, and if that slice's output were
+    // not finite the token's real slot already carries it (slice `zero` only when it has none)
+    const int32_t pad = n ? sp[t * width] : static_cast<int32_t>(zero);
     for (; n < width; ++n) {
-      sp[t * width + n] = static_cast<int32_t>(zero);
+      sp[t * width + n] = pad;
       wp[t * width + n] = 0.f;
     }
   }

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from model_patches.vllm.buckets import plan_buckets, rank_share  # noqa: E402
+from model_patches.vllm.buckets import choose_layout, plan_buckets, plan_slices, rank_share, rank_widths  # noqa: E402
 
 H, E, I, TOP_K = 128, 8, 64, 2
 WIDTHS = [64, 32, 0, 48, 16, 64, 24, 0]
@@ -45,6 +45,37 @@ def test_buckets_group_by_padded_width_and_skip_width_zero():
     assert set(buckets[0].experts) == {0, 3, 5} and set(buckets[1].experts) == {1, 4, 6}
 
 
+def test_tensor_parallel_split_keeps_tile_multiples():
+    """96 at TP 2 and tile 32 splits 32 + 64 (no padding), not 48 + 48 (padded to 64 + 64)."""
+    assert [rank_share(96, 2, r, 32) for r in range(2)] == [(0, 32), (32, 96)]
+    assert rank_widths([96, 64, 48, 0], 2, 1, 32) == [64, 32, 32, 0]
+    assert sum(rank_widths([96], 2, r, 32)[0] for r in range(2)) == 96
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plans_never_pad_past_tile_rounding(tp, seed):
+    """Either layout holds each rank's neurons rounded up to the tile, no more."""
+    from tools.moe_layer import pruned_widths
+
+    widths = pruned_widths(32, 768, 0.3, 1, seed)
+    for r in range(tp):
+        rw = rank_widths(widths, tp, r, 32)
+        allowed = sum(-(-w // 32) * 32 for w in rw)
+        assert sum(b.width * len(b.experts) for b in plan_buckets(widths, tp, r, 32)) == allowed
+        sl = plan_slices(widths, tp, r, 32)
+        assert sl.size * sl.width == allowed
+        assert sorted(sl.start[e] + i for e in range(32) for i in range(sl.count[e])) == list(range(sl.size))
+
+
+def test_cost_model_picks_one_call_for_small_layers_and_buckets_for_wide_ones():
+    from tools.moe_layer import pruned_widths
+
+    assert choose_layout(pruned_widths(16, 64, 0.25, 1, 1), 1, 0, 32, 128, 2) == "slices"  # bundled model
+    assert choose_layout(pruned_widths(128, 768, 0.25, 32, 1), 1, 0, 32, 2048, 8) == "buckets"  # Qwen3-30B-A3B
+    assert choose_layout([64] * 8, 1, 0, 32, 128, 2) == "buckets"  # unpruned: the stock call
+
+
 @pytest.fixture(scope="module")
 def layers():
     from tools.moe_layer import build_layer, setup_vllm
@@ -65,6 +96,8 @@ def layers():
         "ours_full": build_layer(cfg, "model.layers.1.mlp", H, E, I, TOP_K, torch.float32, [I] * E, (gate_w, gate_up, down)),
         "stock_padded": build_layer(cfg, "model.layers.2.mlp", H, E, I, TOP_K, torch.float32, None, (gate_w, padded_gate_up, padded_down)),
         "ours_pruned": build_layer(cfg, "model.layers.3.mlp", H, E, I, TOP_K, torch.float32, WIDTHS, (gate_w, gate_up, down)),
+        "ours_buckets": build_layer(cfg, "model.layers.4.mlp", H, E, I, TOP_K, torch.float32, WIDTHS, (gate_w, gate_up, down), "buckets"),
+        "ours_slices": build_layer(cfg, "model.layers.5.mlp", H, E, I, TOP_K, torch.float32, WIDTHS, (gate_w, gate_up, down), "slices"),
     }
     return cfg, built
 
@@ -85,6 +118,27 @@ def test_pruned_layer_equals_stock_layer_on_zero_padded_weights(layers, tokens):
     ours, ref = _forward(cfg, built["ours_pruned"], x), _forward(cfg, built["stock_padded"], x)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     assert (ours - _forward(cfg, built["stock"], x)).abs().max() > 1e-2  # pruning does change the output
+
+
+@pytest.mark.parametrize("layout", ["buckets", "slices"])
+@pytest.mark.parametrize("tokens", [1, 2, 9, 130])
+def test_both_layouts_native_and_python_equal_stock_on_zero_padded_weights(layers, layout, tokens):
+    """The native op and the Python path of each layout give the zero-padded stock output (1e-5)."""
+    cfg, built = layers
+    runner = built[f"ours_{layout}"]
+    method = runner.routed_experts.quant_method
+    assert method.layout == layout and method.native  # the C++ op built on this machine
+    torch.manual_seed(100 + tokens)
+    x = torch.randn(tokens, H)
+    ref = _forward(cfg, built["stock_padded"], x)
+    native = _forward(cfg, runner, x)
+    method.native = False
+    try:
+        python = _forward(cfg, runner, x)
+    finally:
+        method.native = True
+    torch.testing.assert_close(native, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(python, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_loader_refuses_wrong_shapes_and_missing_tensors(layers):

@@ -38,9 +38,10 @@ from tools.moe_layer import build_layer, pruned_widths, setup_vllm  # noqa: E402
 def time_forward(cfg, runner, x: torch.Tensor) -> float:
     from vllm.forward_context import set_forward_context
 
+    forward = getattr(runner, "_bench_forward", runner.forward)
     with torch.inference_mode(), set_forward_context(None, cfg, num_tokens=x.shape[0]):
         wall, cpu = time.perf_counter(), time.process_time()
-        runner.forward(x, x)
+        forward(x, x)
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="OMP threads; default as vLLM's CPU worker binds them (all cores but one reserved)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time the layer as vLLM's CPU server runs it: Dynamo fullgraph + inductor, dynamic token count")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,8 +82,14 @@ def main() -> None:
     for i, (name, widths) in enumerate(variants.items()):
         runners[name] = build_layer(cfg, f"model.layers.{i}.mlp", H, E, I, args.top_k, dtype, widths, weights)
     buckets = {n: len(r.routed_experts.quant_method.buckets) for n, r in runners.items() if n != "stock"}
+    if args.compile:  # as vLLM's CPU platform compiles the model (DYNAMO_TRACE_ONCE, inductor)
+        import torch._dynamo as dynamo
 
-    results = {"shapes": dict(hidden=H, experts=E, width=I, top_k=args.top_k, dtype=args.dtype),
+        dynamo.config.cache_size_limit = 64
+        for runner in runners.values():
+            runner._bench_forward = torch.compile(runner.forward, fullgraph=True, dynamic=True, backend="inductor")
+
+    results = {"shapes": dict(hidden=H, experts=E, width=I, top_k=args.top_k, dtype=args.dtype), "compiled": args.compile,
                "metric": "process CPU time" if args.threads == 1 else "wall time",
                "threads": torch.get_num_threads(), "buckets": buckets, "ms": {}, "ratio_to_stock": {},
                "effective_ratio": {n: 1 - sum(w) / (E * I) for n, w in variants.items() if w}}

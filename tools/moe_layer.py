@@ -48,7 +48,8 @@ def setup_vllm(dtype: torch.dtype, max_tokens: int):
     return cfg
 
 
-def build_layer(cfg, name: str, hidden: int, experts: int, width: int, top_k: int, dtype, widths=None, weights=None):
+def build_layer(cfg, name: str, hidden: int, experts: int, width: int, top_k: int, dtype, widths=None, weights=None,
+                layout: str | None = None):
     """One MoE layer as Qwen3-MoE builds it (gate inside the runner), with given (or random) weights."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
@@ -60,7 +61,7 @@ def build_layer(cfg, name: str, hidden: int, experts: int, width: int, top_k: in
         gate = GateLinear(hidden, experts, prefix=f"{name}.gate")
         kwargs = {}
         if widths is not None:
-            kwargs = dict(routed_experts_cls=HeaprRoutedExperts, routed_experts_args={"heapr_widths": widths})
+            kwargs = dict(routed_experts_cls=HeaprRoutedExperts, routed_experts_args={"heapr_widths": widths, "heapr_layout": layout})
         runner = FusedMoEFactory(
             gate=gate, num_experts=experts, top_k=top_k, hidden_size=hidden, intermediate_size=width,
             renormalize=True, params_dtype=dtype, prefix=f"{name}.experts", **kwargs,

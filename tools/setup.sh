@@ -34,6 +34,10 @@ if [[ ! -f "$stamp" ]]; then
     .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   fi
   .venv/bin/python -c 'import heapr_serve, vllm' || { echo "error: the environment does not import; see pip's output above" >&2; exit 1; }
+  if [[ $extra == cpu ]]; then  # the native CPU MoE op (one call per layer); the layer falls back without it
+    .venv/bin/python -c 'from model_patches.vllm import cpu_ext; import sys; sys.exit(0 if cpu_ext.load() else 1)' \
+      || echo "warning: the native CPU MoE op did not build (g++/ninja missing?); pruned models use the slower Python dispatch" >&2
+  fi
   rm -f .venv/.heapr-setup-*
   touch "$stamp"
 fi

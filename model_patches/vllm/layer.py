@@ -25,6 +25,7 @@ from the family registry in model_patches.vllm.models.
 
 from __future__ import annotations
 
+import itertools
 import re
 import weakref
 from collections.abc import Iterable
@@ -38,7 +39,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
 from heapr_serve.errors import HeaprError
-from model_patches.vllm.buckets import plan_buckets, rank_share
+from model_patches.vllm.buckets import choose_layout, plan_buckets, plan_slices, rank_share, rank_widths
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ def _ragged_op_available() -> bool:
 class HeaprRaggedMoEMethod(FusedMoEMethodBase):
     """Creates per-bucket weight stacks, prepacks them for the platform kernel, runs the buckets."""
 
-    def __init__(self, moe: FusedMoEConfig, widths: list[int], backend: str | None = None):
+    def __init__(self, moe: FusedMoEConfig, widths: list[int], backend: str | None = None, layout: str | None = None):
         super().__init__(moe)
         self.widths = list(widths)
         par = moe.moe_parallel_config
@@ -81,24 +82,33 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         if backend is None:
             if current_platform.is_cpu():
                 backend = "cpu"
+            elif len(set(self.widths)) == 1:
+                backend = "triton_buckets"  # unpruned (or uniformly pruned) layer: one stock fused_experts call
             elif current_platform.is_cuda() and moe.activation.value == "silu" and _ragged_op_available():
                 backend = "ragged"
             else:
                 backend = "triton_buckets"
         self.backend = backend
-        align = 32 if backend == "cpu" else 1  # CPU grouped GEMM tiles the intermediate dim by 32
-        self.buckets = plan_buckets(self.widths, self.tp_size, self.tp_rank, align)
-        self.rank_widths = [hi - lo for lo, hi in (rank_share(w, self.tp_size, self.tp_rank) for w in self.widths)]
+        # CPU grouped GEMM tiles the intermediate dim by 32; stock Triton buckets run any width, but
+        # one call per distinct width would be up to E calls per layer, so they share 16-wide tiles
+        self.tile = 32 if backend == "cpu" else 16 if backend == "triton_buckets" else 1
+        self.buckets = plan_buckets(self.widths, self.tp_size, self.tp_rank, self.tile)
+        self.rank_widths = rank_widths(self.widths, self.tp_size, self.tp_rank, self.tile)
         E = len(self.widths)
+        # one bucket holding every expert in order, unpadded: the stock call, no remapping at all
+        self.identity = len(self.buckets) == 1 and self.buckets[0].experts == tuple(range(E))
+        self.layout = "buckets"
+        if backend == "cpu" and not self.identity:
+            self.layout = layout or choose_layout(self.widths, self.tp_size, self.tp_rank, self.tile, moe.hidden_dim, moe.experts_per_token)
+        self.slices = plan_slices(self.widths, self.tp_size, self.tp_rank, self.tile) if self.layout == "slices" else None
         bucket_of = torch.full((E,), -1, dtype=torch.int64)
         local_of = torch.zeros(E, dtype=torch.int64)
         for b, bucket in enumerate(self.buckets):
             for i, e in enumerate(bucket.experts):
                 bucket_of[e], local_of[e] = b, i
         self.bucket_of, self.local_of = bucket_of, local_of
-        # one bucket holding every expert in order, unpadded: the stock call, no remapping at all
-        self.identity = len(self.buckets) == 1 and self.buckets[0].experts == tuple(range(E))
         self.isa = None
+        self.native = False  # the C++ op (model_patches.vllm.cpu_ext) is loaded
         self._bucket_lists = None  # (bucket_of, local_of, prepacked stacks) as Python lists, for decode
 
     # -- vLLM method interface --------------------------------------------------------------------
@@ -118,6 +128,15 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         if num_experts != len(self.widths):
             raise HeaprError(f"{layer.layer_name}: {num_experts} local experts but {len(self.widths)} widths declared")
         extra.pop("weight_loader", None)
+        if self.layout == "slices":  # one stack of every expert's slices
+            sl = self.slices
+            w13 = torch.nn.Parameter(torch.zeros(sl.size, 2 * sl.width, hidden_size, dtype=params_dtype), requires_grad=False)
+            w2 = torch.nn.Parameter(torch.zeros(sl.size, hidden_size, sl.width, dtype=params_dtype), requires_grad=False)
+            layer.register_parameter("w13_slices", w13)
+            layer.register_parameter("w2_slices", w2)
+            set_weight_attrs(w13, extra)
+            set_weight_attrs(w2, extra)
+            return
         for b, bucket in enumerate(self.buckets):
             n = len(bucket.experts)
             # zeros, not empty: padding rows/columns must be exact zeros
@@ -135,9 +154,39 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
             from vllm.model_executor.utils import replace_parameter
 
             self.isa = _cpu_isa(layer.params_dtype)
+            if self.layout == "slices":
+                from model_patches.vllm import cpu_ext
+
+                for name in ("w13_slices", "w2_slices"):
+                    replace_parameter(layer, name, cpu_prepack_moe_weight(getattr(layer, name).data, self.isa))
+                self.native = cpu_ext.load()
+                sl = self.slices
+                # expert -> its slice ids (the static-shape Python path), padded with its own first
+                # slice at weight 0 (an expert of width 0: slice `zero`, weight 0)
+                width = max(1, sl.max_count)
+                table = torch.full((len(self.widths), width), sl.zero, dtype=torch.int32)
+                mask = torch.zeros(len(self.widths), width, dtype=torch.float32)
+                for e, (st, c) in enumerate(zip(sl.start, sl.count)):
+                    if c:
+                        table[e] = st
+                        table[e, :c] = torch.arange(st, st + c, dtype=torch.int32)
+                        mask[e, :c] = 1.0
+                layer.register_buffer("heapr_slice_ids", table, persistent=False)
+                layer.register_buffer("heapr_slice_mask", mask, persistent=False)
+                layer.register_buffer("heapr_slice_start", torch.tensor(sl.start, dtype=torch.int32), persistent=False)
+                layer.register_buffer("heapr_slice_count", torch.tensor(sl.count, dtype=torch.int32), persistent=False)
+                return
             for b in range(len(self.buckets)):
                 for name in (f"w13_b{b}", f"w2_b{b}"):
                     replace_parameter(layer, name, cpu_prepack_moe_weight(getattr(layer, name).data, self.isa))
+            if not self.identity:
+                from model_patches.vllm import cpu_ext
+
+                # built (first time) and loaded here, at load time, never while Dynamo traces
+                self.native = cpu_ext.load()
+                # module buffers, not method attributes, so that Dynamo sees them as model state
+                layer.register_buffer("heapr_bucket_of", self.bucket_of.to(torch.int32), persistent=False)
+                layer.register_buffer("heapr_local_of", self.local_of.to(torch.int32), persistent=False)
         elif self.backend == "ragged":
             from model_patches.vllm.kernels.ragged_moe_triton import pack_ragged_experts
 
@@ -154,7 +203,12 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
             for b in range(len(self.buckets)):  # the packed copy replaces the bucket stacks
                 del layer._parameters[f"w13_b{b}"]
                 del layer._parameters[f"w2_b{b}"]
-            self.packed = packed
+            # module state, not method attributes: sleep mode, weight reload and .to() must see them
+            layer.register_parameter("w13_packed", torch.nn.Parameter(packed.w13, requires_grad=False))
+            layer.register_parameter("w2t_packed", torch.nn.Parameter(packed.w2t, requires_grad=False))
+            for name in ("widths", "w13_offsets", "w2_offsets"):
+                layer.register_buffer(f"heapr_packed_{name}", getattr(packed, name), persistent=False)
+            self.max_width = packed.max_width
         else:
             device = getattr(layer, "w13_b0").device if self.buckets else "cpu"
             maps = []
@@ -176,16 +230,45 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
                               topk_ids.to(torch.int32), layer.activation.value, self.isa, False)
                 return out
             # vLLM compiles the CPU model with fullgraph=True and calls the MoE forward inline, so the
-            # data-dependent bucket dispatch runs inside an opaque custom op
-            return torch.ops.heapr_serve.cpu_bucketed_moe(x, topk_weights, topk_ids, layer.layer_name)
+            # data-dependent bucket dispatch runs inside an opaque op: native (one C++ call, no Python
+            # per step) when it built, else the Python custom op
+            if self.layout == "slices":
+                return self._apply_cpu_slices(layer, x, topk_weights, topk_ids)
+            if self.native:
+                n = len(self.buckets)
+                return torch.ops.heapr_cpu.bucketed_moe(
+                    x, topk_weights, topk_ids, layer.heapr_bucket_of, layer.heapr_local_of,
+                    [getattr(layer, f"w13_b{b}") for b in range(n)], [getattr(layer, f"w2_b{b}") for b in range(n)],
+                    layer.activation.value, self.isa,
+                )
+            return torch.ops.heapr_serve.cpu_bucketed_moe(x, topk_weights, topk_ids, layer._heapr_key)
         if self.backend == "ragged":
-            p = self.packed
             return torch.ops.heapr.ragged_fused_moe(
-                x, p.w13, p.w2t, p.widths, p.w13_offsets, p.w2_offsets, topk_ids, topk_weights, p.max_width
+                x, layer.w13_packed, layer.w2t_packed, layer.heapr_packed_widths, layer.heapr_packed_w13_offsets,
+                layer.heapr_packed_w2_offsets, topk_ids, topk_weights, self.max_width,
             )
         return self._apply_triton_buckets(layer, x, topk_weights, topk_ids)
 
     # -- kernels ----------------------------------------------------------------------------------
+
+    def _apply_cpu_slices(self, layer, x, topk_weights, topk_ids):
+        """One vLLM kernel call for the whole layer: each token's top-k experts become its slices."""
+        act = layer.activation.value
+        if self.native:  # top-k' = the batch's largest slice count (exact at one token)
+            return torch.ops.heapr_cpu.sliced_moe(
+                x, topk_weights, topk_ids, layer.heapr_slice_start, layer.heapr_slice_count,
+                layer.w13_slices, layer.w2_slices, self.slices.zero, act, self.isa,
+            )
+        # static shapes, so Dynamo traces it into the graph: top-k' = top-k x the largest slice count
+        from vllm._custom_ops import cpu_fused_moe
+
+        T = topk_ids.shape[0]
+        ids = layer.heapr_slice_ids[topk_ids.long()].reshape(T, -1)
+        weights = (topk_weights.to(torch.float32).unsqueeze(-1) * layer.heapr_slice_mask[topk_ids.long()]).reshape(T, -1)
+        out = torch.empty_like(x)
+        cpu_fused_moe(out, x, layer.w13_slices, layer.w2_slices, None, None, weights.contiguous(), ids.contiguous(),
+                      act, self.isa, False)
+        return out
 
     def _apply_cpu(self, layer, x, topk_weights, topk_ids):
         from vllm._custom_ops import cpu_fused_moe
@@ -261,11 +344,13 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         return out if out is not None else torch.zeros_like(x)
 
 
+_LAYER_IDS = itertools.count()
 _CPU_LAYERS: "weakref.WeakValueDictionary[str, HeaprRoutedExperts]" = weakref.WeakValueDictionary()
 
 
 def _cpu_bucketed_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
-    """Routed-expert output of the named pruned layer on CPU (width buckets, stock CPU kernel)."""
+    """Routed-expert output of the named pruned layer on CPU (width buckets, stock CPU kernel); the
+    Python fallback of the native op. `layer_name` is the layer's per-instance key."""
     layer = _CPU_LAYERS[layer_name]
     return layer.quant_method._apply_cpu(layer, x, topk_weights, topk_ids)
 
@@ -293,15 +378,19 @@ class HeaprRoutedExperts(RoutedExperts):
     """`RoutedExperts` whose experts have the widths declared in config.json (checked at load)."""
 
     def __init__(self, *args, heapr_widths: list[int], heapr_files: dict | None = None,
-                 heapr_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), **kwargs):
+                 heapr_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+                 heapr_layout: str | None = None, **kwargs):
         # set before nn.Module.__init__ runs: _get_quant_method (called by super) needs them
         self.__dict__["_heapr_widths"] = list(heapr_widths)
+        self.__dict__["_heapr_layout"] = heapr_layout  # None: the cost model decides (tests force one)
         super().__init__(*args, **kwargs)
         self.heapr_widths = list(heapr_widths)
         self.heapr_files = heapr_files or {}
         self.heapr_projs = {name: i for i, name in enumerate(heapr_projs)}  # the family's on-disk names
         self._heapr_loaded: set[tuple[int, int]] = set()
-        _CPU_LAYERS[self.layer_name] = self
+        # unique per instance: layer names repeat across models in one process
+        self._heapr_key = f"{self.layer_name}#{next(_LAYER_IDS)}"
+        _CPU_LAYERS[self._heapr_key] = self
 
     def _get_quant_method(self, prefix, quant_config, moe_config):
         if quant_config is not None:
@@ -310,7 +399,7 @@ class HeaprRoutedExperts(RoutedExperts):
             raise HeaprError("expert parallelism is not supported for pruned checkpoints yet; use tensor parallelism")
         if self.expert_map_manager.num_fused_shared_experts:
             raise HeaprError("fused shared experts (ROCm AITER) are not supported for pruned checkpoints")
-        return HeaprRaggedMoEMethod(moe_config, self.__dict__["_heapr_widths"])
+        return HeaprRaggedMoEMethod(moe_config, self.__dict__["_heapr_widths"], layout=self.__dict__["_heapr_layout"])
 
     @property
     def method(self) -> HeaprRaggedMoEMethod:
@@ -343,8 +432,20 @@ class HeaprRoutedExperts(RoutedExperts):
             raise HeaprError(f"{where}tensor {name} appears twice in the checkpoint")
         self._heapr_loaded.add((expert, proj))
         method = self.method
-        lo, hi = rank_share(width, method.tp_size, method.tp_rank)
+        lo, hi = rank_share(width, method.tp_size, method.tp_rank, method.tile)
         if hi == lo:
+            return
+        if method.layout == "slices":  # neuron j of this rank's share -> slice start + j // c, row j % c
+            sl = method.slices
+            c = sl.width
+            for j in range(0, hi - lo, c):
+                n = min(c, hi - lo - j)
+                s = sl.start[expert] + j // c
+                if proj == 2:
+                    self.w2_slices.data[s, :, :n].copy_(tensor[:, lo + j : lo + j + n])
+                else:
+                    offset = 0 if proj == 0 else c
+                    self.w13_slices.data[s, offset : offset + n].copy_(tensor[lo + j : lo + j + n])
             return
         b, i = int(method.bucket_of[expert]), int(method.local_of[expert])
         padded = method.buckets[b].width

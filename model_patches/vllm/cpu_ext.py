@@ -1,0 +1,62 @@
+"""The native CPU op (`torch.ops.heapr_cpu.bucketed_moe`, csrc/bucketed_moe.cpp), built on first use.
+
+Why native: vLLM compiles the CPU model with Dynamo (inductor, fullgraph), so stock vLLM's MoE runs
+with no Python per step; a Python custom op for the bucket dispatch cost ~0.1-0.3 ms per layer per
+step (sort, bincount + host sync, gather, per-bucket calls, index_add), which on a small model is
+more than pruning saves. The C++ op does the same dispatch in one call and is opaque to Dynamo.
+
+Built with torch's own extension tooling (`torch.utils.cpp_extension.load`, g++ and ninja, no
+internet) into `TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions), once per machine and torch
+version; `tools/setup.sh` builds it ahead of time. If the build fails (no compiler), `load()` returns
+False, logs why once, and the layer falls back to the Python custom op (same output, slower).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "bucketed_moe.cpp"
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+log = logging.getLogger("vllm.heapr_serve")
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("heapr_cpu::bucketed_moe")
+    def _fake(x, topk_weights, topk_ids, bucket_of, local_of, w13, w2, act, isa):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("heapr_cpu::sliced_moe")
+    def _fake_sliced(x, topk_weights, topk_ids, start, count, w13, w2, zero, act, isa):
+        return torch.empty_like(x)
+
+
+def load() -> bool:
+    """Build (first time) and load the op; True when `torch.ops.heapr_cpu.bucketed_moe` is usable."""
+    with _LOCK:
+        if "ok" in _STATE:
+            return bool(_STATE["ok"])
+        ok = False
+        if os.environ.get("HEAPR_NO_CPU_EXT") != "1":
+            try:
+                import vllm._custom_ops  # noqa: F401  registers _C::cpu_fused_moe, which the op calls
+                from torch.utils.cpp_extension import load as build
+
+                if not hasattr(torch.ops.heapr_cpu, "sliced_moe"):
+                    # the name carries a hash of the source, so an edited source never loads a stale build
+                    import hashlib
+
+                    tag = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
+                    build(name=f"heapr_cpu_{tag}", sources=[str(_SOURCE)], extra_cflags=["-O3"],
+                          is_python_module=False, verbose=False)
+                    _register_fake()
+                ok = True
+            except Exception as exc:  # no compiler, no ninja, headers missing: the Python path still works
+                log.warning("heapr-serve: native CPU MoE op unavailable (%s); using the Python dispatch", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        _STATE["ok"] = ok
+        return ok

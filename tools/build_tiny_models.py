@@ -50,6 +50,15 @@ COMMON = dict(
     bos_token_id=None,
 )
 
+# DeepSeek-V2 and V3 share MLA attention (kv_lora_rank + qk_rope_head_dim = 576, as vLLM's CPU MLA
+# needs), shared experts, a dense first layer and grouped routing; they differ in how routes are chosen
+_DEEPSEEK = dict(
+    {k: v for k, v in COMMON.items() if k != "head_dim"},
+    num_hidden_layers=3, num_key_value_heads=2, n_routed_experts=8, num_experts_per_tok=2,
+    moe_intermediate_size=64, intermediate_size=256, n_shared_experts=1, first_k_dense_replace=1,
+    n_group=2, topk_group=1, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
+)
+
 CONFIGS: dict[str, dict] = {
     "qwen3_moe": dict(COMMON, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                       intermediate_size=256, norm_topk_prob=True, decoder_sparse_step=1),
@@ -58,21 +67,8 @@ CONFIGS: dict[str, dict] = {
                       decoder_sparse_step=1, qkv_bias=True),
     "mixtral": dict(COMMON, num_local_experts=8, num_experts_per_tok=2, intermediate_size=64),
     "olmoe": dict(COMMON, num_experts=8, num_experts_per_tok=2, intermediate_size=64, num_key_value_heads=2),
-    "deepseek_v3": dict(
-        {k: v for k, v in COMMON.items() if k != "head_dim"},
-        num_hidden_layers=3, num_key_value_heads=2, n_routed_experts=8, num_experts_per_tok=2,
-        moe_intermediate_size=64, intermediate_size=256, n_shared_experts=1, first_k_dense_replace=1,
-        n_group=2, topk_group=1, topk_method="noaux_tc", routed_scaling_factor=2.5, norm_topk_prob=True,
-        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
-        rope_interleave=True,
-    ),
-    "deepseek_v2": dict(
-        {k: v for k, v in COMMON.items() if k != "head_dim"},
-        num_hidden_layers=3, num_key_value_heads=2, n_routed_experts=8, num_experts_per_tok=2,
-        moe_intermediate_size=64, intermediate_size=256, n_shared_experts=1, first_k_dense_replace=1,
-        n_group=2, topk_group=1, topk_method="group_limited_greedy", routed_scaling_factor=2.0, norm_topk_prob=False,
-        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
-    ),
+    "deepseek_v3": dict(_DEEPSEEK, topk_method="noaux_tc", routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True),
+    "deepseek_v2": dict(_DEEPSEEK, topk_method="group_limited_greedy", routed_scaling_factor=2.0, norm_topk_prob=False),
     "glm4_moe": dict(COMMON, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                      intermediate_size=256, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
                      routed_scaling_factor=2.5, norm_topk_prob=True, partial_rotary_factor=0.5, use_qk_norm=True,

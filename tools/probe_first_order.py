@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     from heapr_serve.calibrate.datasets import load_calibration
+    from heapr_serve.checkpoint.format import read_config
     from heapr_serve.eval.perplexity import eval_tokens, perplexity
     from heapr_serve.models import load_model, load_tokenizer
     from heapr_serve.progress import console
-    from heapr_serve.prune.allocation import plan_pruning
     from heapr_serve.prune.methods import METHODS, Method, global_allocation
     from heapr_serve.prune.commands import prune_to_folder
     from heapr_serve.score.calibration_pass import collect_statistics
@@ -55,7 +55,7 @@ def main() -> None:
             self.first[layer][expert] += (a * g).sum(0).double()
 
     tokenizer = load_tokenizer(source)
-    calibration = load_calibration(None, tokenizer, 64, 256, 0, tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else 4096)
+    calibration = load_calibration(None, tokenizer, 64, 256, 0, int(read_config(source)["vocab_size"]))
     model = load_model(source, torch.float32, torch.device("cpu"))
     observer = FirstOrder()
     stats = collect_statistics(model, calibration.batches(8, tokenizer.pad_token_id or 0), 8.0 * 256, observer=observer)

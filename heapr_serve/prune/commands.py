@@ -188,6 +188,11 @@ def _check_options(method: str, ratio: float, scope: str, align: int, reconstruc
                       f"it {'removes whole experts' if allocation is expert_allocation else 'gives every expert the same width'}")
 
 
+def _refits(method: str, reconstruct: bool) -> bool:
+    """--reconstruct does nothing for methods that drop whole experts (the kept ones keep every neuron)."""
+    return reconstruct and get_method(method).allocate is not expert_allocation
+
+
 def _warn_unrouted(plan: PruningPlan, keep_unrouted: bool) -> None:
     unrouted = {layer: e for layer, e in plan.unrouted.items() if e}
     if unrouted:
@@ -257,15 +262,15 @@ def compress_command(
                 "dtype": str(torch_dtype), "checkpoint_every": checkpoint_every, "world_size": ranks.world}
     opts = RunOptions(torch_dtype, torch_device, batch_size, streamed, activations_dir, checkpoint_every, resume, overwrite)
     stats = run_calibration(source, config, batches, [int(b[1].sum()) for b in batches], loss_scale, out, identity, opts,
-                            lambda dt, dev: load_model(source, dt, dev), what, every_rank=reconstruct_)
+                            lambda dt, dev: load_model(source, dt, dev), what, every_rank=_refits(method, reconstruct_))
     if stats is None:  # another rank than 0: rank 0 writes
         return
     stats.metadata.update({"source_model": model_reference(model, source), "model_type": config["model_type"], "calibration": calibration.describe(),
                            "calibration_args": {"calib": calib, "nsamples": nsamples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size},
                            "source_fingerprint": fingerprint})
     gc.collect()
-    refit = Reconstruction(ranks.share(batches), torch_dtype, torch_device, reconstruct_damp, reconstruct_inputs, activations_dir) if reconstruct_ else None
-    if not ranks.is_main:  # --reconstruct: this rank's share of the re-fit, then rank 0 writes
+    refit = Reconstruction(ranks.share(batches), torch_dtype, torch_device, reconstruct_damp, reconstruct_inputs, activations_dir) if _refits(method, reconstruct_) else None
+    if not ranks.is_main:  # only with a re-fit: this rank's share of it, then rank 0 writes
         plan = plan_for_method(method, stats, source, ratio, scope, align, keep_unrouted, seed)
         with temporary_folder(out) as folder, progress_bar() as progress:
             refit_plan(source, plan, refit, Path(folder), progress)
@@ -330,7 +335,7 @@ def apply_command(
         raise HeaprError(f"{scores}: scores are for a {stats.metadata['model_type']} model but {source} is {config['model_type']}; pass the right --model")
     if stats.metadata.get("source_fingerprint") not in (None, source_fingerprint(source)):
         raise HeaprError(f"{scores}: scores were computed on other weights than those now in {source} (retrained or replaced?); re-run `heapr-serve compress`")
-    refit = _recorded_reconstruction(scores, source, config, stats, torch_device, reconstruct_damp, reconstruct_inputs) if reconstruct_ else None
+    refit = _recorded_reconstruction(scores, source, config, stats, torch_device, reconstruct_damp, reconstruct_inputs) if _refits(method, reconstruct_) else None
     result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed, drop_mtp, refit)
     _warn_unrouted(result.plan, keep_unrouted)
     console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch_device)))

@@ -1,4 +1,4 @@
-"""The `heapr-serve` command line: compress, apply, inspect, eval, serve, bench, ab-proxy.
+"""The `heapr-serve` command line: compress, apply, quantize, inspect, eval, serve, bench, ab-proxy.
 
 Each command lives in its own module; this file only wires them into one Typer app and turns the
 project's expected errors (`HeaprError`) into a one-line message and exit code 2, never a traceback.
@@ -29,6 +29,7 @@ app = typer.Typer(
 # --- command registrations, in stage order (each stage's module owns its command) ---
 from heapr_serve.prune.commands import apply_command, compress_command  # noqa: E402
 from heapr_serve.checkpoint.inspect import inspect_command  # noqa: E402
+from heapr_serve.quantize.command import quantize_command  # noqa: E402
 from heapr_serve.eval.command import eval_command  # noqa: E402
 from heapr_serve.serve import serve_command  # noqa: E402
 from heapr_serve.ab.bench import bench_command  # noqa: E402
@@ -36,6 +37,7 @@ from heapr_serve.ab.proxy import ab_proxy_command  # noqa: E402
 
 app.command("compress")(compress_command)
 app.command("apply")(apply_command)
+app.command("quantize")(quantize_command)
 app.command("inspect")(inspect_command)
 app.command("eval")(eval_command)
 app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_command)

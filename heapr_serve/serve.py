@@ -20,8 +20,10 @@ from heapr_serve.errors import HeaprError
 
 # flags whose feature the ragged MoE layer refuses; refusing here saves vLLM's start-up time
 _REFUSED_FOR_PRUNED = {
-    "--quantization": "quantised weights are not supported for pruned checkpoints yet; drop --quantization",
-    "-q": "quantised weights are not supported for pruned checkpoints yet; drop -q/--quantization",
+    "--quantization": "pruned checkpoints are quantized offline (vLLM reads the scheme from config.json): drop --quantization "
+                      "and run `heapr-serve quantize FOLDER -o OUT --scheme w4a16`",
+    "-q": "pruned checkpoints are quantized offline (vLLM reads the scheme from config.json): drop -q "
+          "and run `heapr-serve quantize FOLDER -o OUT --scheme w4a16`",
     "--enable-expert-parallel": "expert parallelism is not supported for pruned checkpoints yet; use --tensor-parallel-size",
     "-ep": "expert parallelism is not supported for pruned checkpoints yet; use --tensor-parallel-size",
     "--enable-eplb": "EPLB is not supported for pruned checkpoints yet; drop --enable-eplb",

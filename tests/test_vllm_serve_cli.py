@@ -65,7 +65,7 @@ BAD_CASES = {
     "mismatch": "heapr.expert_widths declares width 32",
     "unsupported_family": "'llama' is not supported",
     "nonexistent": "no such folder",
-    "unsupported_flag": "quantised weights are not supported",
+    "unsupported_flag": "pruned checkpoints are quantized offline",
 }
 
 

@@ -38,6 +38,13 @@ if [[ ! -f "$stamp" ]]; then
     .venv/bin/python -c 'from model_patches.vllm import cpu_ext; import sys; sys.exit(0 if cpu_ext.load() else 1)' \
       || echo "warning: the native CPU MoE op did not build (g++/ninja missing?); pruned models use the slower Python dispatch" >&2
   fi
+  if [[ $extra == cpu ]] && grep -qi "AuthenticAMD" /proc/cpuinfo 2>/dev/null; then
+    # AMD's zentorch: the kernel vLLM-CPU's W8A8 int8 MoE runs on Zen CPUs without AMX. Installed beside
+    # the venv, not in it: on PYTHONPATH it also replaces stock vLLM's bf16 MoE and linear kernels, so
+    # a server opts in (`PYTHONPATH=.venv/zentorch heapr-serve serve ...`, docs/serving.md)
+    .venv/bin/python -m pip install -q --no-deps --target .venv/zentorch zentorch==2.13.0.0 deprecated==1.3.1 wrapt==2.5.2 \
+      >/dev/null 2>&1 || echo "warning: zentorch did not install; W8A8 int8 MoE serving on this CPU is unavailable" >&2
+  fi
   rm -f .venv/.heapr-setup-*
   touch "$stamp"
 fi

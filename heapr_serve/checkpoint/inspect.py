@@ -23,6 +23,7 @@ def inspect_command(checkpoint: Path) -> None:
     params = count_source_params(checkpoint)
     if not is_pruned(checkpoint):
         console.print(f"{checkpoint}: dense {family.architecture}, {params:,} parameters (not pruned by heapr-serve)")
+        _print_quantization(config.get("heapr_quantization"))
         return
     ckpt = validate_checkpoint(checkpoint)
     heapr = ckpt.heapr
@@ -44,6 +45,17 @@ def inspect_command(checkpoint: Path) -> None:
     )
     for layer, reason in ckpt.kept_whole.items():
         console.print(f"layer {layer} kept whole at the dense width: {reason}")
+    _print_quantization(heapr.get("quantization"))
     if heapr.get("source_quantization"):
         q = heapr["source_quantization"]
         console.print(f"source was {q.get('quant_method')} {q.get('weight_block_size')}-block quantised; written dequantised to {q.get('written_as')}")
+
+
+def _print_quantization(record: dict | None) -> None:
+    """The scheme `heapr-serve quantize` recorded, and the bytes it saved on the weights it quantized."""
+    if not record:
+        return
+    before, after = record["weight_bytes_before"], record["weight_bytes_after"]
+    console.print(f"quantized {record['scheme']} ({record['format']}, {record['summary']}): {record['quantized_tensors']} Linear "
+                  f"weights {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB (-{1 - after / max(before, 1):.1%}), "
+                  f"{record['ignored_modules']} left unquantized", highlight=False)

@@ -7,8 +7,11 @@ checkpoint is checked in a second).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from heapr_serve.checkpoint.format import (FUSED_EXPERTS_TENSOR, PER_EXPERT_TENSOR, SCALE_SUFFIX, dense_expert_width, extra_layers,
                                            num_routed_experts, open_safetensors, parse_kept_whole, parse_widths, read_config,
@@ -35,6 +38,35 @@ class PrunedCheckpoint:
 
 
 
+# `<module>.weight_packed` and the other tensors compressed-tensors stores a quantized Linear as
+QUANT_PART = re.compile(r"^(?P<base>.+)\.(?P<part>weight_packed|weight_scale|weight_shape|weight_zero_point|weight)$")
+_DTYPES = {"I32": torch.int32, "I64": torch.int64, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16,
+           "F16": torch.float16, "F32": torch.float32}
+
+
+def _check_quantized(path: Path, name: str, found: dict, spec, shape: tuple[int, int], width: int) -> None:
+    """Every quantized part of one expert weight [out, in] is present, with the shape and dtype the
+    scheme gives at the declared width (scales and zero points per group or block included)."""
+    module = name[: -len(".weight")]
+    expected = spec.expected(*shape)
+    for part, (want, dtypes) in expected.items():
+        if part not in found:
+            raise HeaprError(f"{path}: tensor {module}.{part} is missing (expert of declared width {width}, scheme "
+                             f"{spec.format}); re-run `heapr-serve quantize`")
+        got, dtype, file = found[part]
+        if got != want:
+            raise HeaprError(f"{path / file}: tensor {module}.{part} has shape {list(got)} but heapr.expert_widths declares width "
+                             f"{width} (expected {list(want)} for {spec.format} {spec.strategy}"
+                             f"{f' group {spec.group_size}' if spec.strategy == 'group' else ''}); re-run `heapr-serve quantize`")
+        torch_dtype = _DTYPES.get(dtype)
+        if (dtypes is not None and torch_dtype not in dtypes) or (dtypes is None and not (torch_dtype and torch_dtype.is_floating_point)):
+            raise HeaprError(f"{path / file}: tensor {module}.{part} is {dtype}, not what {spec.format} stores; re-run `heapr-serve quantize`")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise HeaprError(f"{path / found[extra[0]][2]}: tensor {module}.{extra[0]} is not part of the {spec.format} scheme in "
+                         "config.json; the folder is inconsistent, re-run `heapr-serve quantize`")
+
+
 def validate_checkpoint(path: str | Path) -> PrunedCheckpoint:
     """Check a pruned folder end to end; raise HeaprError naming the first problem and its fix."""
     path = Path(path)
@@ -49,19 +81,33 @@ def validate_checkpoint(path: str | Path) -> PrunedCheckpoint:
     kept_whole = parse_kept_whole(config, config_file, widths)
     dense = int(config["heapr"].get("dense_width") or dense_expert_width(config))
     hidden = int(config["hidden_size"])
+    spec = None
     if config.get("quantization_config"):
-        raise HeaprError(f"{config_file}: has a quantization_config, but pruned checkpoints are written unquantised; "
-                         "re-create the folder with `heapr-serve compress`")
+        if not config["heapr"].get("quantization"):
+            raise HeaprError(f"{config_file}: has a quantization_config that `heapr-serve quantize` did not write (no "
+                             "heapr.quantization); quantize the unquantized pruned folder with `heapr-serve quantize`")
+        from heapr_serve.quantize.layout import QuantSpec
+
+        spec = QuantSpec.from_config(config["quantization_config"], str(config_file))
     files = safetensors_files(path)
 
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    parts: dict[str, dict[str, tuple[tuple[int, ...], str, str]]] = {}  # expert weight -> quantized part -> (shape, dtype, file)
     for file in sorted(set(files.values())):
         with open_safetensors(path / file) as f:
             for name in f.keys():
                 piece = f.get_slice(name)
-                if name.endswith(SCALE_SUFFIX) or piece.get_dtype().startswith("F8"):
-                    raise HeaprError(f"{path / file}: tensor {name} is FP8 data or an FP8 scale, but pruned checkpoints are "
-                                     "written unquantised; re-create the folder with `heapr-serve compress`")
+                if name.endswith(SCALE_SUFFIX) or (spec is None and piece.get_dtype().startswith("F8")):
+                    raise HeaprError(f"{path / file}: tensor {name} is FP8 data or an FP8 scale, but this pruned checkpoint "
+                                     "declares no quantization; re-create the folder with `heapr-serve compress`")
+                q = QUANT_PART.match(name) if spec is not None else None
+                if q and PER_EXPERT_TENSOR.match(q["base"] + ".weight"):
+                    parts.setdefault(q["base"] + ".weight", {})[q["part"]] = (tuple(piece.get_shape()), piece.get_dtype(), file)
+                    name = q["base"] + ".weight"  # checked below as the expert weight it stands for
+                    if name in shapes:
+                        continue
+                    shapes[name] = (None, file)
+                    continue
                 shapes[name] = (tuple(piece.get_shape()), file)
     extra = extra_layers(config, shapes, path, family.extra_layers_key)
     undeclared = sorted(set(extra) - set(kept_whole))
@@ -85,7 +131,9 @@ def validate_checkpoint(path: str | Path) -> PrunedCheckpoint:
             raise HeaprError(f"{path / file}: unexpected expert tensor {name} for a {family.model_type} model")
         if layer in kept_whole:
             expected = (hidden, dense) if proj == family.disk_projs[2] else (dense, hidden)
-            if expert >= num_routed_experts(config) or shape != expected:
+            if spec is not None and shape is None and expert < num_routed_experts(config):
+                _check_quantized(path, name, parts.get(name, {}), spec, expected, dense)
+            elif expert >= num_routed_experts(config) or shape != expected:
                 raise HeaprError(f"{path / file}: tensor {name} has shape {list(shape)} but layer {layer} is kept whole "
                                  f"({kept_whole[layer]}), so its experts are at the dense width (expected {list(expected)})")
             seen_expert_tensors.add(name)
@@ -98,7 +146,12 @@ def validate_checkpoint(path: str | Path) -> PrunedCheckpoint:
         if width == 0:
             raise HeaprError(f"{path / file}: tensor {name} exists but expert {expert} of layer {layer} is declared width 0")
         expected = (hidden, width) if proj == family.disk_projs[2] else (width, hidden)
-        if shape != expected:
+        if spec is not None:
+            _check_quantized(path, name, parts.get(name, {}), spec, expected, width)
+        elif shape is None:
+            raise HeaprError(f"{path / file}: tensor {name} is stored quantized, but config.json has no quantization_config; "
+                             "re-run `heapr-serve quantize`")
+        elif shape != expected:
             raise HeaprError(
                 f"{path / file}: tensor {name} has shape {list(shape)} but heapr.expert_widths declares width "
                 f"{width} (expected {list(expected)}); the folder is inconsistent, re-run `heapr-serve apply`"

@@ -359,6 +359,12 @@ def _cpu_bucketed_moe_fake(x, topk_weights, topk_ids, layer_name):
     return torch.empty_like(x)
 
 
+def _cpu_quantized_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """Routed-expert output of the named quantized pruned layer (model_patches.vllm.quantized)."""
+    layer = _CPU_LAYERS[layer_name]
+    return layer.quant_method.run(layer, x, topk_weights, topk_ids)
+
+
 # registered the way vLLM registers its own ops: torch.library.custom_op's Python dispatch costs
 # ~0.1 ms a call, a few percent of a decode-sized MoE layer
 _LIB = torch.library.Library("heapr_serve", "FRAGMENT")
@@ -366,6 +372,8 @@ if current_platform.is_cpu():
     from vllm.utils.torch_utils import direct_register_custom_op
 
     direct_register_custom_op("cpu_bucketed_moe", _cpu_bucketed_moe, mutates_args=[],
+                              fake_impl=_cpu_bucketed_moe_fake, target_lib=_LIB)
+    direct_register_custom_op("cpu_quantized_moe", _cpu_quantized_moe, mutates_args=[],
                               fake_impl=_cpu_bucketed_moe_fake, target_lib=_LIB)
 
 
@@ -393,8 +401,13 @@ class HeaprRoutedExperts(RoutedExperts):
         _CPU_LAYERS[self._heapr_key] = self
 
     def _get_quant_method(self, prefix, quant_config, moe_config):
-        if quant_config is not None:
-            raise HeaprError(f"{prefix}: quantised MoE weights are not supported for pruned checkpoints yet")
+        if quant_config is not None:  # a folder written by `heapr-serve quantize` (checked in QuantSpec)
+            from model_patches.vllm.quantized import HeaprQuantizedMoEMethod, QuantSpec, check_activation
+
+            if moe_config.moe_parallel_config.use_ep:
+                raise HeaprError("expert parallelism is not supported for quantized pruned checkpoints yet; drop --enable-expert-parallel")
+            check_activation(moe_config)
+            return HeaprQuantizedMoEMethod(moe_config, self.__dict__["_heapr_widths"], QuantSpec.from_quant_config(quant_config))
         if moe_config.moe_parallel_config.use_ep:
             raise HeaprError("expert parallelism is not supported for pruned checkpoints yet; use tensor parallelism")
         if self.expert_map_manager.num_fused_shared_experts:
@@ -412,7 +425,11 @@ class HeaprRoutedExperts(RoutedExperts):
         file = self.heapr_files.get(name)
         return f"{file}: " if file else ""
 
-    def load_expert(self, expert: int, proj: int, tensor: torch.Tensor, name: str) -> None:
+    @property
+    def quantized(self) -> bool:
+        return getattr(self.quant_method, "spec", None) is not None
+
+    def load_expert(self, expert: int, proj: int, tensor: torch.Tensor, name: str, part: str = "weight") -> None:
         """Copy one on-disk expert tensor (proj 0 gate [I_e,H], 1 up [I_e,H], 2 down [H,I_e]) into its
         bucket, after checking it against the declared width. Raises HeaprError naming the tensor."""
         where = self._where(name)
@@ -421,6 +438,15 @@ class HeaprRoutedExperts(RoutedExperts):
         width = self.heapr_widths[expert]
         if width == 0:
             raise HeaprError(f"{where}tensor {name} exists but heapr.expert_widths declares expert {expert} width 0")
+        if self.quantized:
+            if (expert, proj, part) in self._heapr_loaded:
+                raise HeaprError(f"{where}tensor {name} appears twice in the checkpoint")
+            self._heapr_loaded.add((expert, proj, part))
+            self.quant_method.load_part(self, expert, proj, part, tensor, where, name)
+            return
+        if part != "weight":
+            raise HeaprError(f"{where}tensor {name} is a quantized tensor, but config.json has no quantization_config; "
+                             "the folder is inconsistent, re-run `heapr-serve quantize`")
         H = self.hidden_size
         expected = (H, width) if proj == 2 else (width, H)
         if tuple(tensor.shape) != expected:
@@ -456,7 +482,18 @@ class HeaprRoutedExperts(RoutedExperts):
             getattr(self, f"w13_b{b}").data[i, offset : offset + hi - lo].copy_(tensor[lo:hi])
 
     def check_complete(self) -> None:
-        """After loading: every expert of nonzero width got its three tensors."""
+        """After loading: every expert of nonzero width got its three tensors (each with all its
+        quantized parts when quantized)."""
+        if self.quantized:
+            parts = self.quant_method.required_parts()
+            for e, w in enumerate(self.heapr_widths):
+                for proj in range(3):
+                    for part in parts:
+                        if w and (e, proj, part) not in self._heapr_loaded:
+                            kind = ("gate", "up", "down")[proj]
+                            raise HeaprError(f"{self.layer_name}: the {kind} {part} tensor of expert {e} (declared width {w}) "
+                                             "is missing from the checkpoint; re-run `heapr-serve quantize`")
+            return
         for e, w in enumerate(self.heapr_widths):
             for proj in range(3):
                 if w and (e, proj) not in self._heapr_loaded:
@@ -468,8 +505,8 @@ class HeaprRoutedExperts(RoutedExperts):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[str]:
         """Per-expert names relative to this layer (`{e}.gate_proj.weight`), as MoERunner passes them."""
         for name, tensor in weights:
-            m = re.match(r"^(\d+)\.(\w+)\.weight$", name)
+            m = re.match(r"^(\d+)\.(\w+)\.(weight(?:_packed|_scale|_shape|_zero_point)?)$", name)
             if not m or m[2] not in self.heapr_projs:
                 raise HeaprError(f"{self.layer_name}: unexpected routed-expert tensor {name}")
-            self.load_expert(int(m[1]), self.heapr_projs[m[2]], tensor, f"{self.layer_name}.{name}")
+            self.load_expert(int(m[1]), self.heapr_projs[m[2]], tensor, f"{self.layer_name}.{name}", m[3])
         yield from (n for n, _ in self.named_parameters(recurse=False))

@@ -27,7 +27,7 @@ from model_patches.vllm.layer import HeaprRoutedExperts
 
 logger = init_logger("vllm.heapr_serve")
 
-_EXPERT_TENSOR = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+_EXPERT_TENSOR = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<part>weight(?:_packed|_scale|_shape|_zero_point)?)$")
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
@@ -42,10 +42,11 @@ def heapr_widths(hf_config) -> dict[int, list[int]]:
 def check_supported(vllm_config) -> None:
     """Refuse, in one line each, what the ragged layer does not implement yet."""
     parallel = vllm_config.parallel_config
-    if vllm_config.quant_config is not None:
+    heapr = getattr(vllm_config.model_config.hf_config, "heapr", None) or {}
+    if vllm_config.quant_config is not None and not heapr.get("quantization"):
         raise HeaprError(
-            "heapr-serve pruned checkpoints are served unquantised for now; drop --quantization "
-            f"({vllm_config.quant_config.get_name()})"
+            "pruned checkpoints are quantized offline, not with --quantization "
+            f"({vllm_config.quant_config.get_name()}): drop the flag and run `heapr-serve quantize FOLDER -o OUT --scheme ...`"
         )
     if getattr(parallel, "enable_expert_parallel", False):
         raise HeaprError("expert parallelism is not supported for pruned checkpoints yet; use tensor parallelism (drop --enable-expert-parallel)")
@@ -156,7 +157,7 @@ class HeaprModelMixin:
                     continue
                 m = _EXPERT_TENSOR.match(name)
                 if m and m["owner"] in experts and m["proj"] in proj_names:
-                    experts[m["owner"]].load_expert(int(m["expert"]), proj_names[m["proj"]], tensor, name)
+                    experts[m["owner"]].load_expert(int(m["expert"]), proj_names[m["proj"]], tensor, name, m["part"])
                     continue
                 if m and m["proj"] in proj_names:
                     lm = _LAYER_INDEX.search(name)

@@ -127,16 +127,17 @@ class _Bytes:
         return 1
 
 
-def run_engines(runs: list[dict], root, timeout: float) -> list[dict]:
+def run_engines(runs: list[dict], root, timeout: float, extra_env: dict | None = None) -> list[dict]:
     """Run the engine specs `runs` one after another in ONE fresh subprocess of this driver (the CPU
-    engine's start-up and memory are paid once); returns their results in order."""
+    engine's start-up and memory are paid once); returns their results in order. `extra_env`: e.g.
+    PYTHONPATH with zentorch, for the runs that need it."""
     import subprocess
     from pathlib import Path
 
     root = Path(root)
     job, out = root / "job.json", root / "out.json"
     job.write_text(json.dumps({"runs": runs}))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", **(extra_env or {}))
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-m", "tests.helpers.vllm_driver", str(job), str(out)],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,68 @@
+"""The quantization schemes `heapr-serve quantize` writes, as compressed-tensors schemes.
+
+Every scheme is one of compressed-tensors' own presets (the ones llm-compressor recipes name), so the
+folder it writes is the ecosystem's format: stock vLLM reads its `quantization_config`, and so do
+llm-compressor and transformers. Only the group size may be changed (`--group-size`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy, preset_name_to_scheme
+
+from heapr_serve.errors import HeaprError
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str  # the --scheme value
+    preset: str  # compressed-tensors preset
+    format: str  # compressed-tensors compression format of the weights
+    summary: str
+
+    def build(self, group_size: int | None) -> QuantizationScheme:
+        """The compressed-tensors scheme, with `group_size` (None: the preset's; -1: per channel)."""
+        scheme = preset_name_to_scheme(self.preset, ["Linear"])
+        w = scheme.weights
+        if group_size is not None:
+            if w.strategy not in (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL):
+                raise HeaprError(f"--group-size: scheme {self.name} quantises weights per {w.strategy}, it has no group size; "
+                                 "drop --group-size")
+            if group_size == -1:
+                w = w.model_copy(update={"strategy": QuantizationStrategy.CHANNEL, "group_size": None})
+            elif group_size <= 0 or group_size % 8:
+                raise HeaprError(f"--group-size {group_size}: must be a positive multiple of 8 (or -1 for per channel)")
+            else:
+                w = w.model_copy(update={"strategy": QuantizationStrategy.GROUP, "group_size": group_size})
+            scheme = scheme.model_copy(update={"weights": w})
+        return scheme
+
+
+SCHEMES = {s.name: s for s in (
+    Scheme("w4a16", "W4A16", CompressionFormat.pack_quantized.value,
+           "int4 weights, symmetric, groups of 128 along the input; 16-bit activations (Marlin / WNA16 kernels)"),
+    Scheme("w4a16-asym", "W4A16_ASYM", CompressionFormat.pack_quantized.value,
+           "int4 weights with zero points, groups of 128; 16-bit activations"),
+    Scheme("w8a16", "W8A16", CompressionFormat.pack_quantized.value,
+           "int8 weights, symmetric, groups of 128; 16-bit activations"),
+    Scheme("w8a8", "W8A8", CompressionFormat.int_quantized.value,
+           "int8 weights per output channel, int8 activations per token (dynamic)"),
+    Scheme("fp8", "FP8_DYNAMIC", CompressionFormat.float_quantized.value,
+           "FP8 e4m3 weights per output channel, FP8 activations per token (dynamic)"),
+    Scheme("fp8-block", "FP8_BLOCK", CompressionFormat.float_quantized.value,
+           "FP8 e4m3 weights in 128x128 blocks, FP8 activations in groups of 128 (DeepSeek-V3 style)"),
+)}
+
+
+def scheme_for(name: str) -> Scheme:
+    if name not in SCHEMES:
+        raise HeaprError(f"--scheme {name!r}: unknown; choose one of {', '.join(SCHEMES)}")
+    return SCHEMES[name]
+
+
+def scheme_of_config(config: dict) -> str | None:
+    """The --scheme name recorded by `heapr-serve quantize` in a folder's config, if any."""
+    return ((config.get("heapr") or {}).get("quantization") or {}).get("scheme") or \
+        (config.get("heapr_quantization") or {}).get("scheme")

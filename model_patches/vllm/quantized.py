@@ -189,6 +189,10 @@ class HeaprQuantizedMoEMethod(FusedMoEMethodBase):
                              and spec.symmetric and layer.params_dtype == torch.bfloat16 and _zentorch_available()
                              and layer.activation.value in ("silu", "gelu"))
         self.backend = "zentorch" if self.use_zentorch else "dequant"
+        from vllm.logger import init_logger
+
+        init_logger("vllm.heapr_serve").info_once(
+            "heapr-serve: quantized routed experts (%s %s), backend %s", spec.format, spec.strategy, self.backend)
         if self.use_zentorch:
             from vllm.model_executor.utils import replace_parameter
 

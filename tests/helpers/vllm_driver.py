@@ -76,6 +76,9 @@ def run_one(spec: dict) -> dict:
     if model is not None:
         result["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
         result["buffer_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers())
+        # the routed-expert stacks of heapr-serve's pruned layers (their own parameters only)
+        result["expert_bytes"] = sum(p.numel() * p.element_size() for m in model.modules()
+                                     if type(m).__name__ == "HeaprRoutedExperts" for p in m.parameters(recurse=False))
     del llm
     gc.collect()
     result["run_s"] = time.time() - start  # start-up, generation and teardown: what a run costs the suite

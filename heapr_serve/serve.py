@@ -22,9 +22,8 @@ from heapr_serve.errors import HeaprError
 _REFUSED_FOR_PRUNED = {
     "--quantization": "quantised weights are not supported for pruned checkpoints yet; drop --quantization",
     "-q": "quantised weights are not supported for pruned checkpoints yet; drop -q/--quantization",
-    "--enable-expert-parallel": "expert parallelism is not supported for pruned checkpoints yet; use --tensor-parallel-size",
-    "-ep": "expert parallelism is not supported for pruned checkpoints yet; use --tensor-parallel-size",
-    "--enable-eplb": "EPLB is not supported for pruned checkpoints yet; drop --enable-eplb",
+    "--enable-eplb": ("EPLB is not supported for pruned checkpoints: it moves experts between ranks as uniform-width "
+                      "stacks and pruned experts have their own widths; drop --enable-eplb (--enable-expert-parallel alone works)"),
     "--enable-lora": "LoRA adapters are not supported for pruned checkpoints yet; drop --enable-lora",
 }
 

@@ -417,7 +417,8 @@ class HeaprRoutedExperts(RoutedExperts):
 
         Only EP over the tensor-parallel group is implemented (every rank sees every token and the
         MoE output is all-reduced, as for TP). Across data-parallel / context-parallel ranks vLLM
-        dispatches tokens with all2all kernels that call the stock experts, not this method."""
+        moves tokens between ranks with all2all prepare/finalize kernels, which this method does not
+        implement."""
         par = moe_config.moe_parallel_config
         if not par.use_ep:
             return None

@@ -132,7 +132,7 @@ class HeaprModelMixin:
         )
 
     def _heapr_ep_summary(self) -> str:
-        """Under expert parallelism: which experts this rank holds, per layer (for the log)."""
+        """Under expert parallelism: which experts this rank holds (the first layer's; noted if layers differ), for the log."""
         held = {name: sorted(m.method.owned) for name, m in self._heapr_experts().items() if m.method.owned is not None}
         if not held:
             return ""

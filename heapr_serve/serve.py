@@ -24,9 +24,8 @@ _REFUSED_FOR_PRUNED = {
                       "and run `heapr-serve quantize FOLDER -o OUT --scheme w4a16`",
     "-q": "pruned checkpoints are quantized offline (vLLM reads the scheme from config.json): drop -q "
           "and run `heapr-serve quantize FOLDER -o OUT --scheme w4a16`",
-    "--enable-expert-parallel": "expert parallelism is not supported for pruned checkpoints yet; use --tensor-parallel-size",
-    "-ep": "expert parallelism is not supported for pruned checkpoints yet; use --tensor-parallel-size",
-    "--enable-eplb": "EPLB is not supported for pruned checkpoints yet; drop --enable-eplb",
+    "--enable-eplb": ("EPLB (--enable-eplb) is not supported for pruned checkpoints: it moves experts between ranks as uniform-width "
+                      "stacks and pruned experts have their own widths; drop --enable-eplb (--enable-expert-parallel alone works)"),
     "--enable-lora": "LoRA adapters are not supported for pruned checkpoints yet; drop --enable-lora",
 }
 
@@ -41,6 +40,29 @@ def _vllm_importable() -> bool:
     from importlib.util import find_spec
 
     return find_spec("vllm") is not None
+
+
+def _flag_value(extra: list[str], names: tuple[str, ...]) -> str | None:
+    """The value of the last of `names` in `extra` (`--flag V` or `--flag=V`), else None."""
+    value = None
+    for i, flag in enumerate(extra):
+        name, eq, rest = flag.partition("=")
+        if name in names:
+            value = rest if eq else (extra[i + 1] if i + 1 < len(extra) else None)
+    return value
+
+
+def _check_expert_parallel(extra: list[str]) -> None:
+    """Expert parallelism works over tensor-parallel ranks only: with data parallelism vLLM dispatches
+    tokens with all2all kernels that bypass the pruned layer (model_patches/vllm/layer.py)."""
+    if not any(f in ("--enable-expert-parallel", "-ep") for f in extra):
+        return
+    dp = _flag_value(extra, ("--data-parallel-size", "-dp"))
+    if dp is not None and dp.strip() not in ("1", ""):
+        raise HeaprError(
+            f"--enable-expert-parallel with --data-parallel-size {dp} is not supported for pruned checkpoints "
+            "(all2all dispatch across data-parallel ranks); use --enable-expert-parallel with --tensor-parallel-size only"
+        )
 
 
 def preflight(path: str, extra: list[str]) -> str:
@@ -74,6 +96,7 @@ def preflight(path: str, extra: list[str]) -> str:
         reason = _REFUSED_FOR_PRUNED.get(flag.split("=", 1)[0])
         if reason:
             raise HeaprError(reason)
+    _check_expert_parallel(extra)
     if not _plugin_installed():
         raise HeaprError("the heapr-serve vLLM plugin is not registered; reinstall the package (pip install -e .) so its entry point exists")
     widths = [w for ws in ckpt.widths.values() for w in ws]

@@ -224,7 +224,7 @@ def test_serve_refuses_before_vllm_starts(ws, data):
     pruned = str(ws["pruned"])
     rest = data.draw(st.one_of(
         _paths(ws, "missing", "file").map(lambda p: [p]),
-        st.sampled_from([["--quantization", "fp8"], ["-q", "fp8"], ["--enable-expert-parallel"], ["-ep"],
+        st.sampled_from([["--quantization", "fp8"], ["-q", "fp8"],
                          ["--enable-eplb"], ["--enable-lora"], ["--model", pruned], [f"--model={pruned}"]]).map(lambda f: [pruned, *f]),
     ))
     _refused(ws, ["serve", *rest], "no such|not a folder|not supported|--model|drop|PATH")

@@ -155,3 +155,29 @@ def test_loader_refuses_wrong_shapes_and_missing_tensors(layers):
     routed._heapr_loaded.discard((4, 2))
     with pytest.raises(HeaprError, match="down tensor of expert 4 .* is missing"):
         routed.check_complete()
+
+
+def test_expert_parallel_loader_checks_every_tensor_but_keeps_only_its_own(layers):
+    """Under EP the loader still checks another rank's tensors against the declared widths, does not
+    write them anywhere, and requires only this rank's experts to be complete."""
+    from heapr_serve.errors import HeaprError
+
+    _, built = layers
+    routed = built["ours_pruned"].routed_experts
+    method = routed.quant_method
+    before = {n: p.detach().clone() for n, p in routed.named_parameters(recurse=False)}
+    loaded = set(routed._heapr_loaded)
+    method.owned = frozenset({0, 1, 2, 3})
+    try:
+        with pytest.raises(HeaprError, match=r"declares width 64 \(expected \[64, 128\]\)"):
+            routed.load_expert(5, 0, torch.zeros(32, H), "model.layers.3.mlp.experts.5.gate_proj.weight")
+        routed._heapr_loaded -= {(5, 0), (5, 1), (5, 2)}
+        routed.load_expert(5, 0, torch.ones(64, H), "model.layers.3.mlp.experts.5.gate_proj.weight")
+        assert all(torch.equal(p, before[n]) for n, p in routed.named_parameters(recurse=False))
+        routed.check_complete()  # expert 5's up and down tensors belong to the other rank
+        routed._heapr_loaded.discard((1, 2))
+        with pytest.raises(HeaprError, match="down tensor of expert 1 .* is missing"):
+            routed.check_complete()
+    finally:
+        method.owned = None
+        routed._heapr_loaded = loaded

@@ -66,6 +66,8 @@ BAD_CASES = {
     "unsupported_family": "'llama' is not supported",
     "nonexistent": "no such folder",
     "unsupported_flag": "pruned checkpoints are quantized offline",
+    "eplb": "EPLB (--enable-eplb) is not supported for pruned checkpoints: it moves experts",
+    "ep_with_data_parallel": "--enable-expert-parallel with --data-parallel-size 2 is not supported",
 }
 
 
@@ -75,6 +77,8 @@ def refusals(folders, tmp_path_factory):
     missing = tmp_path_factory.mktemp("missing") / "does-not-exist"
     argv = {case: [folders.get(case, missing), "--port", "1"] for case in BAD_CASES}
     argv["unsupported_flag"] = [folders["pruned"], "--quantization", "fp8"]
+    argv["eplb"] = [folders["pruned"], "--enable-expert-parallel", "--enable-eplb"]
+    argv["ep_with_data_parallel"] = [folders["pruned"], "-ep", "--data-parallel-size=2"]
     results = {}
     for case, args in argv.items():
         start = time.monotonic()

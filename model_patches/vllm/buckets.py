@@ -65,6 +65,14 @@ class Slices:
         return max(self.count, default=0)
 
 
+def owned_widths(widths: list[int], owned) -> list[int]:
+    """The widths one expert-parallel rank builds: its own experts at their full width, every other
+    expert at 0, so that it lands in no bucket and has no slice (contributes exactly zero here, as a
+    pruned-away expert does; its rank adds it in the all-reduce). Ids stay global."""
+    owned = set(owned)
+    return [w if e in owned else 0 for e, w in enumerate(widths)]
+
+
 def rank_widths(widths: list[int], tp_size: int, tp_rank: int, unit: int = 1) -> list[int]:
     return [hi - lo for lo, hi in (rank_share(w, tp_size, tp_rank, unit) for w in widths)]
 

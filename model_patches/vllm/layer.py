@@ -18,9 +18,10 @@ Kernels (design §3, chosen by measurement, see docs/serving.md):
 
 Loading checks every expert tensor against `heapr.expert_widths` (and that none is missing), because a
 ragged checkpoint loaded by a stock layer is silently wrong. Tensor parallelism splits each expert's
-width across ranks (rank r keeps neurons [r*I_e//tp, (r+1)*I_e//tp)); expert parallelism, EPLB and
-quantised weights are refused with a clear error. The model classes that use this layer are derived
-from the family registry in model_patches.vllm.models.
+width across ranks (rank r keeps neurons [r*I_e//tp, (r+1)*I_e//tp)). Expert parallelism gives each
+rank the whole experts vLLM's `ExpertMapManager` places on it, at their own widths (the other experts
+are width 0 there; ids stay global); EPLB and quantised weights are refused with a clear error. The
+model classes that use this layer are derived from the family registry in model_patches.vllm.models.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
 from heapr_serve.errors import HeaprError
-from model_patches.vllm.buckets import choose_layout, plan_buckets, plan_slices, rank_share, rank_widths
+from model_patches.vllm.buckets import choose_layout, owned_widths, plan_buckets, plan_slices, rank_share, rank_widths
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,9 +75,13 @@ def _ragged_op_available() -> bool:
 class HeaprRaggedMoEMethod(FusedMoEMethodBase):
     """Creates per-bucket weight stacks, prepacks them for the platform kernel, runs the buckets."""
 
-    def __init__(self, moe: FusedMoEConfig, widths: list[int], backend: str | None = None, layout: str | None = None):
+    def __init__(self, moe: FusedMoEConfig, widths: list[int], backend: str | None = None, layout: str | None = None,
+                 owned: list[int] | None = None):
         super().__init__(moe)
-        self.widths = list(widths)
+        # expert parallelism: `owned` = this rank's (global) experts; the plans below see every other
+        # expert as width 0, so topk ids stay global and a foreign expert adds exactly zero here
+        self.owned = None if owned is None else frozenset(owned)
+        self.widths = list(widths) if owned is None else owned_widths(widths, owned)
         par = moe.moe_parallel_config
         self.tp_size, self.tp_rank = par.tp_size, par.tp_rank
         if backend is None:
@@ -111,6 +116,10 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         self.native = False  # the C++ op (model_patches.vllm.cpu_ext) is loaded
         self._bucket_lists = None  # (bucket_of, local_of, prepacked stacks) as Python lists, for decode
 
+    def owns(self, expert: int) -> bool:
+        """Whether this rank holds `expert` (always, without expert parallelism)."""
+        return self.owned is None or expert in self.owned
+
     # -- vLLM method interface --------------------------------------------------------------------
 
     @property
@@ -125,8 +134,9 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         return FusedMoEQuantConfig.make()
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra):
-        if num_experts != len(self.widths):
-            raise HeaprError(f"{layer.layer_name}: {num_experts} local experts but {len(self.widths)} widths declared")
+        local = len(self.widths) if self.owned is None else len(self.owned)
+        if num_experts != local:
+            raise HeaprError(f"{layer.layer_name}: {num_experts} local experts but {local} expected from heapr.expert_widths")
         extra.pop("weight_loader", None)
         if self.layout == "slices":  # one stack of every expert's slices
             sl = self.slices
@@ -408,18 +418,45 @@ class HeaprRoutedExperts(RoutedExperts):
                 raise HeaprError("expert parallelism is not supported for quantized pruned checkpoints yet; drop --enable-expert-parallel")
             check_activation(moe_config)
             return HeaprQuantizedMoEMethod(moe_config, self.__dict__["_heapr_widths"], QuantSpec.from_quant_config(quant_config))
-        if moe_config.moe_parallel_config.use_ep:
-            raise HeaprError("expert parallelism is not supported for pruned checkpoints yet; use tensor parallelism")
         if self.expert_map_manager.num_fused_shared_experts:
             raise HeaprError("fused shared experts (ROCm AITER) are not supported for pruned checkpoints")
-        return HeaprRaggedMoEMethod(moe_config, self.__dict__["_heapr_widths"], layout=self.__dict__["_heapr_layout"])
+        owned = self._heapr_owned_experts(prefix, moe_config)
+        return HeaprRaggedMoEMethod(moe_config, self.__dict__["_heapr_widths"], layout=self.__dict__["_heapr_layout"],
+                                    owned=owned)
+
+    def _heapr_owned_experts(self, prefix, moe_config) -> list[int] | None:
+        """Expert parallelism: the global ids of the experts vLLM's own placement (`expert_map`,
+        linear or round-robin) gives this rank, so routing and placement are stock; None without EP.
+
+        Only EP over the tensor-parallel group is implemented (every rank sees every token and the
+        MoE output is all-reduced, as for TP). Across data-parallel / context-parallel ranks vLLM
+        moves tokens between ranks with all2all prepare/finalize kernels, which this method does not
+        implement."""
+        par = moe_config.moe_parallel_config
+        if not par.use_ep:
+            return None
+        if par.use_all2all_kernels:
+            raise HeaprError(
+                f"{prefix}: expert parallelism across data/context-parallel ranks (all2all backend "
+                f"{par.all2all_backend}) is not supported for pruned checkpoints; use --enable-expert-parallel "
+                "with --tensor-parallel-size only"
+            )
+        expert_map = self.expert_map_manager.expert_map
+        return [int(e) for e in torch.nonzero(expert_map >= 0).flatten()]
 
     @property
     def method(self) -> HeaprRaggedMoEMethod:
         return self.quant_method
 
     def get_expert_weights(self):
-        raise HeaprError("EPLB is not supported for pruned checkpoints yet")
+        """EPLB moves and replicates experts between ranks as slices of uniform [E, 2I, H] stacks;
+        pruned experts have their own widths and live in width buckets, so there is nothing uniform
+        to move."""
+        raise HeaprError(
+            "EPLB (--enable-eplb) is not supported for pruned checkpoints: it moves experts between ranks as "
+            "uniform-width stacks and pruned experts have their own widths; drop --enable-eplb "
+            "(--enable-expert-parallel alone works)"
+        )
 
     def _where(self, name: str) -> str:
         file = self.heapr_files.get(name)
@@ -458,6 +495,8 @@ class HeaprRoutedExperts(RoutedExperts):
             raise HeaprError(f"{where}tensor {name} appears twice in the checkpoint")
         self._heapr_loaded.add((expert, proj))
         method = self.method
+        if not method.owns(expert):  # expert parallelism: another rank's expert, checked but not kept
+            return
         lo, hi = rank_share(width, method.tp_size, method.tp_rank, method.tile)
         if hi == lo:
             return
@@ -482,7 +521,7 @@ class HeaprRoutedExperts(RoutedExperts):
             getattr(self, f"w13_b{b}").data[i, offset : offset + hi - lo].copy_(tensor[lo:hi])
 
     def check_complete(self) -> None:
-        """After loading: every expert of nonzero width got its three tensors (each with all its
+        """After loading: every expert of nonzero width that this rank holds got its three tensors (each with all its
         quantized parts when quantized)."""
         if self.quantized:
             parts = self.quant_method.required_parts()
@@ -496,7 +535,7 @@ class HeaprRoutedExperts(RoutedExperts):
             return
         for e, w in enumerate(self.heapr_widths):
             for proj in range(3):
-                if w and (e, proj) not in self._heapr_loaded:
+                if w and self.method.owns(e) and (e, proj) not in self._heapr_loaded:
                     kind = ("gate", "up", "down")[proj]
                     raise HeaprError(
                         f"{self.layer_name}: the {kind} tensor of expert {e} (declared width {w}) is missing from the checkpoint"

@@ -48,10 +48,12 @@ def check_supported(vllm_config) -> None:
             "pruned checkpoints are quantized offline, not with --quantization "
             f"({vllm_config.quant_config.get_name()}): drop the flag and run `heapr-serve quantize FOLDER -o OUT --scheme ...`"
         )
-    if getattr(parallel, "enable_expert_parallel", False):
-        raise HeaprError("expert parallelism is not supported for pruned checkpoints yet; use tensor parallelism (drop --enable-expert-parallel)")
     if getattr(parallel, "enable_eplb", False):
-        raise HeaprError("EPLB is not supported for pruned checkpoints yet; drop --enable-eplb")
+        raise HeaprError(
+            "EPLB (--enable-eplb) is not supported for pruned checkpoints: it moves experts between ranks as "
+            "uniform-width stacks and pruned experts have their own widths; drop --enable-eplb "
+            "(--enable-expert-parallel alone works)"
+        )
     if getattr(vllm_config, "lora_config", None) is not None:
         raise HeaprError("LoRA adapters are not supported for pruned checkpoints yet; drop --enable-lora")
     if not (current_platform.is_cpu() or current_platform.is_cuda()):
@@ -123,11 +125,23 @@ class HeaprModelMixin:
         self._heapr_widths = widths
         self._heapr_num_layers = getattr(vllm_config.model_config.hf_config, "num_hidden_layers", None)
         logger.info(
-            "heapr-serve: %d ragged MoE layers, %d buckets in all, backend %s",
+            "heapr-serve: %d ragged MoE layers, %d buckets in all, backend %s%s",
             len(built),
             sum(len(m.method.buckets) for m in self._heapr_experts().values()),
             next(iter(self._heapr_experts().values())).method.backend if built else "-",
+            self._heapr_ep_summary(),
         )
+
+    def _heapr_ep_summary(self) -> str:
+        """Under expert parallelism: which experts this rank holds (the first layer's; noted if layers differ), for the log."""
+        held = {name: sorted(m.method.owned) for name, m in self._heapr_experts().items() if m.method.owned is not None}
+        if not held:
+            return ""
+        par = next(iter(self._heapr_experts().values())).moe_config.moe_parallel_config
+        first = next(iter(held.values()))
+        same = all(v == first for v in held.values())
+        return (f"; expert parallel rank {par.ep_rank}/{par.ep_size} holds experts {first} whole"
+                + ("" if same else " (first layer; placement differs by layer)"))
 
     def _heapr_experts(self) -> dict[str, HeaprRoutedExperts]:
         return {m.layer_name: m for m in self.modules() if isinstance(m, HeaprRoutedExperts)}

@@ -56,6 +56,7 @@ def run_one(spec: dict) -> dict:
         max_num_seqs=spec.get("max_num_seqs", 16),
         seed=0,
         tensor_parallel_size=spec.get("tensor_parallel_size", 1),
+        enable_expert_parallel=spec.get("enable_expert_parallel", False),
         # one worker in this process (errors surface as raised); tensor parallelism needs processes
         distributed_executor_backend="uni" if spec.get("tensor_parallel_size", 1) == 1 else "mp",
     )

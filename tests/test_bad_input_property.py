@@ -1,6 +1,6 @@
 """Property: every command refuses a bad value of any one option or path, before work starts.
 
-Hypothesis draws one bad value for one option of `compress`, `apply`, `eval`, `inspect`, `serve`,
+Hypothesis draws one bad value for one option of `compress`, `apply`, `quantize`, `eval`, `inspect`, `serve`,
 `bench` or `ab-proxy` (every other argument valid or harmless) and runs the real entry point in
 this process. Each example must end with exit code 2, at most three lines of output naming the
 option, no traceback, within a few seconds, and no new file anywhere in the workspace. Two guards
@@ -214,6 +214,27 @@ def test_eval_and_inspect_refuse_every_bad_option(ws, data):
     ))
     command, names, rest = case
     _refused(ws, [command, *rest], names)
+
+
+# --- quantize ---
+
+@SETTINGS
+@given(data=st.data())
+def test_quantize_refuses_every_bad_option(ws, data):
+    model, root = str(ws["model"]), ws["root"]
+    base = [model, "-o", str(root / "new-out")]
+    outs = st.one_of(_paths(ws, "existing", "under-file", "file", "long"), st.just(model), st.just(str(Path(model) / "inside")))
+    case = data.draw(st.one_of(
+        st.tuples(st.just("FOLDER|not a folder|no config|supported|no such"), _paths(ws, "missing", "file", "folder", "llama").map(lambda p: [p, "-o", str(root / "o")])),
+        st.tuples(st.just("-o"), outs.map(lambda o: [model, "-o", o])),
+        st.tuples(st.just("--scheme"), _choice("w4a16", "w4a16-asym", "w8a16", "w8a8", "fp8", "fp8-block").map(lambda v: [*base, "--scheme", v])),
+        st.tuples(st.just("--group-size"), st.one_of(NOT_INT, st.sampled_from(["0", "-2", "12", "33", "7"])).map(lambda v: [*base, "--group-size", v])),
+        st.tuples(st.just("--group-size"), st.sampled_from(["fp8-block", "w8a8", "fp8"]).map(lambda sc: [*base, "--scheme", sc, "--group-size", "32"] if sc == "fp8-block" else [*base, "--scheme", sc, "--group-size", "12"])),
+        st.tuples(st.just("--ignore"), st.sampled_from(["(", "[a-", "*x", "a{2,1}"]).map(lambda v: [*base, "--ignore", v])),
+        st.tuples(st.sampled_from(["--overwrite", "--only-experts"]), WORDS).map(lambda fv: (fv[0], [*base, f"{fv[0]}={fv[1]}"])),
+        st.tuples(st.just("--bogus"), st.just([*base, "--bogus"])),
+    ))
+    _refused(ws, ["quantize", *case[1]], case[0])
 
 
 # --- serve, bench, ab-proxy: refused before any server starts ---

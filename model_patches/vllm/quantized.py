@@ -77,7 +77,11 @@ class HeaprQuantizedMoEMethod(FusedMoEMethodBase):
         self.backend = "dequant"
         self.layout = "buckets"
         self.identity = False
+        self.owned = None  # expert parallelism is refused for quantized experts (HeaprRoutedExperts)
         self.hidden = moe.hidden_dim
+
+    def owns(self, expert: int) -> bool:
+        return True
 
     @property
     def supports_eplb(self) -> bool:

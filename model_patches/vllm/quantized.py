@@ -193,6 +193,8 @@ class HeaprQuantizedMoEMethod(FusedMoEMethodBase):
                              and spec.symmetric and layer.params_dtype == torch.bfloat16 and _zentorch_available()
                              and layer.activation.value in ("silu", "gelu"))
         self.backend = "zentorch" if self.use_zentorch else "dequant"
+        self._bucket_t = torch.tensor(self.bucket_of, dtype=torch.int64)
+        self._local_t = torch.tensor(self.local_of, dtype=torch.int32)
         from vllm.logger import init_logger
 
         init_logger("vllm.heapr_serve").info_once(
@@ -245,27 +247,31 @@ class HeaprQuantizedMoEMethod(FusedMoEMethodBase):
         flat = topk_ids.reshape(-1).long()
         weights = topk_weights.reshape(-1).to(torch.float32)
         out = torch.zeros(T, x.shape[1], dtype=torch.float32)
-        if self.use_zentorch:
-            bucket = torch.tensor(self.bucket_of, dtype=torch.int64)[flat]
-            local = torch.tensor(self.local_of, dtype=torch.int32)[flat]
+        if self.use_zentorch:  # one counting sort, then one kernel call per bucket on its rows
+            bucket = self._bucket_t[flat]
+            order = torch.argsort(bucket, stable=True)
+            counts = torch.bincount(bucket + 1, minlength=len(self.buckets) + 1).tolist()
+            start = counts[0]  # width-0 experts sort first and contribute exactly zero
+            local = self._local_t[flat]
             act = layer.activation.value
-            for b in sorted(set(bucket.tolist()) - {-1}):
-                pairs = (bucket == b).nonzero().squeeze(1)
+            for b, count in enumerate(counts[1:]):
+                if count == 0:
+                    continue
+                pairs = order[start:start + count]
+                start += count
                 tokens = pairs // k
                 ids, w = local[pairs], weights[pairs]
                 if bool((ids == ids[0]).all()):  # one distinct expert: add a weight-0 row on another slot
                     tokens_run = torch.cat([tokens, tokens[:1]])
-                    n = getattr(layer, f"q13_b{b}").shape[0]
-                    ids = torch.cat([ids, (ids[:1] + 1) % n])
+                    ids = torch.cat([ids, (ids[:1] + 1) % getattr(layer, f"q13_b{b}").shape[0]])
                     w = torch.cat([w, torch.zeros(1)])
                 else:
                     tokens_run = tokens
-                rows = x.index_select(0, tokens_run).contiguous()
+                rows = x.index_select(0, tokens_run)
                 y = torch.empty_like(rows)
                 torch.ops.zentorch.zentorch_fused_moe(
                     y, rows, getattr(layer, f"q13_b{b}"), getattr(layer, f"q2_b{b}"), None, None,
-                    w.unsqueeze(1).contiguous(), ids.unsqueeze(1).to(torch.int32).contiguous(), False, act,
-                    getattr(layer, f"zs13_b{b}"), getattr(layer, f"zs2_b{b}"))
+                    w.unsqueeze(1), ids.unsqueeze(1), False, act, getattr(layer, f"zs13_b{b}"), getattr(layer, f"zs2_b{b}"))
                 out.index_add_(0, tokens, y[: tokens.numel()].to(torch.float32))
             return out.to(x.dtype)
         act = layer.activation.value

@@ -88,6 +88,8 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device
     for file in sorted(set(ckpt.tensor_files.values())):
         with open_safetensors(Path(path) / file, device=str(device)) as f:
             for name in f.keys():
+                if ckpt.family.is_unserved(name):
+                    continue  # a vision tower or MTP module kept in the folder: not part of the causal LM
                 layer = tensor_layer(name)
                 if layer is not None and layer >= ckpt.num_hidden_layers:
                     continue

@@ -88,6 +88,10 @@ CONFIGS: dict[str, dict] = {
     "qwen3_next": dict(_HYBRID, decoder_sparse_step=1, norm_topk_prob=True),
     # a vision-language checkpoint as Qwen3.5-MoE ships (these are its text_config; VISION below)
     "qwen3_5_moe": dict(_HYBRID),
+    # expert biases, clamped SwiGLU, interleaved gate/up stack [E, H, 2I]; sliding-window + full attention, sinks
+    "gpt_oss": dict(COMMON, num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, sliding_window=16,
+                    swiglu_limit=7.0, rope_parameters=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=128,
+                                                           rope_theta=150000.0, beta_fast=32.0, beta_slow=1.0, truncate=False)),
     "minimax_m2": dict(COMMON, num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, rotary_dim=32,
                        scoring_func="sigmoid", use_routing_bias=True),
 }
@@ -132,6 +136,8 @@ def build_tiny_model(family: str, out: Path, seed: int = 0, tok=None, *, mtp_lay
             if name.endswith("e_score_correction_bias"):
                 tensor.normal_(0, BIAS_STD.get(family, 0.1) if bias_std is None else bias_std)
             elif name.endswith("gate.weight") and not tensor.any():
+                tensor.normal_(0, std)
+            elif name.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias")):  # gpt-oss: zero at init
                 tensor.normal_(0, std)
     out = Path(out)
     model.save_pretrained(out)

@@ -22,6 +22,10 @@ FORMAT_VERSION = 1
 # model's layer 0, and it is kept whole like every other tensor outside the decoder's MoE layers.
 PER_EXPERT_TENSOR = re.compile(r"^(?P<prefix>(?!mtp\.).*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 FUSED_EXPERTS_TENSOR = re.compile(r"^(?P<prefix>(?!mtp\.).*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+# gpt-oss's stacks on disk: gate_up_proj [E, H, 2I] (interleaved), down_proj [E, I, H] and their biases
+GPT_OSS_EXPERTS_TENSOR = re.compile(r"^(?P<prefix>(?!mtp\.).*layers\.)(?P<layer>\d+)\.mlp\.experts\.(?P<kind>gate_up_proj|down_proj)(?P<bias>_bias)?$")
+# per-expert biases of a pruned gpt-oss checkpoint (`...experts.7.gate_proj.bias`)
+PER_EXPERT_BIAS = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.bias$")
 # The decoder layer a tensor belongs to (`model.layers.61.enorm.weight` -> 61), for any tensor.
 LAYER_OF_TENSOR = re.compile(r"(?:^|\.)layers\.(?P<layer>\d+)\.")
 # FP8 block scales (DeepSeek-V3, Qwen3-FP8): `<weight name>_scale_inv` beside each quantised weight.

@@ -135,8 +135,20 @@ def zero_pruned_neurons(model, plan):
     the pruned checkpoint must compute."""
     from heapr_serve.families import moe_blocks
 
+    from heapr_serve.score.gpt_oss import is_gpt_oss_experts
+
     with torch.no_grad():
         for layer, block in moe_blocks(model).items():
+            if is_gpt_oss_experts(block.experts):  # gate column 2j, up 2j+1 and their biases, down row j
+                experts = block.experts
+                for e, kept in enumerate(plan.keep[layer]):
+                    dropped = torch.ones(experts.down_proj.shape[1], dtype=torch.bool)
+                    dropped[kept] = False
+                    for start in (0, 1):
+                        experts.gate_up_proj[e][:, start::2][:, dropped] = 0
+                        experts.gate_up_proj_bias[e][start::2][dropped] = 0
+                    experts.down_proj[e][dropped] = 0
+                continue
             width = block.experts.down_proj.shape[-1]
             for e, kept in enumerate(plan.keep[layer]):
                 dropped = torch.ones(width, dtype=torch.bool)

@@ -43,6 +43,9 @@ def check_supported(vllm_config, family: Family | None = None) -> None:
     """Refuse, in one line each, what the ragged layer does not implement yet (and a dtype the stock
     vLLM-CPU model cannot run, before its kernel asserts mid-start-up)."""
     parallel = vllm_config.parallel_config
+    if family is not None and family.vllm_unsupported:  # plain `vllm serve` on the folder: never serve wrong numbers
+        raise HeaprError(f"{family.pruned_architecture}: not served by vLLM yet: {family.vllm_unsupported}; "
+                         "evaluate it with `heapr-serve eval` (transformers)")
     dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
     if family is not None and family.vllm_cpu_dtype and current_platform.is_cpu() and dtype != family.vllm_cpu_dtype:
         raise HeaprError(f"{family.pruned_architecture}: vLLM-CPU runs this model's Gated DeltaNet layers in "

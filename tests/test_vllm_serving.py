@@ -58,7 +58,12 @@ FP32_FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
 # on the dense model (DeepSeek-V2's MLA, as DeepSeek-V3). ERNIE is served with a zero score-correction
 # bias (vLLM-CPU's router drops a nonzero one, and MiniMax-M2's sigmoid routing it cannot do at all:
 # both refused, tests/test_families.py).
-NEW_FAMILIES = {"glm4_moe": "transformers", "deepseek_v2": "zeropad", "ernie4_5_moe": "transformers"}
+NEW_FAMILIES = {"glm4_moe": "transformers", "deepseek_v2": "zeropad", "ernie4_5_moe": "transformers",
+                "qwen3_next": "zeropad"}
+# vLLM-CPU's Gated DeltaNet kernel takes bfloat16 only ("CPU GDN attention requires BF16", stock, dense
+# too): the hybrid families run in bfloat16 against stock vLLM on the zero-padded folder, also bfloat16
+# (the same function through the same kernels but the routed experts' layer)
+NEW_DTYPES = {"qwen3_next": "bfloat16"}
 NEW_PROMPTS = [[5, 17, 300, 42, 9, 1000, 77], [400, 401, 12, 3000], [8, 9, 10, 11, 12, 13]]
 NEW_MAX_TOKENS = 4
 HAS_BUNDLED = (EXAMPLE_MODEL / "config.json").is_file()
@@ -122,9 +127,12 @@ def served(tmp_path_factory, tiny_tokenizer):
     runs += [run(f"{k}@float32", folders[k], "float32") for k in FP32_FAMILIES]
     runs.append(run("deepseek_v3-zeropad@float32", folders["deepseek_v3-zeropad"], "float32"))
     for family, reference in NEW_FAMILIES.items():
-        runs.append(run(f"{family}@float32", folders[family], "float32", NEW_PROMPTS, NEW_MAX_TOKENS))
+        dtype = NEW_DTYPES.get(family, "float32")
+        runs.append(run(f"{family}@new", folders[family], dtype, NEW_PROMPTS, NEW_MAX_TOKENS))
         if reference == "zeropad":
-            runs.append(run(f"{family}-zeropad@float32", folders[f"{family}-zeropad"], "float32", NEW_PROMPTS, NEW_MAX_TOKENS))
+            runs.append(run(f"{family}-zeropad@new", folders[f"{family}-zeropad"], dtype, NEW_PROMPTS, NEW_MAX_TOKENS))
+    # the bfloat16-only family in float32: refused by the plugin with the reason, before vLLM's kernel asserts
+    runs.append(run("qwen3_next@float32", folders["qwen3_next"], "float32", [[1, 2, 3]], 1))
     runs.append(run(f"{memory_key}-dense@{memory_dtype}", folders[f"{memory_key}-dense"], memory_dtype, [[1, 2, 3]], 1))
     runs.append(run("bad@bfloat16", bad, "bfloat16", [[1, 2, 3]], 1))
     done, _ = run_engines(runs, root, timeout=900)
@@ -274,17 +282,18 @@ def test_engine_refuses_tensor_that_disagrees_with_widths(served):
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
-def test_new_families_float32_match_their_reference(served, family):
-    """Each added family, served pruned in float32: greedy tokens and top-5 log-probs equal the
-    reference (transformers, or stock vLLM on the zero-padded dense folder) to 2e-3 nats, and the
-    pruning is visible (dense and pruned differ by > 0.1), so a wrong expert cannot pass."""
+def test_new_families_match_their_reference(served, family):
+    """Each added family, served pruned (float32; bfloat16 where vLLM-CPU runs only that, NEW_DTYPES):
+    greedy tokens and top-5 log-probs equal the reference (transformers, or stock vLLM on the
+    zero-padded dense folder in the same dtype) to 2e-3 nats, and the pruning is visible (dense and
+    pruned differ by > 0.1 in transformers float32), so a wrong expert cannot pass."""
     folder, dense = served["folders"][family], served["folders"][f"{family}-dense"]
-    result = served["results"][f"{family}@float32"]
+    result = served["results"][f"{family}@new"]
     assert "error" not in result, result.get("error")
     assert [len(t) for t in result["tokens"]] == [NEW_MAX_TOKENS] * len(NEW_PROMPTS)
     worst = 0.0
     if NEW_FAMILIES[family] == "zeropad":
-        ref = served["results"][f"{family}-zeropad@float32"]
+        ref = served["results"][f"{family}-zeropad@new"]
         assert "error" not in ref, ref.get("error")
         assert ref["tokens"] == result["tokens"]
         for mine, theirs in zip(sum(result["logprobs"], []), sum(ref["logprobs"], [])):
@@ -299,4 +308,13 @@ def test_new_families_float32_match_their_reference(served, family):
     assert worst <= FP32_TOL, f"max top-5 |vLLM - reference| = {worst:.2e}"
     separation = _separation(folder, dense, NEW_PROMPTS, result)
     assert separation > 0.1, f"dense and pruned differ by only {separation:.3f}: a wrong layer would go unseen"
-    print(f"{family} float32: max top-5 deviation {worst:.1e} nats ({NEW_FAMILIES[family]}); dense vs pruned {separation:.2f}")
+    print(f"{family} {NEW_DTYPES.get(family, 'float32')}: max top-5 deviation {worst:.1e} nats ({NEW_FAMILIES[family]}); "
+          f"dense vs pruned {separation:.2f}")
+
+
+def test_bfloat16_only_family_is_refused_in_float32_with_the_reason(served):
+    """vLLM-CPU's Gated DeltaNet kernel asserts bfloat16 (stock, dense too): a pruned Qwen3-Next in
+    float32 is refused when the model is built, in one line that says which dtype to pass."""
+    result = served["results"]["qwen3_next@float32"]
+    assert "error" in result, "the engine served Qwen3-Next in float32"
+    assert "runs this model's Gated DeltaNet layers in bfloat16 only" in result["error"] and "--dtype bfloat16" in result["error"]

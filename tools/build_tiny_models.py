@@ -59,6 +59,12 @@ _DEEPSEEK = dict(
     n_group=2, topk_group=1, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
 )
 
+# Qwen3-Next / Qwen3.5-MoE: 2 Gated DeltaNet layers then 1 full-attention layer (head_dim 64 on both)
+_HYBRID = dict(COMMON, num_hidden_layers=3, full_attention_interval=3, num_experts=8, num_experts_per_tok=2,
+               moe_intermediate_size=64, shared_expert_intermediate_size=128, linear_conv_kernel_dim=4,
+               linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=2, linear_num_value_heads=2,
+               intermediate_size=256, partial_rotary_factor=0.5)
+
 CONFIGS: dict[str, dict] = {
     "qwen3_moe": dict(COMMON, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                       intermediate_size=256, norm_topk_prob=True, decoder_sparse_step=1),
@@ -77,10 +83,23 @@ CONFIGS: dict[str, dict] = {
                          intermediate_size=256, moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2,
                          moe_layer_interval=1),
     # scoring_func / use_routing_bias / rotary_dim: fields of the released config.json that vLLM reads
+    # hybrid linear attention: Gated DeltaNet layers (linear_*) with one full-attention layer in every
+    # full_attention_interval; a shared expert with a sigmoid gate; partial RoPE
+    "qwen3_next": dict(_HYBRID, decoder_sparse_step=1, norm_topk_prob=True),
+    # a vision-language checkpoint as Qwen3.5-MoE ships (these are its text_config; VISION below)
+    "qwen3_5_moe": dict(_HYBRID),
+    # expert biases, clamped SwiGLU, interleaved gate/up stack [E, H, 2I]; sliding-window + full attention, sinks
+    "gpt_oss": dict(COMMON, num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, sliding_window=16,
+                    swiglu_limit=7.0, rope_parameters=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=128,
+                                                           rope_theta=150000.0, beta_fast=32.0, beta_slow=1.0, truncate=False)),
     "minimax_m2": dict(COMMON, num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, rotary_dim=32,
                        scoring_func="sigmoid", use_routing_bias=True),
 }
 
+
+# families whose checkpoints are vision-language models: built with a one-block vision tower, so the
+# folder has the released layout (`model.language_model.*`, `model.visual.*`, config `text_config`)
+VISION = {"qwen3_5_moe": dict(depth=1, hidden_size=64, intermediate_size=64, num_heads=1, out_hidden_size=128)}
 
 # score-correction bias spread: ERNIE adds it to softmax probabilities (~1/E), the others to sigmoids
 BIAS_STD = {"ernie4_5_moe": 0.01}
@@ -102,14 +121,23 @@ def build_tiny_model(family: str, out: Path, seed: int = 0, tok=None, *, mtp_lay
     fields = {**CONFIGS[family], **overrides}
     if mtp_layers is not None:
         fields["num_nextn_predict_layers"] = mtp_layers
-    config = AutoConfig.for_model(family, **fields)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family in VISION:
+        from transformers import AutoModelForImageTextToText
+
+        config = AutoConfig.for_model(family, text_config=fields, vision_config=VISION[family],
+                                      tie_word_embeddings=fields["tie_word_embeddings"])
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    else:
+        config = AutoConfig.for_model(family, **fields)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # score-correction biases (and some routers) are zero at init; give routing something to do
-        std = getattr(config, "initializer_range", 0.02)
+        std = getattr(config.get_text_config(), "initializer_range", 0.02)
         for name, tensor in list(model.named_buffers()) + list(model.named_parameters()):
             if name.endswith("e_score_correction_bias"):
                 tensor.normal_(0, BIAS_STD.get(family, 0.1) if bias_std is None else bias_std)
             elif name.endswith("gate.weight") and not tensor.any():
+                tensor.normal_(0, std)
+            elif name.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias")):  # gpt-oss: zero at init
                 tensor.normal_(0, std)
     out = Path(out)
     model.save_pretrained(out)

@@ -14,7 +14,14 @@ import torch
 
 from heapr_serve.families import moe_blocks
 from heapr_serve.score.calibration_pass import InMemoryPass
+from heapr_serve.score.moe_forward import expert_parts, expert_shape
 from heapr_serve.score.observers import ExpertObserver
+
+
+def _downs(experts) -> torch.Tensor:
+    """[E, H, I] down projections (column k is d_k), whatever the experts' layout (gpt-oss: [E, I, H])."""
+    weights, _, _ = expert_parts(experts)
+    return torch.stack([weights(e)[2] for e in range(experts.num_experts)])
 
 
 class _OutputGradObserver(ExpertObserver):
@@ -25,7 +32,7 @@ class _OutputGradObserver(ExpertObserver):
         self.cov, self.counts = {}, {}
 
     def allocate(self, layer, experts):
-        num_experts, hidden, _ = experts.down_proj.shape
+        num_experts, hidden, _ = expert_shape(experts)
         device = experts.down_proj.device
         self.cov[layer] = torch.zeros(num_experts, hidden, hidden, dtype=torch.float64, device=device)
         self.counts[layer] = torch.zeros(num_experts, dtype=torch.int64, device=device)
@@ -52,7 +59,7 @@ class _ActivationObserver(ExpertObserver):
         self.act_sq = {}
 
     def allocate(self, layer, experts):
-        num_experts, _, width = experts.down_proj.shape
+        num_experts, _, width = expert_shape(experts)
         self.act_sq[layer] = torch.zeros(num_experts, width, dtype=torch.float64, device=experts.down_proj.device)
 
     def observe(self, layer, expert, tokens, activation, output, route_weights):
@@ -70,7 +77,7 @@ def two_stage_scores(model, batches, loss_scale: float) -> dict[int, torch.Tenso
     scores = {}
     for layer, block in moe_blocks(model).items():
         n = grads.counts[layer].double().unsqueeze(-1)
-        down = block.experts.down_proj.detach().double()  # [E, H, I]; column k is d_k
+        down = _downs(block.experts).detach().double()  # [E, H, I]; column k is d_k
         gbar = grads.cov[layer] / n.unsqueeze(-1)
         quad = torch.einsum("ehk,ehg,egk->ek", down, gbar, down)  # d_k^T Gbar d_k
         scores[layer] = torch.where(n > 0, (acts.act_sq[layer] / n) * quad, torch.full_like(quad, float("nan")))
@@ -86,10 +93,10 @@ class _FisherByOutputGradient(ExpertObserver):
         self.fisher, self.counts, self.downs = {}, {}, {}
 
     def allocate(self, layer, experts):
-        num_experts, _, width = experts.down_proj.shape
+        num_experts, _, width = expert_shape(experts)
         self.fisher[layer] = torch.zeros(num_experts, width, dtype=torch.float64, device=experts.down_proj.device)
         self.counts[layer] = torch.zeros(num_experts, dtype=torch.int64)
-        self.downs[layer] = experts.down_proj
+        self.downs[layer] = _downs(experts)
 
     def observe(self, layer, expert, tokens, activation, output, route_weights):
         self.counts[layer][expert] += self.count(tokens)

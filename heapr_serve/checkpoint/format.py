@@ -17,9 +17,15 @@ from heapr_serve.errors import HeaprError
 FORMAT_VERSION = 1
 
 # Routed-expert tensor names, per expert (`...layers.3.mlp.experts.7.gate_proj.weight`) or fused
-# (`...layers.3.mlp.experts.gate_up_proj`); shared by the validator, the writer and the baselines.
-PER_EXPERT_TENSOR = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
-FUSED_EXPERTS_TENSOR = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+# (`...layers.3.mlp.experts.gate_up_proj`); shared by the validator, the writer and the baselines. Not
+# Qwen3-Next / Qwen3.5's separate MTP module (`mtp.layers.0.mlp.experts...`): its layer 0 is not the
+# model's layer 0, and it is kept whole like every other tensor outside the decoder's MoE layers.
+PER_EXPERT_TENSOR = re.compile(r"^(?P<prefix>(?!mtp\.).*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+FUSED_EXPERTS_TENSOR = re.compile(r"^(?P<prefix>(?!mtp\.).*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+# gpt-oss's stacks on disk: gate_up_proj [E, H, 2I] (interleaved), down_proj [E, I, H] and their biases
+GPT_OSS_EXPERTS_TENSOR = re.compile(r"^(?P<prefix>(?!mtp\.).*layers\.)(?P<layer>\d+)\.mlp\.experts\.(?P<kind>gate_up_proj|down_proj)(?P<bias>_bias)?$")
+# per-expert biases of a pruned gpt-oss checkpoint (`...experts.7.gate_proj.bias`)
+PER_EXPERT_BIAS = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.bias$")
 # The decoder layer a tensor belongs to (`model.layers.61.enorm.weight` -> 61), for any tensor.
 LAYER_OF_TENSOR = re.compile(r"(?:^|\.)layers\.(?P<layer>\d+)\.")
 # FP8 block scales (DeepSeek-V3, Qwen3-FP8): `<weight name>_scale_inv` beside each quantised weight.
@@ -38,13 +44,27 @@ def open_safetensors(file: Path, device: str = "cpu"):
 
 
 def read_config(path: Path) -> dict:
+    """config.json as the language model sees it (`text_view`); write configs from the file itself."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise HeaprError(f"{path}: no config.json; pass a Hugging Face model folder")
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise HeaprError(f"{config_file}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(config, dict):
+        raise HeaprError(f"{config_file}: not a JSON object")
+    return text_view(config)
+
+
+def text_view(config: dict) -> dict:
+    """A vision-language config (Qwen3.5-MoE: the language model's fields under `text_config`) with
+    those fields at the top, beside the top-level ones (model_type, architectures, heapr), so the
+    language model's sizes read the same for every family. Other configs are returned as they are."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        return config
+    return {**config, **{k: v for k, v in text.items() if k != "model_type"}}
 
 
 def is_pruned(path: Path) -> bool:
@@ -83,10 +103,12 @@ def _config_value(config: dict, *names):
 
 
 def num_routed_experts(config: dict) -> int:
+    config = text_view(config)
     return int(_config_value(config, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
 
 
 def dense_expert_width(config: dict) -> int:
+    config = text_view(config)
     return int(_config_value(config, "moe_intermediate_size", "intermediate_size"))
 
 
@@ -126,7 +148,7 @@ def extra_layers(config: dict, names, where: Path | str, extra_key: str | None) 
     """Decoder layers past `num_hidden_layers` that have tensors in `names` (DeepSeek-V3's MTP layer
     `model.layers.61.*`), checked against the config's count of them (`extra_key`,
     e.g. num_nextn_predict_layers): a tensor of a layer the config does not declare is refused."""
-    base = int(_config_value(config, "num_hidden_layers"))
+    base = int(_config_value(text_view(config), "num_hidden_layers"))
     allowed = int(config.get(extra_key) or 0) if extra_key else 0
     found = set()
     for name in names:

@@ -85,6 +85,10 @@ def fp8_block_size(config: dict, config_file: Path | str = "config.json") -> tup
     if not q:
         return None
     method = str(q.get("quant_method", "")).lower() if isinstance(q, dict) else ""
+    if method == "mxfp4":  # gpt-oss as released: calibrate and prune its dequantised copy
+        raise HeaprError(f"{config_file}: MXFP4 checkpoints (gpt-oss as released) are not read directly yet; dequantise it "
+                         "once (transformers: from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True)), then "
+                         "save_pretrained) and compress that folder")
     if method != "fp8":
         raise HeaprError(f"{config_file}: quantization_config.quant_method {method or '?'!r} is not supported; pass the "
                          "unquantised checkpoint (or a block-quantised FP8 one, DeepSeek-V3 / Qwen3-FP8 style)")

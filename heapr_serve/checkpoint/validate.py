@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from heapr_serve.checkpoint.format import (FUSED_EXPERTS_TENSOR, PER_EXPERT_TENSOR, SCALE_SUFFIX, dense_expert_width, extra_layers,
+from heapr_serve.checkpoint.format import (GPT_OSS_EXPERTS_TENSOR, PER_EXPERT_BIAS, FUSED_EXPERTS_TENSOR, PER_EXPERT_TENSOR, SCALE_SUFFIX, dense_expert_width, extra_layers,
                                            num_routed_experts, open_safetensors, parse_kept_whole, parse_widths, read_config,
                                            safetensors_files, tensor_layer)
 from heapr_serve.errors import HeaprError
@@ -159,6 +159,8 @@ def validate_checkpoint(path: str | Path) -> PrunedCheckpoint:
         seen_expert_tensors.add(name)
 
     prefix = prefix or "model.layers."
+    if family.expert_layout == "gpt_oss":
+        _check_expert_biases(path, shapes, widths, hidden, prefix)
     for layer, layer_widths in widths.items():
         for expert, width in enumerate(layer_widths):
             if width == 0:
@@ -176,3 +178,29 @@ def validate_checkpoint(path: str | Path) -> PrunedCheckpoint:
             if missing:
                 raise HeaprError(f"{path}: tensor {missing} is missing (layer {layer} is kept whole: {reason})")
     return PrunedCheckpoint(path, config, family, widths, dense, hidden, files, kept_whole, int(config["num_hidden_layers"]))
+
+
+def _check_expert_biases(path: Path, shapes: dict, widths: dict[int, list[int]], hidden: int, prefix: str) -> None:
+    """gpt-oss: gate/up biases [width] for every expert with neurons, a down bias [hidden] for every
+    expert (width 0 too: it still adds it), and no fused stacks or other expert biases."""
+    for name, (shape, file) in shapes.items():
+        if GPT_OSS_EXPERTS_TENSOR.match(name):
+            raise HeaprError(f"{path / file}: tensor {name} is a fused expert stack; pruned checkpoints hold per-expert tensors")
+        m = PER_EXPERT_BIAS.match(name)
+        if not m:
+            continue
+        layer, expert = int(m["layer"]), int(m["expert"])
+        layer_widths = widths.get(layer, [])
+        width = layer_widths[expert] if expert < len(layer_widths) else None
+        expected = {"gate_proj": (width,), "up_proj": (width,), "down_proj": (hidden,)}.get(m["proj"])
+        if width is None or expected is None or (width == 0 and m["proj"] != "down_proj"):
+            raise HeaprError(f"{path / file}: unexpected expert bias {name} for the declared widths; re-run `heapr-serve apply`")
+        if shape != expected:
+            raise HeaprError(f"{path / file}: tensor {name} has shape {list(shape)}, expected {list(expected)} "
+                             f"(heapr.expert_widths declares width {width}); re-run `heapr-serve apply`")
+    for layer, layer_widths in widths.items():
+        for expert, width in enumerate(layer_widths):
+            for proj in ("gate_proj", "up_proj", "down_proj") if width else ("down_proj",):
+                name = f"{prefix}{layer}.mlp.experts.{expert}.{proj}.bias"
+                if name not in shapes:
+                    raise HeaprError(f"{path}: tensor {name} is missing (gpt-oss experts keep their biases)")

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family
 from heapr_serve.preflight import check_output, check_path_text, staged_folder
-from heapr_serve.checkpoint.format import (FORMAT_VERSION, FUSED_EXPERTS_TENSOR, MTP_REASON, PER_EXPERT_TENSOR, SCALE_SUFFIX,
+from heapr_serve.checkpoint.format import (FORMAT_VERSION, FUSED_EXPERTS_TENSOR, GPT_OSS_EXPERTS_TENSOR, MTP_REASON, PER_EXPERT_TENSOR, SCALE_SUFFIX,
                                            dense_expert_width, num_routed_experts, open_safetensors, safetensors_files,
                                            tensor_layer)
 from heapr_serve.checkpoint.source import SourceCheckpoint
@@ -128,6 +128,8 @@ def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[i
             raise ValueError(f"re-fitted down projection of layer {layer} expert {expert} has shape {list(new.shape)}, expected {[down.shape[0], len(kept)]}")
         return new.to(down.dtype)
 
+    if family.expert_layout == "gpt_oss":
+        return _gpt_oss_slices(family, name, tensor, keep, refit)
     m = PER_EXPERT_TENSOR.match(name)
     if m and int(m["layer"]) in keep and m["block"] == family.disk_block and m["proj"] in family.disk_projs:
         layer, expert = int(m["layer"]), int(m["expert"])
@@ -151,6 +153,26 @@ def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[i
                 out.append((family.expert_tensor_name(m["prefix"], layer, expert, 2), down_columns(layer, expert, tensor[expert], kept)))
         return out
     return None
+
+
+def _gpt_oss_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[int, list[torch.Tensor]], refit=None):
+    """gpt-oss's on-disk stacks cut into per-expert tensors with their biases (heapr_serve.score.gpt_oss);
+    every expert keeps its down bias, a width-0 expert nothing else."""
+    from heapr_serve.score.gpt_oss import fused_slices
+
+    if refit is not None:
+        raise HeaprError("--reconstruct is not supported for gpt-oss yet (expert biases); drop --reconstruct")
+    m = GPT_OSS_EXPERTS_TENSOR.match(name)
+    if not m or int(m["layer"]) not in keep:
+        return None
+    layer, kind = int(m["layer"]), m["kind"] + (m["bias"] or "")
+    out = []
+    for expert, kept in enumerate(keep[layer]):
+        if len(kept) == 0 and kind != "down_proj_bias":
+            continue
+        for proj, piece in fused_slices(kind, tensor, expert, kept).items():
+            out.append((f"{m['prefix']}{layer}.mlp.experts.{expert}.{proj}", piece.contiguous()))
+    return out
 
 
 def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: dict[int, list[torch.Tensor]],

@@ -188,6 +188,12 @@ def _check_options(method: str, ratio: float, scope: str, align: int, reconstruc
                       f"it {'removes whole experts' if allocation is expert_allocation else 'gives every expert the same width'}")
 
 
+def _check_layout(config: dict, refits: bool) -> None:
+    """--reconstruct re-fits bias-free down projections; gpt-oss's experts have biases."""
+    if refits and family_for(config).expert_layout != "standard":
+        raise HeaprError(f"--reconstruct is not supported for {config['model_type']} yet (expert biases); drop --reconstruct")
+
+
 def _refits(method: str, reconstruct: bool) -> bool:
     """--reconstruct does nothing for methods that drop whole experts (the kept ones keep every neuron)."""
     return reconstruct and get_method(method).allocate is not expert_allocation
@@ -247,6 +253,7 @@ def compress_command(
     source = resolve_model(model)
     check_output_path(source, out, overwrite, ratio)
     config = _check_source(source)
+    _check_layout(config, _refits(method, reconstruct_))
     torch_dtype = SourceCheckpoint(source).dtype if dtype == "auto" else pick_dtype(dtype)
     check_fits(source, config, RunOptions(torch_dtype, torch_device, batch_size, streamed, activations_dir, checkpoint_every), seq_len, nsamples)
     tokenizer = load_tokenizer(source)
@@ -331,6 +338,7 @@ def apply_command(
     source = resolve_model(model or recorded)
     check_output_path(source, out, overwrite, ratio)
     config = _check_source(source)
+    _check_layout(config, _refits(method, reconstruct_))
     if stats.metadata.get("model_type") not in (None, config["model_type"]):
         raise HeaprError(f"{scores}: scores are for a {stats.metadata['model_type']} model but {source} is {config['model_type']}; pass the right --model")
     if stats.metadata.get("source_fingerprint") not in (None, source_fingerprint(source)):

@@ -84,7 +84,12 @@ def expert_weight_norms(source: Path, layers: set[int]) -> dict[int, dict[str, t
                 if m and int(m["layer"]) in layers:
                     w = src.get(f, name).float()
                     layer_norms = norms.setdefault(int(m["layer"]), {})
-                    if m["proj"] == "gate_up_proj":  # [E, 2I, H]
+                    if family.expert_layout == "gpt_oss":  # gate_up [E, H, 2I] interleaved, down [E, I, H]
+                        if m["proj"] == "gate_up_proj":
+                            layer_norms["gate"], layer_norms["up"] = w[:, :, 0::2].norm(dim=1), w[:, :, 1::2].norm(dim=1)
+                        else:
+                            layer_norms["down"] = w.norm(dim=2)
+                    elif m["proj"] == "gate_up_proj":  # [E, 2I, H]
                         width = w.shape[1] // 2
                         layer_norms["gate"], layer_norms["up"] = w[:, :width].norm(dim=2), w[:, width:].norm(dim=2)
                     else:  # down_proj [E, H, I]

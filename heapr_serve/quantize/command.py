@@ -33,8 +33,9 @@ from heapr_serve.quantize.rtn import alignment_unit, quantize_weight
 from heapr_serve.quantize.schemes import SCHEMES, scheme_for
 
 # Linear modules left unquantized by default: the router (tiny, and its logits decide routing) and
-# the LM head; these are the names llm-compressor's MoE examples ignore.
-DEFAULT_IGNORE = (r".*\.gate$", r".*\.shared_expert_gate$", r"(.*\.)?lm_head$")
+# the LM head, the names llm-compressor's MoE examples ignore; and a VL checkpoint's vision tower.
+DEFAULT_IGNORE = (r".*\.gate$", r".*\.shared_expert_gate$", r"(.*\.)?lm_head$",
+                  r"(.*\.)?visual\..*", r"(.*\.)?mtp\..*")  # vision towers and MTP heads (not served by the text model)
 _NOT_LINEAR = re.compile(r"(embed_tokens|embeddings|wte|wpe)$")
 
 

@@ -18,7 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-ExpertWeights = Callable[[int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
+# e -> (gate [I, H], up [I, H], down [H, I]) or, with biases (gpt-oss), (gate, up, down, gate_bias [I],
+# up_bias [I], down_bias [H]); None for a width-0 expert without biases
+ExpertWeights = Callable[[int], "tuple[torch.Tensor, ...] | None"]
 
 
 # Sees, per expert, which tokens were routed to it (indices into the flattened batch), their
@@ -35,12 +37,15 @@ def sorted_moe_forward(
     act_fn: Callable[[torch.Tensor], torch.Tensor],
     num_experts: int,
     observe: Observe | None = None,
+    glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_j w[t, j] * D_e (act(G_e x_t) * U_e x_t) over the experts e = top_k_index[t, j].
 
     `expert_weights(e)` returns (gate [I_e, H], up [I_e, H], down [H, I_e]) or None for a width-0
     expert, which contributes exactly zero. The router weight multiplies the expert's output, so the
-    gradient reaching the activation already carries it (as HEAPr's score requires).
+    gradient reaching the activation already carries it (as HEAPr's score requires). With biases
+    (gpt-oss: six tensors) the gate/up pre-activations and the output get theirs, and `glu(gate, up)`
+    replaces act(gate) * up; a width-0 expert then still adds its down bias.
     """
     num_tokens, top_k = top_k_index.shape
     flat = top_k_index.reshape(-1)
@@ -60,10 +65,15 @@ def sorted_moe_forward(
         if weights is None:
             outputs.append(x.new_zeros(count, hidden.shape[-1]))
             continue
-        gate, up, down = weights
+        gate, up, down, *bias = weights
         xs = x[rows]
-        activation = act_fn(xs @ gate.t()) * (xs @ up.t())
+        g, u = xs @ gate.t(), xs @ up.t()
+        if bias:
+            g, u = g + bias[0], u + bias[1]
+        activation = glu(g, u) if glu is not None else act_fn(g) * u
         expert_out = activation @ down.t()
+        if bias:
+            expert_out = expert_out + bias[2]
         if observe is not None:
             observe(expert, token_of[rows], activation, expert_out, route_weights[rows])
         outputs.append(expert_out)
@@ -85,9 +95,26 @@ def fused_expert_weights(experts: nn.Module) -> ExpertWeights:
     return weights
 
 
+def expert_parts(experts: nn.Module) -> "tuple[ExpertWeights, Callable | None, Callable | None]":
+    """(weights, act_fn, glu) of a transformers experts module: the standard fused layout, or gpt-oss's
+    (heapr_serve.score.gpt_oss: biases, interleaved gate/up, clamped SwiGLU)."""
+    from heapr_serve.score import gpt_oss
+
+    if gpt_oss.is_gpt_oss_experts(experts):
+        return gpt_oss.expert_weights(experts), None, gpt_oss.clamped_swiglu(experts.alpha, experts.limit)
+    return fused_expert_weights(experts), experts.act_fn, None
+
+
+def expert_shape(experts: nn.Module) -> tuple[int, int, int]:
+    """(experts, hidden, dense width) of a fused experts module, whatever its layout."""
+    weights, _, _ = expert_parts(experts)
+    down = weights(0)[2]  # [H, I]
+    return experts.num_experts, down.shape[0], down.shape[1]
+
+
 def _fused_forward(self, hidden_states, top_k_index, top_k_weights):
-    return sorted_moe_forward(hidden_states, top_k_index, top_k_weights, fused_expert_weights(self), self.act_fn,
-                              self.num_experts)
+    weights, act_fn, glu = expert_parts(self)
+    return sorted_moe_forward(hidden_states, top_k_index, top_k_weights, weights, act_fn, self.num_experts, glu=glu)
 
 
 def use_sorted_forward(model: nn.Module) -> int:
@@ -97,7 +124,7 @@ def use_sorted_forward(model: nn.Module) -> int:
     """
     patched = 0
     for module in model.modules():
-        if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and hasattr(module, "act_fn"):
+        if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and (hasattr(module, "act_fn") or hasattr(module, "alpha")):
             module.forward = types.MethodType(_fused_forward, module)
             patched += 1
     return patched

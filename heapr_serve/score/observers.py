@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from heapr_serve.errors import HeaprError
-from heapr_serve.score.moe_forward import fused_expert_weights, sorted_moe_forward
+from heapr_serve.score.moe_forward import expert_parts, expert_shape, sorted_moe_forward
 from heapr_serve.score.stats import REAP_KEY, ExpertStats
 
 
 def _observed_forward(observe, self, hidden_states, top_k_index, top_k_weights):
-    return sorted_moe_forward(hidden_states, top_k_index, top_k_weights, fused_expert_weights(self), self.act_fn,
-                              self.num_experts, observe)
+    weights, act_fn, glu = expert_parts(self)
+    return sorted_moe_forward(hidden_states, top_k_index, top_k_weights, weights, act_fn, self.num_experts, observe, glu=glu)
 
 
 class ExpertObserver:
@@ -94,7 +94,7 @@ class HeaprObserver(ExpertObserver):
         self.stats = ExpertStats()
 
     def allocate(self, layer, experts) -> None:
-        num_experts, width, device = experts.num_experts, experts.down_proj.shape[-1], experts.down_proj.device
+        (num_experts, _, width), device = expert_shape(experts), experts.down_proj.device
         self.stats.act_sq[layer] = torch.zeros(num_experts, width, dtype=torch.float32, device=device)
         self.stats.grad_sq[layer] = torch.zeros(num_experts, width, dtype=torch.float32, device=device)
         self.stats.tokens[layer] = torch.zeros(num_experts, dtype=torch.int64, device=device)

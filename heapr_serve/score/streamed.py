@@ -35,13 +35,26 @@ class _Captured(Exception):
 
 
 class _CaptureLayer(nn.Module):
-    """Stands in for decoder layer 0 once per batch: records the arguments the stock model passes
-    to its layers (mask, position ids and embeddings) and stops the forward there."""
+    """Stands in for each decoder layer once per batch: records the arguments the stock model passes
+    to it (mask, position ids and embeddings; they differ by layer type: gpt-oss's sliding-window and
+    full-attention masks, Qwen3-Next's linear-attention mask) and hands the hidden states on; the last
+    one stops the forward with all of them."""
+
+    def __init__(self, layer: nn.Module, seen: list[dict], last: bool):
+        super().__init__()
+        # the plain attributes the model's forward reads from its layers (Qwen3-Next: `layer_type`)
+        for name, value in vars(layer).items():
+            if not name.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+                setattr(self, name, value)
+        self._seen, self._last = seen, last
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
             raise TypeError("decoder layers are expected to be called with keyword arguments after the hidden states")
-        raise _Captured(kwargs)
+        self._seen.append(kwargs)
+        if self._last:
+            raise _Captured(list(self._seen))
+        return hidden_states
 
 
 class ActivationStore:
@@ -128,7 +141,7 @@ class LayerVisit:
         self.ran = False
 
     def recompute(self, b: int) -> torch.Tensor:
-        return self.module(self.store.get(self.layer, b, self.device), **self.kwargs[b])
+        return self.module(self.store.get(self.layer, b, self.device), **self.kwargs[b][self.layer])
 
     def run(self, observer) -> None:
         """Every batch through the layer with `observer` attached to its MoE block; outputs stored."""
@@ -184,10 +197,11 @@ class StreamedPass:
         rotary = inner.rotary_emb
         inner.rotary_emb = type(rotary)(config=rotary.config).to(self.device)
         layers = inner.layers
-        inner.layers = nn.ModuleList([_CaptureLayer()])
-        layer_kwargs, masks = [], []
+        layer_kwargs, masks = [], []  # per batch, per layer: the layer's keyword arguments
         with torch.no_grad():
             for b, (input_ids, attention_mask, _) in enumerate(batches):
+                seen: list[dict] = []
+                inner.layers = nn.ModuleList([_CaptureLayer(layer, seen, i == len(layers) - 1) for i, layer in enumerate(layers)])
                 input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
                 h0 = inner.embed_tokens(input_ids)
                 try:
@@ -242,7 +256,7 @@ class StreamedPass:
                 for layer in range(num_layers):
                     module = self._load_layer(model, layer)
                     for b in range(len(batches)):
-                        store.put(layer + 1, b, module(store.get(layer, b, self.device), **layer_kwargs[b]))
+                        store.put(layer + 1, b, module(store.get(layer, b, self.device), **layer_kwargs[b][layer]))
                     _unload(module)
                     self._step(f"forward layer {layer}")
 
@@ -268,7 +282,7 @@ class StreamedPass:
                 observer.attach(moe)
                 try:
                     for b in range(len(batches)):
-                        grads[b] = self._recompute(module, store.get(layer, b, self.device), layer_kwargs[b], masks[b],
+                        grads[b] = self._recompute(module, store.get(layer, b, self.device), layer_kwargs[b][layer], masks[b],
                                                    grads[b], observer)
                         store.drop(layer, b)
                 finally:

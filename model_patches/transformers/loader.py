@@ -20,42 +20,56 @@ from heapr_serve.checkpoint.format import open_safetensors, tensor_layer
 from heapr_serve.checkpoint.source import fp32_patterns
 from heapr_serve.checkpoint.source import rebuild_non_persistent_buffers
 from heapr_serve.checkpoint.validate import validate_checkpoint
-from heapr_serve.score.moe_forward import sorted_moe_forward
+from heapr_serve.score.moe_forward import expert_parts, sorted_moe_forward
 
 
 class _Expert(nn.Module):
-    """One routed expert at its own width (names match the per-expert tensors on disk)."""
+    """One routed expert at its own width (names match the per-expert tensors on disk); with `bias`
+    (gpt-oss) gate/up/down have biases, and a width-0 expert keeps only its down bias."""
 
-    def __init__(self, hidden: int, width: int, dtype: torch.dtype | None = None):
+    def __init__(self, hidden: int, width: int, dtype: torch.dtype | None = None, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(hidden, width, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(width, hidden, bias=False, dtype=dtype)
+        if width == 0:  # gpt-oss: the down bias alone
+            self.down_proj = nn.Module()
+            self.down_proj.bias = nn.Parameter(torch.empty(hidden, dtype=dtype))
+            return
+        self.gate_proj = nn.Linear(hidden, width, bias=bias, dtype=dtype)
+        self.up_proj = nn.Linear(hidden, width, bias=bias, dtype=dtype)
+        self.down_proj = nn.Linear(width, hidden, bias=bias, dtype=dtype)
 
 
 class RaggedExperts(nn.Module):
     """Routed experts of a pruned layer, each at its own width; width-0 experts hold no weights."""
 
-    def __init__(self, hidden: int, widths: list[int], act_fn, dtype: torch.dtype | None = None):
+    def __init__(self, hidden: int, widths: list[int], act_fn, dtype: torch.dtype | None = None, glu=None, bias: bool = False):
         super().__init__()
         self.num_experts = len(widths)
         self.hidden_dim = hidden
         self.widths = list(widths)
         self.act_fn = act_fn
+        self.glu = glu  # gpt-oss's clamped SwiGLU of (gate, up), with `bias`
+        self.bias = bias
         # Children named by expert id, so state-dict keys are `{e}.gate_proj.weight` as on disk.
         for e, width in enumerate(widths):
-            if width > 0:
-                self.add_module(str(e), _Expert(hidden, width, dtype))
+            if width > 0 or bias:
+                self.add_module(str(e), _Expert(hidden, width, dtype, bias))
 
     def weights(self, e: int):
-        if self.widths[e] == 0:
+        if self.widths[e] == 0 and not self.bias:
             return None
         expert = getattr(self, str(e))
-        return expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight
+        if self.widths[e] == 0:  # only the down bias: zero-width views, so the output is the bias
+            b = expert.down_proj.bias
+            empty = b.new_zeros(0, self.hidden_dim)
+            return empty, empty, empty.t(), b.new_zeros(0), b.new_zeros(0), b
+        weights = (expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight)
+        if self.bias:
+            weights += (expert.gate_proj.bias, expert.up_proj.bias, expert.down_proj.bias)
+        return weights
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return sorted_moe_forward(
-            hidden_states, top_k_index, top_k_weights, self.weights, self.act_fn, self.num_experts
+            hidden_states, top_k_index, top_k_weights, self.weights, self.act_fn, self.num_experts, glu=self.glu
         )
 
 
@@ -77,8 +91,9 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device
             f"{path}/config.json: heapr.expert_widths lists layers {sorted(ckpt.widths)} but the model's MoE layers are {sorted(blocks)}"
         )
     for layer, block in blocks.items():
+        _, act_fn, glu = expert_parts(block.experts)
         with torch.device("meta"):
-            block.experts = RaggedExperts(ckpt.hidden_size, ckpt.widths[layer], block.experts.act_fn, dtype)
+            block.experts = RaggedExperts(ckpt.hidden_size, ckpt.widths[layer], act_fn, dtype, glu=glu, bias=glu is not None)
 
     # Tensors of layers past num_hidden_layers (DeepSeek-V3's MTP layer, kept whole) are not part of
     # the model's forward: transformers ignores them too. What the model keeps in float32 (DeepSeek-V3's
@@ -88,6 +103,8 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device
     for file in sorted(set(ckpt.tensor_files.values())):
         with open_safetensors(Path(path) / file, device=str(device)) as f:
             for name in f.keys():
+                if ckpt.family.is_unserved(name):
+                    continue  # a vision tower or MTP module kept in the folder: not part of the causal LM
                 layer = tensor_layer(name)
                 if layer is not None and layer >= ckpt.num_hidden_layers:
                     continue

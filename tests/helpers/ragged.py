@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from heapr_serve.checkpoint.format import num_routed_experts
+from heapr_serve.checkpoint.format import num_routed_experts, text_view
 from heapr_serve.families import family_for
 
 _EXPERT = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>[a-z_]+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
@@ -38,7 +38,7 @@ def make_ragged(src: Path, out: Path, widths_for_layer, seed: int = 0, dtype: to
     gen = torch.Generator().manual_seed(seed)
     layers = sorted({int(m["layer"]) for n in tensors if (m := _EXPERT.match(n))})
     num_experts = num_routed_experts(config)
-    dense = int(config.get("moe_intermediate_size") or config["intermediate_size"])
+    dense = int(text_view(config).get("moe_intermediate_size") or text_view(config)["intermediate_size"])
     gate_n, up_n, down_n = family.disk_projs
     widths = {}
     new = {n: t for n, t in tensors.items() if not _EXPERT.match(n)}
@@ -103,10 +103,10 @@ def zero_padded_dense(pruned: Path, out: Path) -> Path:
     heapr = config.pop("heapr")
     dense = heapr["dense_width"]
     tensors = _all_tensors(pruned)
-    new = {n: t for n, t in tensors.items()}
+    new = {n: t for n, t in tensors.items() if not family.is_unserved(n)}  # stock text-only models load no vision tower
     gate_n, up_n, down_n = family.disk_projs
     ref = next(t for n, t in tensors.items() if not _EXPERT.match(n) and t.dim() == 2)
-    hidden = int(config["hidden_size"])
+    hidden = int(text_view(config)["hidden_size"])
     prefix = next(m["prefix"] for n in tensors if (m := _EXPERT.match(n)))
     for layer, widths in heapr["expert_widths"].items():
         for e, w in enumerate(widths):
@@ -122,7 +122,7 @@ def zero_padded_dense(pruned: Path, out: Path) -> Path:
                 new[name] = full
     out.mkdir(parents=True, exist_ok=True)
     save_file(new, out / "model.safetensors", metadata={"format": "pt"})
-    config["architectures"] = heapr["source_architectures"]
+    config["architectures"] = [family.architecture]  # the text-only causal LM, also for a vision-language source
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for f in pruned.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
@@ -135,8 +135,20 @@ def zero_pruned_neurons(model, plan):
     the pruned checkpoint must compute."""
     from heapr_serve.families import moe_blocks
 
+    from heapr_serve.score.gpt_oss import is_gpt_oss_experts
+
     with torch.no_grad():
         for layer, block in moe_blocks(model).items():
+            if is_gpt_oss_experts(block.experts):  # gate column 2j, up 2j+1 and their biases, down row j
+                experts = block.experts
+                for e, kept in enumerate(plan.keep[layer]):
+                    dropped = torch.ones(experts.down_proj.shape[1], dtype=torch.bool)
+                    dropped[kept] = False
+                    for start in (0, 1):
+                        experts.gate_up_proj[e][:, start::2][:, dropped] = 0
+                        experts.gate_up_proj_bias[e][start::2][dropped] = 0
+                    experts.down_proj[e][dropped] = 0
+                continue
             width = block.experts.down_proj.shape[-1]
             for e, kept in enumerate(plan.keep[layer]):
                 dropped = torch.ones(width, dtype=torch.bool)

@@ -31,6 +31,10 @@ def _register_fake() -> None:
     def _fake(x, topk_weights, topk_ids, bucket_of, local_of, w13, w2, act, isa):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("heapr_cpu::zentorch_bucketed_moe")
+    def _fake_zentorch(x, topk_weights, topk_ids, bucket_of, local_of, w13, w2, s13, s2, act):
+        return torch.empty_like(x)
+
     @torch.library.register_fake("heapr_cpu::sliced_moe")
     def _fake_sliced(x, topk_weights, topk_ids, start, count, w13, w2, zero, act, isa):
         return torch.empty_like(x)
@@ -47,7 +51,7 @@ def load() -> bool:
                 import vllm._custom_ops  # noqa: F401  registers _C::cpu_fused_moe, which the op calls
                 from torch.utils.cpp_extension import load as build
 
-                if not hasattr(torch.ops.heapr_cpu, "sliced_moe"):
+                if not hasattr(torch.ops.heapr_cpu, "zentorch_bucketed_moe"):
                     # the name carries a hash of the source, so an edited source never loads a stale build
                     import hashlib
 

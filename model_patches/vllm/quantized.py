@@ -195,10 +195,18 @@ class HeaprQuantizedMoEMethod(FusedMoEMethodBase):
         self.backend = "zentorch" if self.use_zentorch else "dequant"
         self._bucket_t = torch.tensor(self.bucket_of, dtype=torch.int64)
         self._local_t = torch.tensor(self.local_of, dtype=torch.int32)
+        self.native = False
+        if self.use_zentorch:  # the whole dispatch in one C++ call (model_patches.vllm.cpu_ext), else Python
+            from model_patches.vllm import cpu_ext
+
+            self.native = cpu_ext.load()
+            layer.register_buffer("heapr_qbucket_of", self._bucket_t.to(torch.int32), persistent=False)
+            layer.register_buffer("heapr_qlocal_of", self._local_t, persistent=False)
         from vllm.logger import init_logger
 
         init_logger("vllm.heapr_serve").info_once(
-            "heapr-serve: quantized routed experts (%s %s), backend %s", spec.format, spec.strategy, self.backend)
+            "heapr-serve: quantized routed experts (%s %s), backend %s%s", spec.format, spec.strategy, self.backend,
+            " (native dispatch)" if self.native else "")
         if self.use_zentorch:
             from vllm.model_executor.utils import replace_parameter
 
@@ -240,6 +248,13 @@ class HeaprQuantizedMoEMethod(FusedMoEMethodBase):
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         if layer.apply_router_weight_on_input:
             raise HeaprError("apply_router_weight_on_input is not supported by heapr-serve's ragged experts")
+        if self.use_zentorch and self.native:
+            n = len(self.buckets)
+            return torch.ops.heapr_cpu.zentorch_bucketed_moe(
+                x, topk_weights, topk_ids, layer.heapr_qbucket_of, layer.heapr_qlocal_of,
+                [getattr(layer, f"q13_b{b}") for b in range(n)], [getattr(layer, f"q2_b{b}") for b in range(n)],
+                [getattr(layer, f"zs13_b{b}") for b in range(n)], [getattr(layer, f"zs2_b{b}") for b in range(n)],
+                layer.activation.value)
         return torch.ops.heapr_serve.cpu_quantized_moe(x, topk_weights, topk_ids, layer._heapr_key)
 
     def run(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,93 @@ at::Tensor sliced_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, co
   return out;
 }
 
+
+// Quantized buckets on AMD Zen CPUs (model_patches/vllm/quantized.py): the same dispatch for W8A8
+// int8 buckets, each run by zentorch's `zentorch_fused_moe` (the kernel vLLM's ZenCPUExpertsInt8
+// calls), with per-channel f32 scales. zentorch needs >= 2 distinct experts with rows in a call, so
+// a bucket whose rows all hit one expert gets one extra row on another slot at weight 0 (a bucket of
+// one expert has an all-zero second slot, added at load time).
+const c10::OperatorHandle& zentorch_kernel() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("zentorch::zentorch_fused_moe", "");
+  return op;
+}
+
+at::Tensor zentorch_bucketed_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                                 const at::Tensor& bucket_of_t, const at::Tensor& local_of_t, at::TensorList w13,
+                                 at::TensorList w2, at::TensorList s13, at::TensorList s2, c10::string_view act_sv) {
+  TORCH_CHECK(x_in.dim() == 2 && topk_ids.dim() == 2 && topk_weights.sizes() == topk_ids.sizes());
+  TORCH_CHECK(w13.size() == w2.size() && s13.size() == w13.size() && s2.size() == w13.size(), "one stack set per bucket");
+  const std::string act(act_sv);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(0), H = x.size(1), K = topk_ids.size(1);
+  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
+  const at::Tensor bucket_of_c = bucket_of_t.to(at::kInt).contiguous();
+  const at::Tensor local_of_c = local_of_t.to(at::kInt).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const float* wt = wts.data_ptr<float>();
+  const int32_t* bucket_of = bucket_of_c.data_ptr<int32_t>();
+  const int32_t* local_of = local_of_c.data_ptr<int32_t>();
+  const int64_t E = bucket_of_c.numel();
+  const int64_t B = static_cast<int64_t>(w13.size());
+  at::Tensor acc = at::zeros({T, H}, x.options().dtype(at::kFloat));
+  float* accp = acc.data_ptr<float>();
+  std::vector<std::vector<int64_t>> pairs(B);
+  for (int64_t p = 0; p < T * K; ++p) {
+    const int64_t e = id[p];
+    TORCH_CHECK(e >= 0 && e < E, "expert id ", e, " out of range");
+    if (bucket_of[e] >= 0) pairs[bucket_of[e]].push_back(p);  // width 0: exactly zero
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "heapr_zentorch_bucketed_moe", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const std::vector<int64_t>& ps = pairs[b];
+      const int64_t n = static_cast<int64_t>(ps.size());
+      if (n == 0) continue;
+      bool one = true;
+      for (int64_t j = 1; j < n && one; ++j) one = local_of[id[ps[j]]] == local_of[id[ps[0]]];
+      const int64_t rows_n = n + (one ? 1 : 0);
+      at::Tensor rows = at::empty({rows_n, H}, x.options());
+      at::Tensor loc = at::empty({rows_n, 1}, ids.options().dtype(at::kInt));
+      at::Tensor w = at::empty({rows_n, 1}, wts.options());
+      scalar_t* rp = rows.data_ptr<scalar_t>();
+      int32_t* lp = loc.data_ptr<int32_t>();
+      float* wp = w.data_ptr<float>();
+      for (int64_t j = 0; j < n; ++j) {
+        std::memcpy(rp + j * H, xp + (ps[j] / K) * H, H * sizeof(scalar_t));
+        lp[j] = local_of[id[ps[j]]];
+        wp[j] = wt[ps[j]];
+      }
+      if (one) {  // a weight-0 row of the same token on the bucket's next slot
+        std::memcpy(rp + n * H, rp, H * sizeof(scalar_t));
+        lp[n] = (lp[0] + 1) % static_cast<int32_t>(w13[b].size(0));
+        wp[n] = 0.f;
+      }
+      at::Tensor y = at::empty({rows_n, H}, x.options());
+      torch::jit::Stack stack;
+      stack.reserve(13);
+      stack.emplace_back(y);
+      stack.emplace_back(rows);
+      stack.emplace_back(w13[b]);
+      stack.emplace_back(w2[b]);
+      stack.emplace_back(c10::IValue());
+      stack.emplace_back(c10::IValue());
+      stack.emplace_back(w);
+      stack.emplace_back(loc);
+      stack.emplace_back(false);
+      stack.emplace_back(act);
+      stack.emplace_back(s13[b]);
+      stack.emplace_back(s2[b]);
+      stack.emplace_back(std::string("zentorch::zentorch_fused_moe"));
+      zentorch_kernel().callBoxed(&stack);
+      const scalar_t* yp = y.data_ptr<scalar_t>();
+      for (int64_t j = 0; j < n; ++j) add_rows(accp + (ps[j] / K) * H, yp + j * H, H);
+    }
+  });
+  return acc.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(heapr_cpu, m) {
@@ -196,9 +283,12 @@ TORCH_LIBRARY(heapr_cpu, m) {
         "Tensor w13, Tensor w2, int zero, str act, str isa) -> Tensor");
   m.def("bucketed_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor bucket_of, Tensor local_of, "
         "Tensor[] w13, Tensor[] w2, str act, str isa) -> Tensor");
+  m.def("zentorch_bucketed_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor bucket_of, Tensor local_of, "
+        "Tensor[] w13, Tensor[] w2, Tensor[] s13, Tensor[] s2, str act) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(heapr_cpu, CPU, m) {
   m.impl("bucketed_moe", &bucketed_moe);
   m.impl("sliced_moe", &sliced_moe);
+  m.impl("zentorch_bucketed_moe", &zentorch_bucketed_moe);
 }

@@ -72,7 +72,23 @@ def _ragged_op_available() -> bool:
         return False
 
 
-class HeaprRaggedMoEMethod(FusedMoEMethodBase):
+class HeaprMoEMethodBase(FusedMoEMethodBase):
+    """What every heapr-serve experts method answers vLLM alike: modular, no EPLB, and no quant
+    config for vLLM's kernels (the method runs its own buckets)."""
+
+    @property
+    def supports_eplb(self) -> bool:
+        return False
+
+    @property
+    def is_monolithic(self) -> bool:
+        return False
+
+    def get_fused_moe_quant_config(self, layer) -> FusedMoEQuantConfig | None:
+        return FusedMoEQuantConfig.make()
+
+
+class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
     """Creates per-bucket weight stacks, prepacks them for the platform kernel, runs the buckets."""
 
     def __init__(self, moe: FusedMoEConfig, widths: list[int], backend: str | None = None, layout: str | None = None,
@@ -121,17 +137,6 @@ class HeaprRaggedMoEMethod(FusedMoEMethodBase):
         return self.owned is None or expert in self.owned
 
     # -- vLLM method interface --------------------------------------------------------------------
-
-    @property
-    def supports_eplb(self) -> bool:
-        return False
-
-    @property
-    def is_monolithic(self) -> bool:
-        return False
-
-    def get_fused_moe_quant_config(self, layer) -> FusedMoEQuantConfig | None:
-        return FusedMoEQuantConfig.make()
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra):
         local = len(self.widths) if self.owned is None else len(self.owned)

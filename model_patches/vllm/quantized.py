@@ -28,14 +28,14 @@ import math
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEQuantConfig
-from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
 from heapr_serve.errors import HeaprError
 from heapr_serve.quantize.layout import QuantSpec
 from model_patches.vllm.buckets import plan_buckets, rank_share, rank_widths
+from model_patches.vllm.layer import HeaprMoEMethodBase
 
 __all__ = ["HeaprQuantizedMoEMethod", "QuantSpec", "check_activation"]
 
@@ -49,7 +49,7 @@ def _zentorch_available() -> bool:
         return False
 
 
-class HeaprQuantizedMoEMethod(FusedMoEMethodBase):
+class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
     """Per-bucket stacks of the checkpoint's quantized tensors, checked at load, run by bucket."""
 
     def __init__(self, moe: FusedMoEConfig, widths: list[int], spec: QuantSpec):
@@ -82,17 +82,6 @@ class HeaprQuantizedMoEMethod(FusedMoEMethodBase):
 
     def owns(self, expert: int) -> bool:
         return True
-
-    @property
-    def supports_eplb(self) -> bool:
-        return False
-
-    @property
-    def is_monolithic(self) -> bool:
-        return False
-
-    def get_fused_moe_quant_config(self, layer) -> FusedMoEQuantConfig | None:
-        return FusedMoEQuantConfig.make()
 
     # -- weights ------------------------------------------------------------------------------------
 

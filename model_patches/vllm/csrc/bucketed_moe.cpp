@@ -44,23 +44,35 @@ void add_rows(float* acc, const scalar_t* y, int64_t H) {
   for (int64_t h = 0; h < H; ++h) acc[h] += static_cast<float>(y[h]);
 }
 
+// The routing of one call in contiguous form: rows, (token, slot) expert ids and weights, and the
+// expert -> (bucket, slot in bucket) maps; shared by both bucketed dispatches.
+struct Routing {
+  at::Tensor x, ids, wts, bucket_of_c, local_of_c;
+  int64_t T, H, K, E;
+  const int64_t* id;
+  const float* wt;
+  const int32_t* bucket_of;
+  const int32_t* local_of;
+  Routing(const at::Tensor& x_in, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+          const at::Tensor& bucket_of_t, const at::Tensor& local_of_t)
+      : x(x_in.contiguous()), ids(topk_ids.to(at::kLong).contiguous()), wts(topk_weights.to(at::kFloat).contiguous()),
+        bucket_of_c(bucket_of_t.to(at::kInt).contiguous()), local_of_c(local_of_t.to(at::kInt).contiguous()),
+        T(x.size(0)), H(x.size(1)), K(topk_ids.size(1)), E(bucket_of_c.numel()), id(ids.data_ptr<int64_t>()),
+        wt(wts.data_ptr<float>()), bucket_of(bucket_of_c.data_ptr<int32_t>()), local_of(local_of_c.data_ptr<int32_t>()) {}
+};
+
 at::Tensor bucketed_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                         const at::Tensor& bucket_of_t, const at::Tensor& local_of_t, at::TensorList w13,
                         at::TensorList w2, c10::string_view act_sv, c10::string_view isa_sv) {
   TORCH_CHECK(x_in.dim() == 2 && topk_ids.dim() == 2 && topk_weights.sizes() == topk_ids.sizes());
   TORCH_CHECK(w13.size() == w2.size(), "one w13 and one w2 stack per bucket");
   const std::string act(act_sv), isa(isa_sv);
-  const at::Tensor x = x_in.contiguous();
-  const int64_t T = x.size(0), H = x.size(1), K = topk_ids.size(1);
-  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
-  const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
-  const at::Tensor bucket_of_c = bucket_of_t.to(at::kInt).contiguous();
-  const at::Tensor local_of_c = local_of_t.to(at::kInt).contiguous();
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const float* wt = wts.data_ptr<float>();
-  const int32_t* bucket_of = bucket_of_c.data_ptr<int32_t>();
-  const int32_t* local_of = local_of_c.data_ptr<int32_t>();
-  const int64_t E = bucket_of_c.numel();
+  const Routing r(x_in, topk_weights, topk_ids, bucket_of_t, local_of_t);
+  const at::Tensor &x = r.x, &ids = r.ids, &wts = r.wts;
+  const int64_t T = r.T, H = r.H, K = r.K, E = r.E;
+  const int64_t* id = r.id;
+  const float* wt = r.wt;
+  const int32_t *bucket_of = r.bucket_of, *local_of = r.local_of;
   const int64_t B = static_cast<int64_t>(w13.size());
 
   at::Tensor acc = at::zeros({T, H}, x.options().dtype(at::kFloat));
@@ -207,17 +219,12 @@ at::Tensor zentorch_bucketed_moe(const at::Tensor& x_in, const at::Tensor& topk_
   TORCH_CHECK(x_in.dim() == 2 && topk_ids.dim() == 2 && topk_weights.sizes() == topk_ids.sizes());
   TORCH_CHECK(w13.size() == w2.size() && s13.size() == w13.size() && s2.size() == w13.size(), "one stack set per bucket");
   const std::string act(act_sv);
-  const at::Tensor x = x_in.contiguous();
-  const int64_t T = x.size(0), H = x.size(1), K = topk_ids.size(1);
-  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
-  const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
-  const at::Tensor bucket_of_c = bucket_of_t.to(at::kInt).contiguous();
-  const at::Tensor local_of_c = local_of_t.to(at::kInt).contiguous();
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const float* wt = wts.data_ptr<float>();
-  const int32_t* bucket_of = bucket_of_c.data_ptr<int32_t>();
-  const int32_t* local_of = local_of_c.data_ptr<int32_t>();
-  const int64_t E = bucket_of_c.numel();
+  const Routing r(x_in, topk_weights, topk_ids, bucket_of_t, local_of_t);
+  const at::Tensor &x = r.x, &ids = r.ids, &wts = r.wts;
+  const int64_t T = r.T, H = r.H, K = r.K, E = r.E;
+  const int64_t* id = r.id;
+  const float* wt = r.wt;
+  const int32_t *bucket_of = r.bucket_of, *local_of = r.local_of;
   const int64_t B = static_cast<int64_t>(w13.size());
   at::Tensor acc = at::zeros({T, H}, x.options().dtype(at::kFloat));
   float* accp = acc.data_ptr<float>();

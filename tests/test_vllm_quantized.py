@@ -16,7 +16,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import ROOT, run_cli
 from tests.helpers.quantized import dequantized_copy

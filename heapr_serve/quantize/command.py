@@ -19,7 +19,6 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 

@@ -61,8 +61,3 @@ def scheme_for(name: str) -> Scheme:
         raise HeaprError(f"--scheme {name!r}: unknown; choose one of {', '.join(SCHEMES)}")
     return SCHEMES[name]
 
-
-def scheme_of_config(config: dict) -> str | None:
-    """The --scheme name recorded by `heapr-serve quantize` in a folder's config, if any."""
-    return ((config.get("heapr") or {}).get("quantization") or {}).get("scheme") or \
-        (config.get("heapr_quantization") or {}).get("scheme")

@@ -1,6 +1,7 @@
-"""Evaluation through a served endpoint: one real vLLM server (dense tiny model) gives the same held-out
-perplexity as transformers, and real lm-eval (`local-completions`) against it scores the bundled
-local tasks exactly as a direct transformers computation does. Bad input is one line, exit 2."""
+"""Evaluation through a served endpoint: one real vLLM server (dense tiny model, started through
+`heapr-serve serve`, which serves a dense folder with stock vLLM) answers the OpenAI routes, gives the
+same held-out perplexity as transformers, and real lm-eval (`local-completions`) against it scores the
+bundled local tasks exactly as a direct transformers computation does. Bad input is one line, exit 2."""
 
 import json
 from importlib.util import find_spec
@@ -16,6 +17,7 @@ from heapr_serve.eval.lm_eval_tasks.task_data import FILES
 from heapr_serve.models import load_model, load_tokenizer
 
 from conftest import run_cli
+from tests.helpers.openai_api import check_openai_api
 
 needs_vllm = pytest.mark.skipif(find_spec("vllm") is None or find_spec("lm_eval") is None, reason="needs vllm and lm-eval")
 
@@ -25,8 +27,17 @@ def server(tiny_models, tmp_path_factory):
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     extra = ["--dtype", "float32", "--max-model-len", "1024"]
     # a fixed KV cache, not a share of memory: what else the machine holds must not decide the start
-    with LocalVllmServer(tiny_models["qwen3_moe"], extra=extra, log=log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as srv:
+    with LocalVllmServer(tiny_models["qwen3_moe"], served_name="dense", extra=extra, log=log, through_serve=True,
+                         env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as srv:
+        srv.log_path = log
         yield srv
+
+
+@needs_vllm
+def test_serve_dense_folder_is_stock_vllm(server, tiny_models):
+    check_openai_api(server.url, "dense", tiny_models["qwen3_moe"])
+    log = server.log_path.read_text()
+    assert "heapr-serve: serving" in log and "pruned" not in log.split("heapr-serve: serving", 1)[1].splitlines()[0]
 
 
 def _choice_accuracy(model, tokenizer, task: str, limit: int) -> float:

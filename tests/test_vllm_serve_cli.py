@@ -1,7 +1,10 @@
 """`heapr-serve serve`: bad folders fail fast with one line; a pruned folder serves the OpenAI API.
 
 The server test starts the real command (which execs vLLM's OpenAI-compatible server with the plugin)
-on a pruned random Qwen3-MoE and on a dense one, one server at a time, as the test machine allows.
+on a pruned random Qwen3-MoE (the dense folder served through `serve` is tests/test_eval_endpoint.py's
+server). The refusals run the real console entry point in-process (with `os.execv` made to fail, so
+a refusal that let vLLM start fails the test instead of replacing it), and one of them also as its
+own process, to show exactly what a user's shell sees.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from heapr_serve.ab.local_vllm import LocalVllmServer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
+from tests.helpers.openai_api import check_openai_api
 from tests.helpers.ragged import make_ragged, mixed_widths
 
 pytest.importorskip("vllm")
@@ -71,6 +74,13 @@ BAD_CASES = {
 }
 
 
+SUBPROCESS_CASE = "mismatch"
+
+
+def _no_exec(*args):
+    raise AssertionError(f"serve exec'd vLLM instead of refusing: {args}")
+
+
 @pytest.fixture(scope="module")
 def refusals(folders, tmp_path_factory):
     """Run `serve` on every bad input, one after another, timing each."""
@@ -80,49 +90,39 @@ def refusals(folders, tmp_path_factory):
     argv["eplb"] = [folders["pruned"], "--enable-expert-parallel", "--enable-eplb"]
     argv["ep_with_data_parallel"] = [folders["pruned"], "-ep", "--data-parallel-size=2"]
     results = {}
-    for case, args in argv.items():
-        start = time.monotonic()
-        proc = _serve(args)
-        out, err = proc.communicate(timeout=300)
-        results[case] = (proc.returncode, out, err, time.monotonic() - start)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "execv", _no_exec)
+        for case, args in argv.items():
+            start = time.monotonic()
+            code, out, err = run_cli("serve", *args)
+            results[case] = (code, out, err, time.monotonic() - start)
+    start = time.monotonic()
+    proc = _serve(argv[SUBPROCESS_CASE])
+    out, err = proc.communicate(timeout=300)
+    results["process"] = (proc.returncode, out, err, time.monotonic() - start)
     return results
 
 
-@pytest.mark.parametrize("case", list(BAD_CASES))
+@pytest.mark.parametrize("case", [*BAD_CASES, "process"])
 def test_bad_input_fails_fast_with_one_line(refusals, case):
     code, out, err, elapsed = refusals[case]
     assert code == 2, err
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert BAD_CASES[case] in lines[0], lines[0]
+    assert BAD_CASES[SUBPROCESS_CASE if case == "process" else case] in lines[0], lines[0]
     assert "Traceback" not in err and "vllm.entrypoints" not in err + out  # vLLM never started
     print(f"{case}: refused in {elapsed:.1f}s: {lines[0]}")
 
 
-@pytest.mark.parametrize("which", ["pruned", "dense"])
-def test_serve_openai_endpoints(folders, which, tmp_path):
+def test_serve_openai_endpoints(folders, tmp_path):
+    which = "pruned"
     folder = folders[which]
-    # the pruned server runs vLLM's default CPU mode (torch.compile of the model, fullgraph): the ragged
-    # dispatch must survive it; the dense one runs eager to save start-up time
-    eager = ["--enforce-eager"] if which == "dense" else []
+    # vLLM's default CPU mode (torch.compile of the model, fullgraph): the ragged dispatch must survive it
     server = LocalVllmServer(folder, served_name=which, through_serve=True, log=tmp_path / "server.log",
                              env={"VLLM_CPU_KVCACHE_SPACE": "1"}, startup_timeout=420,
-                             extra=["--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "4", *eager,
+                             extra=["--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "4",
                                     "--distributed-executor-backend", "uni"])
     with server:
-        base = server.url
-        models = httpx.get(f"{base}/v1/models", timeout=30).json()
-        assert [m["id"] for m in models["data"]] == [which]
-        comp = httpx.post(f"{base}/v1/completions", json={"model": which, "prompt": "The capital of France is",
-                                                          "max_tokens": 6, "temperature": 0}, timeout=120).json()
-        assert comp["usage"]["completion_tokens"] == 6 and isinstance(comp["choices"][0]["text"], str)
-        assert (Path(folder) / "chat_template.jinja").is_file() or "chat_template" in (Path(folder) / "tokenizer_config.json").read_text()
-        chat = httpx.post(f"{base}/v1/chat/completions", json={
-            "model": which, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 6, "temperature": 0,
-        }, timeout=120).json()
-        assert chat["choices"][0]["message"]["role"] == "assistant", chat
-        assert chat["usage"]["completion_tokens"] >= 1
-        metrics = httpx.get(f"{base}/metrics", timeout=30).text
-        assert "vllm:generation_tokens" in metrics and "vllm:request_success" in metrics
+        check_openai_api(server.url, which, folder)
     err = (tmp_path / "server.log").read_text()
-    assert ("heapr-serve: serving" in err) and (("pruned qwen3_moe" in err) == (which == "pruned"))
+    assert "heapr-serve: serving" in err and "pruned qwen3_moe" in err

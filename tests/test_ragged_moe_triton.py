@@ -131,6 +131,11 @@ def _interpreted_cases(fresh_seed):
              cfg=small, poison=True),
         dict(name="nan_poisoned_buffers_heuristic", widths=[96, 40, 0, 128, 17], H=128, T=96,
              topk=2, dtype="bfloat16", cfg=None, poison=True),
+        # Long batches run in token chunks (vLLM's VLLM_FUSED_MOE_CHUNK_SIZE): bounded work buffers,
+        # the same output; chunks of 8 split 37 tokens unevenly, and the heuristic config is per chunk.
+        dict(name="chunked_tokens", widths=mixed, H=64, T=37, topk=2, dtype="bfloat16", cfg=small, chunk=8),
+        dict(name="chunked_tokens_heuristic", widths=[96, 40, 0, 128, 17], H=128, T=96, topk=2,
+             dtype="bfloat16", cfg=None, chunk=40, poison=True),
         # Small batches align with the one-program Triton kernel; this forces the torch sort path.
         dict(name="torch_alignment_path", widths=mixed, H=64, T=37, topk=2, dtype="bfloat16",
              cfg=small, torch_align=True),
@@ -202,7 +207,7 @@ def _run_interpreted(fresh_seed):
             if case["cfg"] == "op":  # through the registered op, as the vLLM layer calls it
                 out = packed.op(hidden, ids, weights)
             else:
-                out = ragged_fused_moe(hidden, packed, ids, weights, config=case["cfg"])
+                out = ragged_fused_moe(hidden, packed, ids, weights, config=case["cfg"], chunk_tokens=case.get("chunk"))
         finally:
             torch.empty = real_empty
         ref = reference64(experts, hidden, ids, weights)
@@ -225,7 +230,7 @@ CASE_NAMES = ["mixed_bf16", "mixed_fp16", "mixed_fp32", "hidden_not_multiple_of_
               "tokens_only_on_width0_experts", "all_width0", "blocks32_group3",
               "heuristic_config_bm32", "heuristic_config_bm128", "heuristic_config_bm16",
               "custom_op_heuristic_config", "negative_ids_are_empty_slots", "nan_poisoned_buffers",
-              "nan_poisoned_buffers_heuristic", "torch_alignment_path",
+              "nan_poisoned_buffers_heuristic", "chunked_tokens", "chunked_tokens_heuristic", "torch_alignment_path",
               "fresh_random_0", "fresh_random_1", "fresh_random_2"]
 
 
@@ -541,6 +546,31 @@ def test_custom_op_under_torch_compile(rmt):
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(hidden, ids, weights), layer(hidden, ids, weights))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")
+@pytest.mark.parametrize("tokens", [1, 8, 64])
+def test_custom_op_under_cuda_graph_capture(rmt, tokens):
+    """vLLM captures decode batches in CUDA graphs: the op must capture (no host sync, no allocation
+    outside the graph's pool) and a replay on new inputs written into the captured buffers must give the
+    eager result of those inputs."""
+    experts, hidden, ids, weights = make_case([0, 6, 33, 9, 64, 17, 0, 40], H=128, T=tokens, topk=2,
+                                              dtype=torch.bfloat16, seed=7)
+    _, hidden2, ids2, weights2 = make_case([0, 6, 33, 9, 64, 17, 0, 40], H=128, T=tokens, topk=2,
+                                           dtype=torch.bfloat16, seed=8)
+    p = rmt.pack_ragged_experts(experts).to("cuda")
+    x, i, w = hidden.cuda(), ids.cuda(), weights.cuda()
+    p.op(x, i, w)  # compile the kernels before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = p.op(x, i, w)
+    x.copy_(hidden2.cuda()), i.copy_(ids2.cuda()), w.copy_(weights2.cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = p.op(hidden2.cuda(), ids2.cuda(), weights2.cuda())
+    assert torch.equal(out, eager)
+    assert rel_err(out.cpu(), reference64(experts, hidden2, ids2, weights2)) <= BOUNDS["bfloat16"]
 
 
 if __name__ == "__main__":

@@ -680,9 +680,20 @@ def _check_args(hidden, packed, topk_ids, topk_weights):
         raise ValueError(f"weights are {packed.w13.dtype}, hidden is {hidden.dtype}: cast at load time")
 
 
+def chunk_tokens_default() -> int:
+    """Tokens per launch: vLLM's own fused-MoE chunk (VLLM_FUSED_MOE_CHUNK_SIZE, 16K by default), so a
+    long prefill never holds more than [chunk*topk, H] + [chunk*topk, max width] of work buffers."""
+    try:
+        import vllm.envs as envs
+
+        return max(1, int(envs.VLLM_FUSED_MOE_CHUNK_SIZE))
+    except Exception:  # vLLM absent (the kernel is usable alone): vLLM's default
+        return 16 * 1024
+
+
 def ragged_fused_moe(hidden: torch.Tensor, packed: PackedRaggedExperts, topk_ids: torch.Tensor,
-                     topk_weights: torch.Tensor, config: RaggedMoeConfig | None = None
-                     ) -> torch.Tensor:
+                     topk_weights: torch.Tensor, config: RaggedMoeConfig | None = None,
+                     chunk_tokens: int | None = None) -> torch.Tensor:
     """Routed-expert output of one MoE layer: sum_j w[t,j] * expert_{ids[t,j]}(hidden[t]).
 
     hidden [T, H] bf16/fp16 (fp32 works too, with TF32 products on a GPU), topk_ids [T, topk]
@@ -698,9 +709,16 @@ def ragged_fused_moe(hidden: torch.Tensor, packed: PackedRaggedExperts, topk_ids
     use_triton = HAS_TRITON and (hidden.is_cuda or (_interpreting() and hidden.device.type == "cpu"))
     if not use_triton:
         return ragged_moe_reference(hidden, packed, topk_ids, topk_weights)
+    T = hidden.shape[0]
+    chunk = chunk_tokens or chunk_tokens_default()
+    if T > chunk:  # tokens are independent: launch per chunk into slices of one output
+        out = torch.empty_like(hidden)
+        for s in range(0, T, chunk):
+            e = min(T, s + chunk)
+            out[s:e] = ragged_fused_moe(hidden[s:e], packed, topk_ids[s:e], topk_weights[s:e], config, chunk)
+        return out
     if config is None:
-        config = choose_config(hidden.shape[0], topk_ids.shape[1], packed.num_experts,
-                               packed.hidden_size, packed.max_width)
+        config = choose_config(T, topk_ids.shape[1], packed.num_experts, packed.hidden_size, packed.max_width)
         if hidden.is_cuda:
             config = fit_to_shared_memory(config, hidden.element_size(),
                                           _device_shared_memory(hidden.device.index or 0))

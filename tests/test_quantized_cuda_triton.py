@@ -116,7 +116,7 @@ def build(scheme_name: str, dtype: torch.dtype, device: str, seed: int = 0, back
     layer.to(device)
     hidden = torch.randn(T, H, generator=g).to(dtype).to(device)
     ids = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(T)]).to(torch.int32)
-    ids[0] = torch.tensor([2, 1])  # a width-0 expert and the single-expert bucket in one token
+    ids[0] = torch.tensor([2, 0])  # a width-0 expert and a single-expert bucket in one token
     weights = torch.softmax(torch.randn(T, TOPK, generator=g), dim=-1)
     return method, layer, experts, hidden, ids.to(device), weights.to(device), spec
 

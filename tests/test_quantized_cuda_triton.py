@@ -250,6 +250,9 @@ def test_vllm_triton_kernel_on_bucket_layout_matches_dequantized_reference(inter
     assert "error" not in r, r
     assert r["shape_ok"] and r["finite"], r
     assert r["rel_err"] <= r["bound"], r
+    # the converted stacks are still the layer's parameters (sleep mode and weight reload see them)
+    kinds = ("q", "s", "z") if scheme == "w4a16-asym" else ("q", "s")
+    assert r["params"] == sorted(f"{k}{p}_b{b}" for k in kinds for p in (13, 2) for b in range(len(r["buckets"]))), r
 
 
 # ------------------------------------------------------------------------------------------------

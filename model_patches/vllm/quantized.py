@@ -65,9 +65,9 @@ class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
             elif current_platform.is_cuda():
                 backend = "cuda"
             else:
-                raise HeaprError(f"quantized pruned checkpoints are served on CPU and CUDA only, not on {current_platform.device_name} "
-                                 "(ROCm's FP8 is e4m3fnuz and its AITER / XPU MoE kernels are not wired); serve the "
-                                 "unquantized pruned folder")
+                raise HeaprError(f"quantized pruned checkpoints are served on CPU and CUDA only, not on "
+                                 f"{current_platform.device_name} (ROCm's FP8 is e4m3fnuz and its AITER / XPU MoE kernels "
+                                 "are not wired); serve the unquantized pruned folder")
         self.widths, self.spec = list(widths), spec
         par = moe.moe_parallel_config
         self.tp_size, self.tp_rank = par.tp_size, par.tp_rank

@@ -59,9 +59,10 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
     sorted_ids = torch.full((max_padded,), numel, dtype=torch.int32)
     expert_ids = torch.full((-(-max_padded // block_size),), -1, dtype=torch.int32)
     pos = 0
-    experts = range(n_local) if ignore_invalid_experts or expert_map is None else range(num_experts)
-    for e in experts:
-        pairs = (local == e).nonzero().flatten() if (ignore_invalid_experts or expert_map is None) else (flat == e).nonzero().flatten()
+    by_local = ignore_invalid_experts or expert_map is None  # else: count global ids, map the blocks after
+    keys = local if by_local else flat
+    for e in range(n_local if by_local else num_experts):
+        pairs = (keys == e).nonzero().flatten()
         if pairs.numel() == 0:
             continue
         sorted_ids[pos:pos + pairs.numel()] = pairs.to(torch.int32)

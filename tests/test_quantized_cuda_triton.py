@@ -176,6 +176,9 @@ def run_case(scheme: str, dtype_name: str, device: str) -> dict:
 # FP8 operands and run in both model dtypes. The CUDA test below covers bfloat16 for all.
 A16 = ("w4a16", "w4a16-asym", "w8a16")
 CASES = [(s, d) for s in SCHEMES for d in ("float16", "bfloat16") if d == "float16" or s not in A16]
+# On Hopper (sm90) vLLM runs its FP8 kernel with A and B swapped for small batches (enable_swap_ab):
+# the same cases with that branch forced, since no CPU platform takes it
+SWAP_AB = [("fp8", "float16"), ("fp8-block", "float16")]
 
 
 def _child() -> None:
@@ -185,14 +188,19 @@ def _child() -> None:
     vllm_triton_cpu.enable()
     vllm_triton_cpu.install_cpu_stand_ins()
     torch.set_num_threads(2)
-    for scheme, dtype in CASES:
+    from vllm.model_executor.layers.fused_moe import fused_moe
+
+    stock_swap = fused_moe.enable_swap_ab
+    for scheme, dtype, swap in [(s, d, False) for s, d in CASES] + [(s, d, True) for s, d in SWAP_AB]:
+        name = f"{scheme}-{dtype}" + ("-swap_ab" if swap else "")
+        fused_moe.enable_swap_ab = (lambda bm, bn: True) if swap else stock_swap
         try:
-            print(json.dumps(run_case(scheme, dtype, "cpu")), flush=True)
+            print(json.dumps(dict(run_case(scheme, dtype, "cpu"), name=name)), flush=True)
         except Exception as err:  # reported per case, asserted by the parent
             import traceback
 
             traceback.print_exc()
-            print(json.dumps({"name": f"{scheme}-{dtype}", "error": f"{type(err).__name__}: {err}"}), flush=True)
+            print(json.dumps({"name": name, "error": f"{type(err).__name__}: {err}"}), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -244,9 +252,12 @@ def test_cuda_backend_refuses_channelwise_wna16():
         _method("w4a16", [128], -1)
 
 
-@pytest.mark.parametrize("scheme,dtype", CASES, ids=[f"{s}-{d}" for s, d in CASES])
-def test_vllm_triton_kernel_on_bucket_layout_matches_dequantized_reference(interpreted, scheme, dtype):
-    r = interpreted[f"{scheme}-{dtype}"]
+ALL = [(s, d, "") for s, d in CASES] + [(s, d, "-swap_ab") for s, d in SWAP_AB]
+
+
+@pytest.mark.parametrize("scheme,dtype,variant", ALL, ids=[f"{s}-{d}{v}" for s, d, v in ALL])
+def test_vllm_triton_kernel_on_bucket_layout_matches_dequantized_reference(interpreted, scheme, dtype, variant):
+    r = interpreted[f"{scheme}-{dtype}{variant}"]
     assert "error" not in r, r
     assert r["shape_ok"] and r["finite"], r
     assert r["rel_err"] <= r["bound"], r

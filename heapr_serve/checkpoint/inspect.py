@@ -48,7 +48,8 @@ def inspect_command(checkpoint: Path) -> None:
     _print_quantization(heapr.get("quantization"))
     if heapr.get("source_quantization"):
         q = heapr["source_quantization"]
-        console.print(f"source was {q.get('quant_method')} {q.get('weight_block_size')}-block quantised; written dequantised to {q.get('written_as')}")
+        how = f"{q.get('weight_block_size')}-block quantised" if q.get("weight_block_size") else "quantised"
+        console.print(f"source was {q.get('quant_method')} {how}; written dequantised to {q.get('written_as')}")
 
 
 def _print_quantization(record: dict | None) -> None:

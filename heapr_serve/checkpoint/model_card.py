@@ -10,6 +10,13 @@ def _reduction(record: dict) -> str:
     return f"{1 - record['error_after'] / before:.1%}" if before > 0 else "0%"
 
 
+def _source_quantization(q: dict) -> str:
+    """FP8 sources are block-quantised (weight_block_size); MXFP4 ones (gpt-oss) quantise the expert stacks."""
+    if q.get("weight_block_size"):
+        return f"{q.get('quant_method')} block-quantised ({q.get('weight_block_size')})"
+    return f"{q.get('quant_method')}-quantised (its expert stacks)"
+
+
 def write_model_card(folder: Path, config: dict, plan, source_params: int, pruned_params: int, name: str) -> None:
     """`folder` is the staging folder; `name` the output's final name, for the title."""
     heapr = config["heapr"]
@@ -32,8 +39,7 @@ def write_model_card(folder: Path, config: dict, plan, source_params: int, prune
         f"Calibration: {calib.get('source', '?')}, {calib.get('nsamples', '?')} x {calib.get('seq_len', '?')} tokens, sha256 `{calib.get('sha256', '?')[:16]}`.",
         *[f"Layer {layer} is kept whole at the dense width: {reason}." for layer, reason in (heapr.get("kept_whole_layers") or {}).items()],
         *[f"Layer {layer} was left out: {reason}." for layer, reason in (heapr.get("dropped_layers") or {}).items()],
-        *([f"The source was {heapr['source_quantization'].get('quant_method')} block-quantised "
-           f"({heapr['source_quantization'].get('weight_block_size')}); this checkpoint holds it dequantised to "
+        *([f"The source was {_source_quantization(heapr['source_quantization'])}; this checkpoint holds it dequantised to "
            f"{heapr['source_quantization'].get('written_as')}."] if heapr.get("source_quantization") else []),
         *([f"The kept neurons' down-projection columns were re-fitted (`--reconstruct`, {heapr['reconstruct']['inputs']} inputs, "
            f"damp {heapr['reconstruct']['damp']:g}) to the dense experts' outputs on the calibration tokens: "

@@ -8,6 +8,8 @@ never resident. Everything a real checkpoint may hold is handled here, once:
   stacks, both filled into transformers' fused experts;
 - FP8 block-quantised weights (DeepSeek-V3's `weight_scale_inv`, Qwen3-FP8): dequantised to the
   calibration dtype as they are read;
+- MXFP4 expert stacks (gpt-oss as released: `experts.gate_up_proj_blocks` / `_scales`): dequantised
+  with transformers' own arithmetic to the stacks transformers' model holds, under their names;
 - parameters the model keeps in float32 (DeepSeek-V3's `e_score_correction_bias`) stay float32:
   `build_meta_model` applies the model's `_keep_in_fp32_modules(_strict)` as `from_pretrained` does,
   and each tensor is copied into the module's own parameter;
@@ -26,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from heapr_serve.checkpoint.format import SCALE_SUFFIX, extra_layers, open_safetensors, read_config, safetensors_files
+from heapr_serve.checkpoint.format import (MXFP4_TENSOR, SCALE_SUFFIX, extra_layers, open_safetensors, read_config,
+                                           safetensors_files)
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family, family_for
 
@@ -85,10 +88,9 @@ def fp8_block_size(config: dict, config_file: Path | str = "config.json") -> tup
     if not q:
         return None
     method = str(q.get("quant_method", "")).lower() if isinstance(q, dict) else ""
-    if method == "mxfp4":  # gpt-oss as released: calibrate and prune its dequantised copy
-        raise HeaprError(f"{config_file}: MXFP4 checkpoints (gpt-oss as released) are not read directly yet; dequantise it "
-                         "once (transformers: from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True)), then "
-                         "save_pretrained) and compress that folder")
+    if method == "mxfp4":  # gpt-oss as released: its expert stacks, read dequantised (is_mxfp4)
+        is_mxfp4(config, config_file)
+        return None
     if method != "fp8":
         raise HeaprError(f"{config_file}: quantization_config.quant_method {method or '?'!r} is not supported; pass the "
                          "unquantised checkpoint (or a block-quantised FP8 one, DeepSeek-V3 / Qwen3-FP8 style)")
@@ -102,6 +104,45 @@ def fp8_block_size(config: dict, config_file: Path | str = "config.json") -> tup
         raise HeaprError(f"{config_file}: quantization_config.activation_scheme is {scheme!r}; only dynamic activation "
                          "scaling (no stored input scales) is supported for FP8 sources")
     return int(block[0]), int(block[1])
+
+
+def is_mxfp4(config: dict, config_file: Path | str = "config.json") -> bool:
+    """Whether the source is MXFP4 as gpt-oss ships it (expert stacks only; the rest bfloat16). The
+    layout read is gpt-oss's, so any other family declaring MXFP4 is refused."""
+    q = config.get("quantization_config")
+    if not isinstance(q, dict) or str(q.get("quant_method", "")).lower() != "mxfp4":
+        return False
+    if config.get("model_type") != "gpt_oss":
+        raise HeaprError(f"{config_file}: quantization_config.quant_method 'mxfp4' is read for gpt-oss only (its expert "
+                         f"stacks), not model_type {config.get('model_type')!r}; pass the unquantised checkpoint")
+    return True
+
+
+MXFP4_GROUP = 32  # values per e8m0 scale: 16 bytes of two e2m1 nibbles
+
+
+def mxfp4_expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The released blocks shapes per stack, from config.json: gate_up [E, 2I, H/32, 16] (gate/up
+    interleaved along 2I), down [E, H, I/32, 16]; scales are the same without the last axis."""
+    experts, hidden, width = (int(config[k]) for k in ("num_local_experts", "hidden_size", "intermediate_size"))
+    return {"gate_up_proj": (experts, 2 * width, hidden // MXFP4_GROUP, 16), "down_proj": (experts, hidden, width // MXFP4_GROUP, 16)}
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
+                     name: str = "experts.gate_up_proj") -> torch.Tensor:
+    """transformers' own MXFP4 dequantisation (integrations/mxfp4.py `convert_moe_packed_tensors`,
+    CPU-safe): e2m1 nibbles, low nibble first, times 2^(scale - 127), the last two axes swapped, so
+    gate_up [E, 2I, H/32, 16] -> [E, H, 2I] and down [E, H, I/32, 16] -> [E, I, H] as its modules hold
+    them. Exact in float32 and bfloat16 (same exponent range); other dtypes are cast from float32."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.dim() != 4 or blocks.shape[-1] != 16 \
+            or tuple(scales.shape) != tuple(blocks.shape[:-1]):
+        raise HeaprError(f"{name}_blocks {blocks.dtype} {list(blocks.shape)} and {name}_scales {scales.dtype} {list(scales.shape)} "
+                         "are not MXFP4 (uint8 blocks [E, R, G, 16] with uint8 scales [E, R, G])")
+    exact = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    # chunks of 2^20 rows bound the int32 index temporaries to 64 MiB
+    return convert_moe_packed_tensors(blocks, scales, dtype=exact, rows_per_chunk=1 << 20).to(dtype)
 
 
 def check_scale_shape(weight_shape, scale_shape, block: tuple[int, int], name: str) -> None:
@@ -130,15 +171,57 @@ class SourceCheckpoint:
         self.family: Family = family_for(self.config)
         self.files = safetensors_files(self.path)  # disk name -> file
         self.fp8_block = fp8_block_size(self.config, self.path / "config.json")
-        # transformers module name -> disk name, for every stored tensor but FP8 scales
-        self.by_module = {self.family.module_tensor_name(n): n for n in self.files if not n.endswith(SCALE_SUFFIX)}
+        self.mxfp4 = is_mxfp4(self.config, self.path / "config.json")
+        # transformers module name -> disk name, for every stored tensor but scales (an MXFP4 stack by its blocks)
+        self.by_module = {self.family.module_tensor_name(read): n for n in self.files if (read := self.read_name(n)) is not None}
         self.num_layers = int(self.config["num_hidden_layers"])
         # decoder layers past num_hidden_layers with tensors on disk (DeepSeek-V3's MTP layer); checked
         self.extra_layers = extra_layers(self.config, self.files, self.path, self.family.extra_layers_key)
         if self.fp8_block is None and (scale := next((n for n in self.files if n.endswith(SCALE_SUFFIX)), None)):
             raise HeaprError(f"{self.path}: tensor {scale} is an FP8 block scale, but config.json declares no fp8 quantization_config")
+        if not self.mxfp4 and (part := next((n for n in self.files if MXFP4_TENSOR.match(n)), None)):
+            raise HeaprError(f"{self.path}: tensor {part} is part of an MXFP4 stack, but config.json declares no mxfp4 "
+                             "quantization_config; restore the released config.json")
         if self.fp8_block is not None:
             self._check_fp8_headers()
+        if self.mxfp4:
+            self._check_mxfp4_headers()
+
+    def read_name(self, disk_name: str) -> str | None:
+        """The name a stored tensor has once read: an MXFP4 stack's `_blocks` the stack's own name;
+        None for scales (FP8 or MXFP4), which are read with their weights and never stand alone."""
+        if disk_name.endswith(SCALE_SUFFIX):
+            return None
+        m = MXFP4_TENSOR.match(disk_name) if self.mxfp4 else None
+        if m:
+            return m["stack"] if m["part"] == "blocks" else None
+        return disk_name
+
+    def _check_mxfp4_headers(self) -> None:
+        """Every MXFP4 stack has uint8 blocks and scales of the released shapes for config.json's sizes
+        (safetensors headers only), so a broken checkpoint is refused before any calibration."""
+        sizes = {k: self.config.get(k) for k in ("num_local_experts", "hidden_size", "intermediate_size")}
+        if not all(isinstance(v, int) and v > 0 for v in sizes.values()) or sizes["hidden_size"] % MXFP4_GROUP or sizes["intermediate_size"] % MXFP4_GROUP:
+            raise HeaprError(f"{self.path / 'config.json'}: an MXFP4 source needs num_local_experts, and hidden_size and "
+                             f"intermediate_size multiples of {MXFP4_GROUP} (got {sizes}); the config does not match the checkpoint")
+        expected = mxfp4_expected_shapes(self.config)
+        parts: dict[str, dict[str, tuple]] = {}
+        for file in sorted(set(self.files.values())):
+            with open_safetensors(self.path / file) as f:
+                for name in f.keys():
+                    if (m := MXFP4_TENSOR.match(name)):
+                        piece = f.get_slice(name)
+                        parts.setdefault(m["stack"], {})[m["part"]] = (name, file, tuple(piece.get_shape()), piece.get_dtype(), m["kind"])
+        for stack, found in sorted(parts.items()):
+            for part, other in (("blocks", "scales"), ("scales", "blocks")):
+                if part in found and other not in found:
+                    name, file = found[part][:2]
+                    raise HeaprError(f"{self.path / file}: MXFP4 tensor {name} has no {stack}_{other}; the checkpoint is incomplete")
+            for part, (name, file, shape, dtype, kind) in found.items():
+                want = expected[kind] if part == "blocks" else expected[kind][:-1]
+                if dtype != "U8" or shape != want:
+                    raise HeaprError(f"{self.path / file}: MXFP4 tensor {name} is {dtype} {list(shape)}, but config.json's sizes "
+                                     f"need U8 {list(want)}; the checkpoint does not match its config")
 
     def _check_fp8_headers(self) -> None:
         """Every FP8 weight has a block scale of the right shape (safetensors headers only), so a broken
@@ -162,7 +245,8 @@ class SourceCheckpoint:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The checkpoint's own floating dtype (bfloat16 for FP8 sources: what they are computed in)."""
+        """The checkpoint's own floating dtype (bfloat16 for FP8 sources: what they are computed in;
+        an MXFP4 source's declared one, bfloat16 as released)."""
         name = self.config.get("dtype") or self.config.get("torch_dtype") or "float32"
         if self.fp8_block is not None:
             return torch.bfloat16
@@ -170,7 +254,7 @@ class SourceCheckpoint:
         return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
     def read(self, disk_names: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """The named tensors (FP8 ones dequantised to float32), one file opened at a time and closed
+        """The named tensors (FP8 ones and MXFP4 stacks dequantised to float32), one file opened at a time and closed
         again, so only what was read stays resident."""
         by_file: dict[str, list[str]] = {}
         for name in disk_names:
@@ -184,27 +268,35 @@ class SourceCheckpoint:
                     out[name] = self.get(f, name).to(device)
         return out
 
-    def get(self, f, name: str, fp8_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Tensor `name` from the open file `f`; an FP8 one dequantised (in float32, then cast to
-        `fp8_dtype`) with its block scales, which may sit in another shard."""
+    def get(self, f, name: str, dequant_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tensor `name` from the open file `f`; an FP8 one or an MXFP4 stack's blocks dequantised (to
+        `dequant_dtype`) with its scales, which may sit in another shard."""
+        file = self.path / self.files.get(name, "?")
+        if self.mxfp4 and (m := MXFP4_TENSOR.match(name)) and m["part"] == "blocks":
+            blocks, scales = f.get_tensor(name), self._companion(f, name, m["stack"] + "_scales", "MXFP4")
+            try:
+                return dequantize_mxfp4(blocks, scales, dequant_dtype, m["stack"])
+            except HeaprError as err:
+                raise HeaprError(f"{file}: {err}") from None
         tensor = f.get_tensor(name)
         if tensor.dtype not in FP8_DTYPES:
             return tensor
-        file = self.path / self.files.get(name, "?")
         if self.fp8_block is None:
             raise HeaprError(f"{file}: {name} is FP8 but config.json declares no fp8 quantization_config")
-        scale_name = name + SCALE_SUFFIX
-        if scale_name not in self.files:
-            raise HeaprError(f"{file}: FP8 tensor {name} has no {scale_name}; the checkpoint is incomplete")
-        if self.files[scale_name] == self.files.get(name):
-            scale = f.get_tensor(scale_name)
-        else:
-            with open_safetensors(self.path / self.files[scale_name]) as g:
-                scale = g.get_tensor(scale_name)
+        scale = self._companion(f, name, name + SCALE_SUFFIX, "FP8")
         try:
-            return dequantize_fp8(tensor, scale, self.fp8_block, name).to(fp8_dtype)
+            return dequantize_fp8(tensor, scale, self.fp8_block, name).to(dequant_dtype)
         except HeaprError as err:
             raise HeaprError(f"{file}: {err}") from None
+
+    def _companion(self, f, name: str, scale_name: str, kind: str) -> torch.Tensor:
+        """The scales `scale_name` of tensor `name` (open in `f`), from its shard or another one."""
+        if scale_name not in self.files:
+            raise HeaprError(f"{self.path / self.files.get(name, '?')}: {kind} tensor {name} has no {scale_name}; the checkpoint is incomplete")
+        if self.files[scale_name] == self.files.get(name):
+            return f.get_tensor(scale_name)
+        with open_safetensors(self.path / self.files[scale_name]) as g:
+            return g.get_tensor(scale_name)
 
     # -- filling modules -----------------------------------------------------------------------------
 
@@ -254,7 +346,7 @@ class SourceCheckpoint:
                     file = self.files[name]
                     if file not in handles:
                         handles[file] = files.enter_context(_RawSafetensors(self.path / file))
-                    value = self.get(handles[file], name)
+                    value = self.get(handles[file], name, dequant_dtype=place.dtype)
                     if tuple(value.shape) != tuple(place.shape):
                         raise HeaprError(f"{self.path}: {name} has shape {list(value.shape)}, the model expects {list(place.shape)} for {prefix + key}")
                     place.copy_(value)
@@ -314,14 +406,14 @@ def build_meta_model(config_path: Path, dtype: torch.dtype):
 
     config = AutoConfig.from_pretrained(str(config_path))
     if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config  # FP8 sources are dequantised on read
+        del config.quantization_config  # FP8 and MXFP4 sources are dequantised on read
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return keep_fp32(model, dtype).eval()
 
 
 def load_dense(path: Path, dtype: torch.dtype, device: torch.device):
-    """The whole dense model, read through `SourceCheckpoint` (so FP8 sources load dequantised)."""
+    """The whole dense model, read through `SourceCheckpoint` (so FP8 and MXFP4 sources load dequantised)."""
     source = SourceCheckpoint(path)
     model = build_meta_model(path, dtype)
     source.load_module(model, "", device)

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family
 from heapr_serve.preflight import check_output, check_path_text, staged_folder
-from heapr_serve.checkpoint.format import (FORMAT_VERSION, FUSED_EXPERTS_TENSOR, GPT_OSS_EXPERTS_TENSOR, MTP_REASON, PER_EXPERT_TENSOR, SCALE_SUFFIX,
-                                           dense_expert_width, num_routed_experts, open_safetensors, safetensors_files,
+from heapr_serve.checkpoint.format import (FORMAT_VERSION, FUSED_EXPERTS_TENSOR, GPT_OSS_EXPERTS_TENSOR, MTP_REASON, MXFP4_TENSOR,
+                                           PER_EXPERT_TENSOR, SCALE_SUFFIX, dense_expert_width, num_routed_experts, open_safetensors, safetensors_files,
                                            tensor_layer)
 from heapr_serve.checkpoint.source import SourceCheckpoint
 from heapr_serve.progress import console
@@ -49,7 +49,7 @@ _BYTES_PER = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16"
 
 def estimated_output_bytes(source: Path, ratio: float) -> int:
     """Bytes the pruned checkpoint will take, from the source headers: routed-expert tensors shrink by
-    `ratio`, FP8 weights are written as bfloat16 without their scales; plus 2% for the rest."""
+    `ratio`, FP8 weights and MXFP4 stacks are written as bfloat16 without their scales; plus 2% for the rest."""
     try:
         files = sorted(set(safetensors_files(source).values()))
     except HeaprError:  # no weights: the source checks that follow say so, with their own fix
@@ -58,11 +58,13 @@ def estimated_output_bytes(source: Path, ratio: float) -> int:
     for file in files:
         with open_safetensors(source / file) as f:
             for name in f.keys():
-                if name.endswith(SCALE_SUFFIX):
+                mxfp4 = MXFP4_TENSOR.match(name)
+                if name.endswith(SCALE_SUFFIX) or (mxfp4 and mxfp4["part"] == "scales"):
                     continue
                 view = f.get_slice(name)
-                size = torch.Size(view.get_shape()).numel() * _BYTES_PER.get(view.get_dtype(), 2)
-                expert = PER_EXPERT_TENSOR.match(name) or FUSED_EXPERTS_TENSOR.match(name)
+                # MXFP4 blocks: two values a byte, written in bfloat16
+                size = torch.Size(view.get_shape()).numel() * (4 if mxfp4 else _BYTES_PER.get(view.get_dtype(), 2))
+                expert = PER_EXPERT_TENSOR.match(name) or FUSED_EXPERTS_TENSOR.match(name) or mxfp4
                 total += int(size * (1 - ratio)) if expert else size
     return int(total * 1.02)
 
@@ -184,8 +186,8 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
     Beyond the MoE layers in `keep`: decoder layers past num_hidden_layers (DeepSeek-V3's MTP layer)
     are written whole, their experts per-expert at the dense width, and declared in
     `heapr.kept_whole_layers`, or left out with `drop_mtp` (config's count of them set to 0). An FP8
-    block-quantised source is written dequantised to bfloat16, without its scales or its
-    quantization_config, and recorded in `heapr.source_quantization`. `refit(layer, expert)`: the
+    block-quantised source is written dequantised to bfloat16, an MXFP4 one (gpt-oss) dequantised to
+    its own dtype, without scales or quantization_config, and recorded in `heapr.source_quantization`. `refit(layer, expert)`: the
     re-fitted kept down-projection columns of `--reconstruct` (heapr_serve.prune.reconstruct), or None."""
     source = Path(source)
     src = SourceCheckpoint(source)
@@ -200,6 +202,13 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
         console.print(f"note: {source} is FP8 block-quantised ({src.fp8_block[0]}x{src.fp8_block[1]} blocks); the pruned "
                       "checkpoint is written dequantised to bfloat16 without scales (pruned experts are served unquantised "
                       "for now), recorded in heapr.source_quantization", highlight=False, soft_wrap=True)
+    # FP8 weights are written in bfloat16, what they are computed in; MXFP4 stacks in the source's dtype
+    # (bfloat16 as released, like its other tensors), in which their values are exact
+    written_as = torch.bfloat16 if fp8 else src.dtype
+    if src.mxfp4:
+        console.print(f"note: {source} has MXFP4 expert stacks (gpt-oss as released); the pruned checkpoint is written "
+                      f"dequantised to {str(written_as).removeprefix('torch.')} without scales, recorded in "
+                      "heapr.source_quantization", highlight=False, soft_wrap=True)
 
     writer = _ShardWriter(folder, max_shard_bytes)
     names_by_file: dict[str, list[str]] = {}
@@ -209,12 +218,12 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
     for file in sorted(names_by_file):
         with open_safetensors(source / file) as f:
             for name in sorted(names_by_file[file]):
-                skip = (fp8 and name.endswith(SCALE_SUFFIX)) or (drop_mtp and tensor_layer(name) in extra)
-                if not skip:
-                    tensor = src.get(f, name, fp8_dtype=torch.bfloat16)
-                    dequantised += fp8 and (name + SCALE_SUFFIX) in src.files
-                    pieces = _expert_slices(family, name, tensor, slices, refit)
-                    for out_name, out_tensor in pieces if pieces is not None else [(name, tensor)]:
+                read_as = src.read_name(name)  # None for scales; an MXFP4 stack's blocks by the stack's name
+                if read_as is not None and not (drop_mtp and tensor_layer(name) in extra):
+                    tensor = src.get(f, name, dequant_dtype=written_as)
+                    dequantised += (fp8 and (name + SCALE_SUFFIX) in src.files) or read_as != name
+                    pieces = _expert_slices(family, read_as, tensor, slices, refit)
+                    for out_name, out_tensor in pieces if pieces is not None else [(read_as, tensor)]:
                         writer.add(out_name, out_tensor)
                 if progress is not None:
                     progress(name)
@@ -228,11 +237,12 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
             record["dropped_layers"] = {str(layer): "MTP (num_nextn_predict_layers), dropped by --drop-mtp" for layer in extra}
     elif extra:
         record["kept_whole_layers"] = {str(layer): MTP_REASON for layer in extra}
-    if fp8:
-        record["source_quantization"] = {**config.pop("quantization_config"), "written_as": "bfloat16",
+    if fp8 or src.mxfp4:
+        dtype_name = str(written_as).removeprefix("torch.")
+        record["source_quantization"] = {**config.pop("quantization_config"), "written_as": dtype_name,
                                          "dequantised_tensors": int(dequantised)}
         for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
-            config[key] = "bfloat16"
+            config[key] = dtype_name
     config["heapr"] = record
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for item in sorted(source.iterdir()):

@@ -68,21 +68,24 @@ def expert_weight_norms(source: Path, layers: set[int]) -> dict[int, dict[str, t
     family = family_for(config)
     per_expert: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
     norms: dict[int, dict[str, torch.Tensor]] = {}
-    src = SourceCheckpoint(source)  # FP8 weights are read dequantised
+    src = SourceCheckpoint(source)  # FP8 weights and MXFP4 stacks are read dequantised
     files = safetensors_files(source)
     for file in sorted(set(files.values())):
         with safe_open(Path(source) / file, "pt") as f:
-            for name in f.keys():
+            for disk_name in f.keys():
+                name = src.read_name(disk_name)  # an MXFP4 stack by its blocks' stack name; scales skipped
+                if name is None:
+                    continue
                 m = PER_EXPERT_TENSOR.match(name)
                 if m and int(m["layer"]) in layers and m["block"] == family.disk_block and m["proj"] in family.disk_projs:
                     proj = ("gate", "up", "down")[family.disk_projs.index(m["proj"])]
-                    w = src.get(f, name).float()
+                    w = src.get(f, disk_name).float()
                     norm = w.norm(dim=0) if proj == "down" else w.norm(dim=1)
                     per_expert.setdefault(int(m["layer"]), {}).setdefault(proj, {})[int(m["expert"])] = norm
                     continue
                 m = FUSED_EXPERTS_TENSOR.match(name)
                 if m and int(m["layer"]) in layers:
-                    w = src.get(f, name).float()
+                    w = src.get(f, disk_name).float()
                     layer_norms = norms.setdefault(int(m["layer"]), {})
                     if family.expert_layout == "gpt_oss":  # gate_up [E, H, 2I] interleaved, down [E, I, H]
                         if m["proj"] == "gate_up_proj":

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from heapr_serve.checkpoint.format import open_safetensors, safetensors_files
+from heapr_serve.checkpoint.format import MXFP4_TENSOR, open_safetensors, safetensors_files
 from heapr_serve.checkpoint.source import SCALE_SUFFIX
 from heapr_serve.errors import HeaprError
 
@@ -56,9 +56,11 @@ def _module_bytes(source, bytes_per: int) -> dict[str, int]:
     for file in sorted(set(safetensors_files(source).values())):
         with open_safetensors(source / file) as f:
             for name in f.keys():
-                if name.endswith(SCALE_SUFFIX):
+                mxfp4 = MXFP4_TENSOR.match(name)
+                if name.endswith(SCALE_SUFFIX) or (mxfp4 and mxfp4["part"] == "scales"):
                     continue
-                numel = torch.Size(f.get_slice(name).get_shape()).numel()
+                # MXFP4 blocks hold two values a byte; they are dequantised to the calibration dtype
+                numel = torch.Size(f.get_slice(name).get_shape()).numel() * (2 if mxfp4 else 1)
                 per_module[_module_of(name)] = per_module.get(_module_of(name), 0) + numel * bytes_per
     return per_module
 

@@ -1,5 +1,6 @@
 """Real checkpoint layouts through the real `heapr-serve compress`: DeepSeek-V3's MTP layer, FP8
-block-quantised sources (DeepSeek-V3 / Qwen3-FP8), several shards, fused on-disk experts.
+block-quantised sources (DeepSeek-V3 / Qwen3-FP8), gpt-oss's MXFP4 expert stacks, several shards, fused
+on-disk experts.
 
 Every case is a tiny random model with the feature (tools/build_tiny_models.py). For each one the
 output must validate, load in transformers and compute exactly the dense model with the pruned neurons
@@ -31,6 +32,7 @@ from heapr_serve.families import moe_blocks
 from heapr_serve.prune.methods import expert_weight_norms, plan_for_method
 from heapr_serve.score.stats import SCORES_FILE, ExpertStats
 from model_patches.transformers.loader import RaggedExperts
+from tests.helpers.mxfp4 import decode, write_dequantised, write_mxfp4
 from tests.helpers.ragged import zero_pruned_neurons
 from tests.helpers.vllm_driver import run_engines
 from tools.build_tiny_models import build_tiny_model
@@ -307,8 +309,8 @@ BAD = {
                                  ["activation_scheme"]),
     "another quantisation": ("qwen3_moe-fp8", lambda f: _edit_config(f, lambda c: c.update(quantization_config={"quant_method": "gptq"})),
                              ["gptq", "not supported"]),
-    "MXFP4 (gpt-oss as released)": ("qwen3_moe-fp8", lambda f: _edit_config(f, lambda c: c.update(quantization_config={"quant_method": "mxfp4"})),
-                                    ["MXFP4", "Mxfp4Config(dequantize=True)"]),
+    "MXFP4 on a family other than gpt-oss": ("qwen3_moe-fp8", lambda f: _edit_config(f, lambda c: c.update(quantization_config={"quant_method": "mxfp4"})),
+                                             ["'mxfp4'", "gpt-oss only", "qwen3_moe", "config.json"]),
     "scales that do not match": ("qwen3_moe-fp8", _wrong_scale, ["experts.1.up_proj.weight_scale_inv", "[1, 3]", "[2, 3]"]),
     "scales without fp8 config": ("qwen3_moe-fp8", lambda f: _edit_config(f, lambda c: c.pop("quantization_config")),
                                   ["_scale_inv", "no fp8 quantization_config"]),
@@ -330,6 +332,92 @@ def test_bad_real_checkpoints_are_one_line_and_leave_nothing(tmp_path, sources, 
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# --- MXFP4 sources (gpt-oss as released) ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mxfp4_sources(tmp_path_factory, tiny_tokenizer):
+    """A tiny gpt-oss in the released MXFP4 layout (tests/helpers/mxfp4.py) and its dequantised bfloat16
+    copy. intermediate_size 96: every blocked axis a multiple of 32, and H (128), 2I (192) and I all
+    different, so a swapped axis cannot pass the shape checks."""
+    root = tmp_path_factory.mktemp("mxfp4")
+    dense = build_tiny_model("gpt_oss", root / "float", seed=7, tok=tiny_tokenizer, intermediate_size=96)
+    mxfp4 = write_mxfp4(dense, root / "mxfp4")
+    return {"mxfp4": mxfp4, "dequantised": write_dequantised(mxfp4, root / "dequantised")}
+
+
+@pytest.mark.parametrize("mode", ["in-memory", "streamed"])
+def test_mxfp4_source_compresses_exactly_like_its_dequantised_copy(tmp_path, mxfp4_sources, capsys, mode):
+    """Same HEAPr statistics, same pruned tensors: the MXFP4 reader is the dequantisation, nothing more.
+    The output is unquantised bfloat16 without the source's quantization_config (recorded instead)."""
+    flags = ["--nsamples", "4", "--seq-len", "16", "--batch-size", "4", "--ratio", "0.3", "--streamed" if mode == "streamed" else "--no-streamed"]
+    outs = {}
+    for name, source in mxfp4_sources.items():
+        outs[name] = tmp_path / name
+        code, stdout, err = run_cli("compress", source, "-o", outs[name], *flags, capsys=capsys)
+        assert code == 0, err[-3000:]
+        if name == "mxfp4":
+            assert sum("MXFP4 expert stacks" in line for line in (stdout + err).splitlines()) == 1
+    scores = {n: load_file(o / SCORES_FILE) for n, o in outs.items()}
+    assert scores["mxfp4"].keys() == scores["dequantised"].keys()
+    for key, value in scores["mxfp4"].items():
+        assert torch.equal(value, scores["dequantised"][key]), key
+    got, want = _all(outs["mxfp4"]), _all(outs["dequantised"])
+    assert got.keys() == want.keys()
+    for key, value in got.items():
+        assert value.dtype == want[key].dtype == torch.bfloat16 and torch.equal(value, want[key]), key
+    config = json.loads((outs["mxfp4"] / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    q = config["heapr"]["source_quantization"]
+    assert q["quant_method"] == "mxfp4" and q["written_as"] == "bfloat16"
+    assert q["dequantised_tensors"] == 2 * config["num_hidden_layers"]  # gate_up and down per layer
+    validate_checkpoint(outs["mxfp4"])
+
+
+def test_mxfp4_reader_matches_an_independent_decoder(mxfp4_sources):
+    """transformers' arithmetic, as the reader uses it, against tests/helpers/mxfp4.py's own decoder."""
+    src = SourceCheckpoint(mxfp4_sources["mxfp4"])
+    tensors = load_file(mxfp4_sources["mxfp4"] / "model.safetensors")
+    stack = "model.layers.1.mlp.experts.down_proj"
+    assert src.read_name(stack + "_blocks") == stack and src.read_name(stack + "_scales") is None
+    got = src.read([stack + "_blocks"])[stack + "_blocks"]
+    assert list(got.shape) == [8, 96, 128]  # transformers' down_proj [E, I, H]
+    assert torch.equal(got, decode(tensors[stack + "_blocks"], tensors[stack + "_scales"]))
+
+
+def _edit_tensors(edit):
+    def tamper(folder: Path) -> None:
+        tensors = load_file(folder / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, folder / "model.safetensors")
+    return tamper
+
+
+BAD_MXFP4 = {
+    "scales of the wrong shape": (_edit_tensors(lambda t: t.update({"model.layers.1.mlp.experts.gate_up_proj_scales":
+                                                                    t["model.layers.1.mlp.experts.gate_up_proj_scales"][:, :, :2].contiguous()})),
+                                  ["model.layers.1.mlp.experts.gate_up_proj_scales", "[8, 192, 2]", "[8, 192, 4]", "model.safetensors"]),
+    "missing scales": (_edit_tensors(lambda t: t.pop("model.layers.0.mlp.experts.down_proj_scales")),
+                       ["model.layers.0.mlp.experts.down_proj_blocks", "down_proj_scales", "model.safetensors"]),
+    "blocks without the mxfp4 config": (lambda f: _edit_config(f, lambda c: c.pop("quantization_config")),
+                                        ["_blocks", "part of an MXFP4 stack", "no mxfp4 quantization_config"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MXFP4))
+def test_malformed_mxfp4_sources_are_one_line(tmp_path, mxfp4_sources, capsys, case):
+    tamper, needles = BAD_MXFP4[case]
+    bad = tmp_path / "bad"
+    shutil.copytree(mxfp4_sources["mxfp4"], bad)
+    tamper(bad)
+    out = tmp_path / "o"
+    code, _, err = run_cli("compress", bad, "-o", out, *FAST, capsys=capsys)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists()
 
 
 # --- the real vLLM CPU engine --------------------------------------------------------------------

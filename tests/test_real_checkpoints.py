@@ -24,9 +24,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import run_cli
-from heapr_serve.checkpoint.format import SCALE_SUFFIX, safetensors_files, tensor_layer
+from heapr_serve.checkpoint.format import SCALE_SUFFIX, count_source_params, safetensors_files, tensor_layer
 from heapr_serve.checkpoint.source import SourceCheckpoint, dequantize_fp8, load_dense
 from heapr_serve.checkpoint.validate import validate_checkpoint
+from heapr_serve.checkpoint.writer import estimated_output_bytes
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import moe_blocks
 from heapr_serve.prune.methods import expert_weight_norms, plan_for_method
@@ -376,7 +377,8 @@ def test_mxfp4_source_compresses_exactly_like_its_dequantised_copy(tmp_path, mxf
 
 
 def test_mxfp4_reader_matches_an_independent_decoder(mxfp4_sources):
-    """transformers' arithmetic, as the reader uses it, against tests/helpers/mxfp4.py's own decoder."""
+    """transformers' arithmetic, as the reader uses it, against tests/helpers/mxfp4.py's own decoder; and
+    the header-only readers count an MXFP4 stack as its dequantised self."""
     src = SourceCheckpoint(mxfp4_sources["mxfp4"])
     tensors = load_file(mxfp4_sources["mxfp4"] / "model.safetensors")
     stack = "model.layers.1.mlp.experts.down_proj"
@@ -384,6 +386,14 @@ def test_mxfp4_reader_matches_an_independent_decoder(mxfp4_sources):
     got = src.read([stack + "_blocks"])[stack + "_blocks"]
     assert list(got.shape) == [8, 96, 128]  # transformers' down_proj [E, I, H]
     assert torch.equal(got, decode(tensors[stack + "_blocks"], tensors[stack + "_scales"]))
+    # what else reads headers or weights sees the dequantised model: parameter count, output size, magnitudes
+    mx, dq = mxfp4_sources["mxfp4"], mxfp4_sources["dequantised"]
+    assert count_source_params(mx) == count_source_params(dq)
+    assert estimated_output_bytes(mx, 0.3) == estimated_output_bytes(dq, 0.3)
+    norms, want = expert_weight_norms(mx, {0, 1}), expert_weight_norms(dq, {0, 1})
+    for layer in (0, 1):
+        for proj in ("gate", "up", "down"):
+            assert torch.equal(norms[layer][proj], want[layer][proj]), (layer, proj)
 
 
 def _edit_tensors(edit):

@@ -201,7 +201,8 @@ class SourceCheckpoint:
         """Every MXFP4 stack has uint8 blocks and scales of the released shapes for config.json's sizes
         (safetensors headers only), so a broken checkpoint is refused before any calibration."""
         sizes = {k: self.config.get(k) for k in ("num_local_experts", "hidden_size", "intermediate_size")}
-        if not all(isinstance(v, int) and v > 0 for v in sizes.values()) or sizes["hidden_size"] % MXFP4_GROUP or sizes["intermediate_size"] % MXFP4_GROUP:
+        blocked = (sizes["hidden_size"], sizes["intermediate_size"])
+        if not all(isinstance(v, int) and v > 0 for v in sizes.values()) or any(v % MXFP4_GROUP for v in blocked):
             raise HeaprError(f"{self.path / 'config.json'}: an MXFP4 source needs num_local_experts, and hidden_size and "
                              f"intermediate_size multiples of {MXFP4_GROUP} (got {sizes}); the config does not match the checkpoint")
         expected = mxfp4_expected_shapes(self.config)

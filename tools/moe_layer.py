@@ -49,8 +49,10 @@ def setup_vllm(dtype: torch.dtype, max_tokens: int):
 
 
 def build_layer(cfg, name: str, hidden: int, experts: int, width: int, top_k: int, dtype, widths=None, weights=None,
-                layout: str | None = None):
-    """One MoE layer as Qwen3-MoE builds it (gate inside the runner), with given (or random) weights."""
+                layout: str | None = None, biases=None, activation: str = "silu"):
+    """One MoE layer as Qwen3-MoE builds it (gate inside the runner), with given (or random) weights.
+    `biases` (w13 [E, 2I], w2 [E, H]) with activation "swigluoai" make it a gpt-oss layer: w13 and its
+    bias interleaved (gate j at row 2j, up j at 2j + 1), as vLLM's CPU kernel reads them."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
 
@@ -64,7 +66,8 @@ def build_layer(cfg, name: str, hidden: int, experts: int, width: int, top_k: in
             kwargs = dict(routed_experts_cls=HeaprRoutedExperts, routed_experts_args={"heapr_widths": widths, "heapr_layout": layout})
         runner = FusedMoEFactory(
             gate=gate, num_experts=experts, top_k=top_k, hidden_size=hidden, intermediate_size=width,
-            renormalize=True, params_dtype=dtype, prefix=f"{name}.experts", **kwargs,
+            renormalize=True, params_dtype=dtype, prefix=f"{name}.experts", has_bias=biases is not None,
+            activation=activation, **kwargs,
         )
     torch.set_default_dtype(torch.float32)
     gate_w, gate_up, down = weights
@@ -73,6 +76,18 @@ def build_layer(cfg, name: str, hidden: int, experts: int, width: int, top_k: in
     if widths is None:
         routed.w13_weight.data.copy_(gate_up)
         routed.w2_weight.data.copy_(down)
+        if biases is not None:
+            routed.w13_bias.data.copy_(biases[0])
+            routed.w2_bias.data.copy_(biases[1])
+    elif biases is not None:  # interleaved gate/up, per-neuron biases, every expert's down bias
+        for e, w in enumerate(widths):
+            routed.load_expert(e, 2, biases[1][e], "down bias", "bias")
+            if w:
+                for proj in (0, 1):
+                    routed.load_expert(e, proj, gate_up[e, proj::2][:w], "gate/up")
+                    routed.load_expert(e, proj, biases[0][e, proj::2][:w], "gate/up bias", "bias")
+                routed.load_expert(e, 2, down[e, :, :w], "down")
+        routed.check_complete()
     else:
         for e, w in enumerate(widths):
             if w:

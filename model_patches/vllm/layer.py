@@ -100,6 +100,13 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
         self.widths = list(widths) if owned is None else owned_widths(widths, owned)
         par = moe.moe_parallel_config
         self.tp_size, self.tp_rank = par.tp_size, par.tp_rank
+        # gpt-oss: gate/up biases per neuron, a down bias per expert, and vLLM's clamped SwiGLU
+        # ("swigluoai"), whose kernels take gate and up interleaved (row 2j gate j, row 2j+1 up j)
+        self.bias = bool(getattr(moe, "has_bias", False))
+        self.interleaved = moe.activation.value == "swigluoai"
+        if self.bias and not current_platform.is_cpu():
+            raise HeaprError("pruned experts with biases (gpt-oss) are served on the CPU engine for now; the CUDA "
+                             "kernels of the ragged layer have no expert biases yet")
         if backend is None:
             if current_platform.is_cpu():
                 backend = "cpu"
@@ -119,7 +126,9 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
         # one bucket holding every expert in order, unpadded: the stock call, no remapping at all
         self.identity = len(self.buckets) == 1 and self.buckets[0].experts == tuple(range(E))
         self.layout = "buckets"
-        if backend == "cpu" and not self.identity:
+        if backend == "cpu" and not self.identity and self.bias:
+            self.layout = "buckets"  # the bias-aware path (Python op, vLLM's kernel with the bucket's biases)
+        elif backend == "cpu" and not self.identity:
             self.layout = layout or choose_layout(self.widths, self.tp_size, self.tp_rank, self.tile, moe.hidden_dim, moe.experts_per_token)
         self.slices = plan_slices(self.widths, self.tp_size, self.tp_rank, self.tile) if self.layout == "slices" else None
         bucket_of = torch.full((E,), -1, dtype=torch.int64)
@@ -135,6 +144,13 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
     def owns(self, expert: int) -> bool:
         """Whether this rank holds `expert` (always, without expert parallelism)."""
         return self.owned is None or expert in self.owned
+
+    def w13_rows(self, proj: int, lo: int, hi: int, padded: int) -> slice:
+        """Rows of a w13 stack of `padded` neurons that hold gate (proj 0) or up (1) neurons lo..hi of
+        this rank's share: gate rows then up rows, or interleaved for the clamped SwiGLU."""
+        if self.interleaved:
+            return slice(2 * lo + proj, 2 * hi + proj, 2)
+        return slice(proj * padded + lo, proj * padded + hi)
 
     # -- vLLM method interface --------------------------------------------------------------------
 
@@ -161,6 +177,15 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
             layer.register_parameter(f"w2_b{b}", w2)
             set_weight_attrs(w13, extra)
             set_weight_attrs(w2, extra)
+            if self.bias:  # zero-padded neurons get bias 0: clamped SwiGLU(0, 0) = 0, exact
+                bias = torch.nn.Parameter(torch.zeros(n, 2 * bucket.width, dtype=params_dtype), requires_grad=False)
+                layer.register_parameter(f"w13_bias_b{b}", bias)
+        if self.bias:
+            # every expert's down bias, width-0 experts' too (they still add router weight x bias), added
+            # outside the kernel: sum_j w[t, j] * b2[id[t, j]]; under TP only rank 0 holds it (the
+            # output is all-reduced), under EP only the expert's owner
+            down = torch.nn.Parameter(torch.zeros(len(self.widths), hidden_size, dtype=params_dtype), requires_grad=False)
+            layer.register_parameter("heapr_down_bias", down)
 
     def process_weights_after_loading(self, layer) -> None:
         self._bucket_lists = None
@@ -197,8 +222,9 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
             if not self.identity:
                 from model_patches.vllm import cpu_ext
 
-                # built (first time) and loaded here, at load time, never while Dynamo traces
-                self.native = cpu_ext.load()
+                # built (first time) and loaded here, at load time, never while Dynamo traces; the
+                # native op has no expert biases, so biased experts (gpt-oss) take the Python op
+                self.native = cpu_ext.load() and not self.bias
                 # module buffers, not method attributes, so that Dynamo sees them as model state
                 layer.register_buffer("heapr_bucket_of", self.bucket_of.to(torch.int32), persistent=False)
                 layer.register_buffer("heapr_local_of", self.local_of.to(torch.int32), persistent=False)
@@ -241,8 +267,8 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
                 from vllm._custom_ops import cpu_fused_moe
 
                 out = torch.empty_like(x)
-                cpu_fused_moe(out, x, layer.w13_b0, layer.w2_b0, None, None, topk_weights.to(torch.float32),
-                              topk_ids.to(torch.int32), layer.activation.value, self.isa, False)
+                cpu_fused_moe(out, x, layer.w13_b0, layer.w2_b0, self._w13_bias(layer, 0), self._w2_bias(layer),
+                              topk_weights.to(torch.float32), topk_ids.to(torch.int32), layer.activation.value, self.isa, False)
                 return out
             # vLLM compiles the CPU model with fullgraph=True and calls the MoE forward inline, so the
             # data-dependent bucket dispatch runs inside an opaque op: native (one C++ call, no Python
@@ -265,6 +291,20 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
         return self._apply_triton_buckets(layer, x, topk_weights, topk_ids)
 
     # -- kernels ----------------------------------------------------------------------------------
+
+    def _w13_bias(self, layer, b: int):
+        return getattr(layer, f"w13_bias_b{b}") if self.bias else None
+
+    def _w2_bias(self, layer):
+        """The unpruned layer's down biases, for the stock call (every expert in the one stack, in order)."""
+        return layer.heapr_down_bias if self.bias else None
+
+    def _add_down_bias(self, layer, out: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """out + sum_j w[t, j] * down_bias[id[t, j]] (experts with biases only; static shapes)."""
+        if not self.bias:
+            return out
+        b2 = layer.heapr_down_bias.to(torch.float32)[topk_ids.long()]  # [T, k, H]
+        return (out.to(torch.float32) + (topk_weights.to(torch.float32).unsqueeze(-1) * b2).sum(1)).to(out.dtype)
 
     def _apply_cpu_slices(self, layer, x, topk_weights, topk_ids):
         """One vLLM kernel call for the whole layer: each token's top-k experts become its slices."""
@@ -292,11 +332,12 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
         weights = topk_weights.to(torch.float32)
         if self.identity:
             out = torch.empty_like(x)
-            cpu_fused_moe(out, x, layer.w13_b0, layer.w2_b0, None, None, weights, topk_ids.to(torch.int32), act, self.isa, False)
+            cpu_fused_moe(out, x, layer.w13_b0, layer.w2_b0, self._w13_bias(layer, 0), self._w2_bias(layer), weights,
+                          topk_ids.to(torch.int32), act, self.isa, False)
             return out
         num_tokens, top_k = topk_ids.shape
         if num_tokens == 1:
-            return self._apply_cpu_one_token(layer, x, weights, topk_ids, act)
+            return self._add_down_bias(layer, self._apply_cpu_one_token(layer, x, weights, topk_ids, act), topk_weights, topk_ids)
         flat = topk_ids.reshape(-1).long()
         bucket = self.bucket_of[flat]  # -1: width-0 expert, contributes exactly zero
         order = torch.argsort(bucket, stable=True)
@@ -304,7 +345,7 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
         skip = counts[0]
         kept = order[skip:]
         if kept.numel() == 0:
-            return torch.zeros_like(x)
+            return self._add_down_bias(layer, torch.zeros_like(x), topk_weights, topk_ids)
         token = kept // top_k
         rows = x.index_select(0, token)
         local = self.local_of[flat[kept]].to(torch.int32).unsqueeze(1)
@@ -316,13 +357,13 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
                 continue
             s = slice(start, start + count)
             cpu_fused_moe(
-                y[s], rows[s], getattr(layer, f"w13_b{b}"), getattr(layer, f"w2_b{b}"), None, None,
+                y[s], rows[s], getattr(layer, f"w13_b{b}"), getattr(layer, f"w2_b{b}"), self._w13_bias(layer, b), None,
                 w[s], local[s].contiguous(), act, self.isa, False,
             )
             start += count
         out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32)
         out.index_add_(0, token, y.to(torch.float32))
-        return out.to(x.dtype)
+        return self._add_down_bias(layer, out.to(x.dtype), topk_weights, topk_ids)
 
     def _apply_cpu_one_token(self, layer, x, weights, topk_ids, act):
         """Decode step of one sequence: group its top-k experts by bucket in Python (no sort, gather
@@ -331,7 +372,8 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
 
         if self._bucket_lists is None:
             self._bucket_lists = (self.bucket_of.tolist(), self.local_of.tolist(),
-                                  [(getattr(layer, f"w13_b{b}"), getattr(layer, f"w2_b{b}")) for b in range(len(self.buckets))])
+                                  [(getattr(layer, f"w13_b{b}"), getattr(layer, f"w2_b{b}"), self._w13_bias(layer, b))
+                                   for b in range(len(self.buckets))])
         bucket_of, local_of, stacks = self._bucket_lists
         groups: dict[int, list[int]] = {}
         ids = topk_ids[0].tolist()
@@ -342,7 +384,7 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
         for b, js in groups.items():
             local = torch.tensor([[local_of[ids[j]] for j in js]], dtype=torch.int32)
             y = torch.empty_like(x)
-            cpu_fused_moe(y, x, stacks[b][0], stacks[b][1], None, None, weights[:, js], local, act, self.isa, False)
+            cpu_fused_moe(y, x, stacks[b][0], stacks[b][1], stacks[b][2], None, weights[:, js], local, act, self.isa, False)
             acc = y.to(torch.float32) if acc is None else acc.add_(y)
         return torch.zeros_like(x) if acc is None else acc.to(x.dtype)
 
@@ -478,7 +520,7 @@ class HeaprRoutedExperts(RoutedExperts):
         if expert >= len(self.heapr_widths):
             raise HeaprError(f"{where}tensor {name} names expert {expert}, beyond the {len(self.heapr_widths)} declared")
         width = self.heapr_widths[expert]
-        if width == 0:
+        if width == 0 and not (part == "bias" and proj == 2):  # a width-0 gpt-oss expert keeps its down bias
             raise HeaprError(f"{where}tensor {name} exists but heapr.expert_widths declares expert {expert} width 0")
         if self.quantized:
             if (expert, proj, part) in self._heapr_loaded:
@@ -486,6 +528,8 @@ class HeaprRoutedExperts(RoutedExperts):
             self._heapr_loaded.add((expert, proj, part))
             self.quant_method.load_part(self, expert, proj, part, tensor, where, name)
             return
+        if part == "bias":
+            return self._load_bias(expert, proj, tensor, name, where)
         if part != "weight":
             raise HeaprError(f"{where}tensor {name} is a quantized tensor, but config.json has no quantization_config; "
                              "the folder is inconsistent, re-run `heapr-serve quantize`")
@@ -522,8 +566,34 @@ class HeaprRoutedExperts(RoutedExperts):
         if proj == 2:
             getattr(self, f"w2_b{b}").data[i, :, : hi - lo].copy_(tensor[:, lo:hi])
         else:
-            offset = 0 if proj == 0 else padded
-            getattr(self, f"w13_b{b}").data[i, offset : offset + hi - lo].copy_(tensor[lo:hi])
+            getattr(self, f"w13_b{b}").data[i, method.w13_rows(proj, 0, hi - lo, padded)].copy_(tensor[lo:hi])
+
+    def _load_bias(self, expert: int, proj: int, tensor: torch.Tensor, name: str, where: str) -> None:
+        """gpt-oss: a gate / up bias [width] or a down bias [hidden] (every expert, width 0 too), checked."""
+        method = self.method
+        if not method.bias:
+            raise HeaprError(f"{where}tensor {name} is an expert bias, but this model's experts have none; "
+                             "the folder is inconsistent, re-run `heapr-serve apply`")
+        width = self.heapr_widths[expert]
+        expected = (self.hidden_size,) if proj == 2 else (width,)
+        if tuple(tensor.shape) != expected:
+            raise HeaprError(f"{where}tensor {name} has shape {list(tensor.shape)} but heapr.expert_widths declares width "
+                             f"{width} (expected {list(expected)}); the checkpoint is inconsistent, re-run `heapr-serve apply`")
+        if (expert, proj, "bias") in self._heapr_loaded:
+            raise HeaprError(f"{where}tensor {name} appears twice in the checkpoint")
+        self._heapr_loaded.add((expert, proj, "bias"))
+        if not method.owns(expert):
+            return
+        if proj == 2:  # added once: by TP rank 0 (the MoE output is all-reduced)
+            if method.tp_rank == 0:
+                self.heapr_down_bias.data[expert].copy_(tensor)
+            return
+        lo, hi = rank_share(width, method.tp_size, method.tp_rank, method.tile)
+        if hi == lo:
+            return
+        b, i = int(method.bucket_of[expert]), int(method.local_of[expert])
+        rows = method.w13_rows(proj, 0, hi - lo, method.buckets[b].width)
+        getattr(self, f"w13_bias_b{b}").data[i, rows].copy_(tensor[lo:hi])
 
     def check_complete(self) -> None:
         """After loading: every expert of nonzero width that this rank holds got its three tensors (each with all its
@@ -545,11 +615,15 @@ class HeaprRoutedExperts(RoutedExperts):
                     raise HeaprError(
                         f"{self.layer_name}: the {kind} tensor of expert {e} (declared width {w}) is missing from the checkpoint"
                     )
+                if self.method.bias and (w or proj == 2) and self.method.owns(e) and (e, proj, "bias") not in self._heapr_loaded:
+                    kind = ("gate", "up", "down")[proj]
+                    raise HeaprError(f"{self.layer_name}: the {kind} bias of expert {e} (declared width {w}) is missing from "
+                                     "the checkpoint (gpt-oss experts keep their biases)")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[str]:
         """Per-expert names relative to this layer (`{e}.gate_proj.weight`), as MoERunner passes them."""
         for name, tensor in weights:
-            m = re.match(r"^(\d+)\.(\w+)\.(weight(?:_packed|_scale|_shape|_zero_point)?)$", name)
+            m = re.match(r"^(\d+)\.(\w+)\.(weight(?:_packed|_scale|_shape|_zero_point)?|bias)$", name)
             if not m or m[2] not in self.heapr_projs:
                 raise HeaprError(f"{self.layer_name}: unexpected routed-expert tensor {name}")
             self.load_expert(int(m[1]), self.heapr_projs[m[2]], tensor, f"{self.layer_name}.{name}", m[3])

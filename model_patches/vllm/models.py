@@ -27,7 +27,7 @@ from model_patches.vllm.layer import HeaprRoutedExperts
 
 logger = init_logger("vllm.heapr_serve")
 
-_EXPERT_TENSOR = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<part>weight(?:_packed|_scale|_shape|_zero_point)?)$")
+_EXPERT_TENSOR = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<part>weight(?:_packed|_scale|_shape|_zero_point)?|bias)$")
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
@@ -43,9 +43,6 @@ def check_supported(vllm_config, family: Family | None = None) -> None:
     """Refuse, in one line each, what the ragged layer does not implement yet (and a dtype the stock
     vLLM-CPU model cannot run, before its kernel asserts mid-start-up)."""
     parallel = vllm_config.parallel_config
-    if family is not None and family.vllm_unsupported:  # plain `vllm serve` on the folder: never serve wrong numbers
-        raise HeaprError(f"{family.pruned_architecture}: not served by vLLM yet: {family.vllm_unsupported}; "
-                         "evaluate it with `heapr-serve eval` (transformers)")
     dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
     if family is not None and family.vllm_cpu_dtype and current_platform.is_cpu() and dtype != family.vllm_cpu_dtype:
         raise HeaprError(f"{family.pruned_architecture}: vLLM-CPU runs this model's Gated DeltaNet layers in "
@@ -90,7 +87,8 @@ def heapr_moe_layers(stock_module: ModuleType, family: Family, widths: dict[int,
             raise HeaprError(f"heapr.expert_widths[{layer}] lists {len(widths[layer])} widths for {num_experts} routed experts")
         if kwargs.get("fuse_shared_experts"):
             raise HeaprError("fused shared experts (ROCm AITER) are not supported for pruned checkpoints")
-        if kwargs.get("routed_experts_cls") is not None:
+        custom = kwargs.get("routed_experts_cls")
+        if custom is not None and custom.__name__ not in family.vllm_replaced_experts:
             raise HeaprError(f"{prefix}: this vLLM model already customises its experts; not supported")
         kwargs["routed_experts_cls"] = HeaprRoutedExperts
         kwargs["routed_experts_args"] = {

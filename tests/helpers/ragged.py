@@ -28,6 +28,32 @@ def _all_tensors(src: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _gpt_oss_ragged(tensors, widths_for_layer, num_experts, dense, gen, widths):
+    """gpt-oss: per-expert tensors with their biases from the fused stacks (heapr_serve.score.gpt_oss's
+    `fused_slices`, what `compress` writes); a width-0 expert keeps only its down bias."""
+    from heapr_serve.checkpoint.format import GPT_OSS_EXPERTS_TENSOR
+    from heapr_serve.score.gpt_oss import fused_slices
+
+    stacks = {n: GPT_OSS_EXPERTS_TENSOR.match(n) for n in tensors}
+    layers = sorted({int(m["layer"]) for m in stacks.values() if m})
+    new = {n: t for n, t in tensors.items() if not stacks[n]}
+    keep = {}
+    for layer in layers:
+        ws = list(widths_for_layer(layer, num_experts, dense))
+        widths[str(layer)] = ws
+        keep[layer] = [torch.randperm(dense, generator=gen)[:w].sort().values for w in ws]
+    for name, m in stacks.items():
+        if not m:
+            continue
+        layer, kind = int(m["layer"]), m["kind"] + (m["bias"] or "")
+        for e, kept in enumerate(keep[layer]):
+            if len(kept) == 0 and kind != "down_proj_bias":
+                continue
+            for proj, piece in fused_slices(kind, tensors[name], e, kept).items():
+                new[f"{m['prefix']}{layer}.mlp.experts.{e}.{proj}"] = piece.contiguous()
+    return layers, new
+
+
 def make_ragged(src: Path, out: Path, widths_for_layer, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
     """Write `out`: `src` with expert e of layer l cut to `widths_for_layer(l, num_experts, dense)[e]`
     neurons (a random subset kept in original order, as HEAPr keeps them)."""
@@ -36,13 +62,16 @@ def make_ragged(src: Path, out: Path, widths_for_layer, seed: int = 0, dtype: to
     family = family_for(config)
     tensors = _all_tensors(src)
     gen = torch.Generator().manual_seed(seed)
-    layers = sorted({int(m["layer"]) for n in tensors if (m := _EXPERT.match(n))})
     num_experts = num_routed_experts(config)
     dense = int(text_view(config).get("moe_intermediate_size") or text_view(config)["intermediate_size"])
     gate_n, up_n, down_n = family.disk_projs
     widths = {}
-    new = {n: t for n, t in tensors.items() if not _EXPERT.match(n)}
-    for layer in layers:
+    if family.expert_layout == "gpt_oss":  # fused stacks with biases on disk: cut as the writer does
+        layers, new = _gpt_oss_ragged(tensors, widths_for_layer, num_experts, dense, gen, widths)
+    else:
+        layers = sorted({int(m["layer"]) for n in tensors if (m := _EXPERT.match(n))})
+        new = {n: t for n, t in tensors.items() if not _EXPERT.match(n)}
+    for layer in layers if family.expert_layout != "gpt_oss" else ():
         ws = list(widths_for_layer(layer, num_experts, dense))
         widths[str(layer)] = ws
         for e, w in enumerate(ws):
@@ -108,7 +137,27 @@ def zero_padded_dense(pruned: Path, out: Path) -> Path:
     ref = next(t for n, t in tensors.items() if not _EXPERT.match(n) and t.dim() == 2)
     hidden = int(text_view(config)["hidden_size"])
     prefix = next(m["prefix"] for n in tensors if (m := _EXPERT.match(n)))
-    for layer, widths in heapr["expert_widths"].items():
+    if family.expert_layout == "gpt_oss":  # back to the fused stacks of the stock layout, biases included
+        new = {n: t for n, t in new.items() if ".experts." not in n}
+        for layer, widths in heapr["expert_widths"].items():
+            q = f"{prefix}{layer}.mlp.experts."
+            E = len(widths)
+            gate_up = torch.zeros(E, hidden, 2 * dense, dtype=ref.dtype)
+            gate_up_bias = torch.zeros(E, 2 * dense, dtype=ref.dtype)
+            down = torch.zeros(E, dense, hidden, dtype=ref.dtype)
+            down_bias = torch.zeros(E, hidden, dtype=ref.dtype)
+            for e, w in enumerate(widths):
+                down_bias[e] = tensors[f"{q}{e}.down_proj.bias"]
+                if not w:
+                    continue
+                gate_up[e, :, 0:2 * w:2] = tensors[f"{q}{e}.gate_proj.weight"].t()
+                gate_up[e, :, 1:2 * w:2] = tensors[f"{q}{e}.up_proj.weight"].t()
+                gate_up_bias[e, 0:2 * w:2] = tensors[f"{q}{e}.gate_proj.bias"]
+                gate_up_bias[e, 1:2 * w:2] = tensors[f"{q}{e}.up_proj.bias"]
+                down[e, :w] = tensors[f"{q}{e}.down_proj.weight"].t()
+            new.update({q + "gate_up_proj": gate_up, q + "gate_up_proj_bias": gate_up_bias,
+                        q + "down_proj": down, q + "down_proj_bias": down_bias})
+    for layer, widths in (heapr["expert_widths"].items() if family.expert_layout != "gpt_oss" else ()):
         for e, w in enumerate(widths):
             for proj in (gate_n, up_n, down_n):
                 name = family.expert_tensor_name(prefix, int(layer), e, (gate_n, up_n, down_n).index(proj))

@@ -119,6 +119,9 @@ class _Sized:
     def buffers(self):
         return [_Bytes(self.sizes[1])]
 
+    def modules(self):  # the workers' modules stay in their processes: no per-layer expert bytes
+        return []
+
 
 class _Bytes:
     def __init__(self, n):

@@ -184,3 +184,14 @@ def test_mtp_module_of_qwen3_next_is_kept_whole(tmp_path, tiny_models):
     with torch.no_grad():
         got, want = pruned(input_ids=ids).logits, _zeroed_dense(source, result.plan)(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+    # --drop-mtp leaves the module out (and says so in the config); the model is the same
+    config = json.loads((source / "config.json").read_text())
+    config["mtp_num_hidden_layers"] = 1
+    (source / "config.json").write_text(json.dumps(config))
+    prune_to_folder(source, tmp_path / "dropped", _stats(source), 0.4, "global", 1, False, overwrite=False, drop_mtp=True)
+    with safe_open(tmp_path / "dropped" / "model.safetensors", "pt") as f:
+        assert not [n for n in f.keys() if n.startswith("mtp.")]
+    written = json.loads((tmp_path / "dropped" / "config.json").read_text())
+    assert written["mtp_num_hidden_layers"] == 0 and "mtp." in written["heapr"]["dropped_modules"]
+    validate_checkpoint(tmp_path / "dropped")

@@ -210,6 +210,9 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
                       f"dequantised to {str(written_as).removeprefix('torch.')} without scales, recorded in "
                       "heapr.source_quantization", highlight=False, soft_wrap=True)
 
+    # Qwen3-Next / Qwen3.5's separate MTP module (`mtp.*`): kept whole, or left out with `drop_mtp`
+    mtp_module = "mtp." in family.unserved_prefixes
+    dropped_mtp = sorted(n for n in src.files if drop_mtp and mtp_module and n.startswith("mtp."))
     writer = _ShardWriter(folder, max_shard_bytes)
     names_by_file: dict[str, list[str]] = {}
     for name, file in src.files.items():
@@ -219,7 +222,8 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
         with open_safetensors(source / file) as f:
             for name in sorted(names_by_file[file]):
                 read_as = src.read_name(name)  # None for scales; an MXFP4 stack's blocks by the stack's name
-                if read_as is not None and not (drop_mtp and tensor_layer(name) in extra):
+                dropped = drop_mtp and (tensor_layer(name) in extra or (mtp_module and name.startswith("mtp.")))
+                if read_as is not None and not dropped:
                     tensor = src.get(f, name, dequant_dtype=written_as)
                     dequantised += (fp8 and (name + SCALE_SUFFIX) in src.files) or read_as != name
                     pieces = _expert_slices(family, read_as, tensor, slices, refit)
@@ -237,6 +241,12 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
             record["dropped_layers"] = {str(layer): "MTP (num_nextn_predict_layers), dropped by --drop-mtp" for layer in extra}
     elif extra:
         record["kept_whole_layers"] = {str(layer): MTP_REASON for layer in extra}
+    if dropped_mtp:
+        text = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+        for key in ("mtp_num_hidden_layers", "num_nextn_predict_layers"):
+            if text.get(key):
+                text[key] = 0
+        record["dropped_modules"] = {"mtp.": f"MTP module ({len(dropped_mtp)} tensors), dropped by --drop-mtp"}
     if fp8 or src.mxfp4:
         dtype_name = str(written_as).removeprefix("torch.")
         record["source_quantization"] = {**config.pop("quantization_config"), "written_as": dtype_name,

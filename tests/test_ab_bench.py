@@ -43,7 +43,7 @@ def test_bench_alternating_blocks(stubs, tmp_path, monkeypatch, capsys):
     a, b = stubs
     out = tmp_path / "bench"
     run_cli(monkeypatch, "bench", "--a", a, "--b", b, "--concurrency", "1,4", "--num-prompts", "8",
-            "--input-len", "16", "--output-len", "8", "--blocks", "2", "--out", str(out))
+            "--input-len", "16", "--output-len", "8", "--blocks", "2", "--settle", "0", "--out", str(out))
     report = json.loads((out / "results.json").read_text())
     assert report["arms"]["a"]["model"] == "dense-stub" and report["arms"]["b"]["model"] == "pruned-stub"
     assert "ABBA" in report["schedule"]

@@ -271,6 +271,7 @@ def test_bench_refuses_every_bad_option(ws, data):
             ("--schedule", _choice("alternate", "concurrent")),
             ("--blocks", st.one_of(BELOW_ONE, NOT_INT)),
             ("--warmup", st.one_of(NEGATIVE, NOT_INT)),
+            ("--settle", st.one_of(NEGATIVE, st.just("nan"), st.just("inf"), NOT_FLOAT)),
             ("--timeout", st.one_of(NAN_OR_NONPOSITIVE, NOT_FLOAT)),
             ("--out", _paths(ws, "file", "under-file", "long")),
             ("--server-timeout", st.one_of(NAN_OR_NONPOSITIVE, NOT_FLOAT)),

@@ -267,6 +267,7 @@ class Plan:
     ignore_eos: bool
     warmup: int
     seed: int
+    settle: float = 0.0  # idle seconds before each alternate block
 
 
 class Bench:
@@ -388,6 +389,8 @@ class Bench:
                 for name in (("a", "b") if k % 2 == 0 else ("b", "a")):
                     self.progress.update(self.task, description=f"{label} block {k + 1}/{nblocks} "
                                          f"arm {name.upper()}")
+                    if plan.settle:  # let the arm that just ran go idle before this one is timed
+                        await asyncio.sleep(plan.settle)
                     order.append(name)
                     r, d = await self._run_block(self.arms[name], chunk, level, cgaps)
                     res[name] += r
@@ -571,6 +574,9 @@ def bench_command(
     schedule: str = typer.Option("alternate", "--schedule", help="alternate (ABBA blocks, one arm "
                                  "at a time) or concurrent (both arms at once)."),
     blocks: int = typer.Option(4, "--blocks", help="Blocks per level for --schedule alternate."),
+    settle: float = typer.Option(2.0, "--settle", help="Idle seconds before each alternate block: a vLLM server keeps "
+                                 "polling for work ~1 s after its last step, which would slow the next arm on a "
+                                 "machine with few cores."),
     warmup: int = typer.Option(2, "--warmup", help="Unmeasured requests per arm first, one at a "
                                "time (then one burst at the top concurrency); 0 for none."),
     ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos", help="Pin output "
@@ -610,6 +616,8 @@ def bench_command(
             raise HeaprError(f"{flag} must be at least 1, got {v}")
     if warmup < 0:
         raise HeaprError(f"--warmup must be at least 0, got {warmup}")
+    if not 0 <= settle < float("inf"):
+        raise HeaprError(f"--settle must be a number of seconds, 0 or more, got {settle}")
     for flag, v in (("--timeout", timeout), ("--server-timeout", server_timeout), ("--kv-cache-gib", kv_cache_gib)):
         if not v > 0 or v == float("inf"):
             raise HeaprError(f"{flag} must be a positive number, got {v}")
@@ -622,7 +630,7 @@ def bench_command(
     plan = Plan(mode=mode, levels=levels, num_prompts=num_prompts, schedule=schedule,
                 blocks=blocks, max_concurrency=max_concurrency, endpoint=endpoint,
                 output_len=output_len, input_len=input_len, ignore_eos=ignore_eos,
-                warmup=warmup, seed=seed)
+                warmup=warmup, seed=seed, settle=settle)
     arms = {"a": BenchArm("a", url_a, model_a or "", source=a), "b": BenchArm("b", url_b, model_b or "", source=b)}
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     metrics = ABMetrics()

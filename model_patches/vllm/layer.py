@@ -264,12 +264,7 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
             raise HeaprError("apply_router_weight_on_input is not supported by heapr-serve's ragged experts")
         if self.backend == "cpu":
             if self.identity:  # unpruned: exactly the stock call (static, so torch.compile traces it)
-                from vllm._custom_ops import cpu_fused_moe
-
-                out = torch.empty_like(x)
-                cpu_fused_moe(out, x, layer.w13_b0, layer.w2_b0, self._w13_bias(layer, 0), self._w2_bias(layer),
-                              topk_weights.to(torch.float32), topk_ids.to(torch.int32), layer.activation.value, self.isa, False)
-                return out
+                return self._stock_call(layer, x, topk_weights, topk_ids)
             # vLLM compiles the CPU model with fullgraph=True and calls the MoE forward inline, so the
             # data-dependent bucket dispatch runs inside an opaque op: native (one C++ call, no Python
             # per step) when it built, else the Python custom op
@@ -325,19 +320,29 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
                       act, self.isa, False)
         return out
 
+    def _stock_call(self, layer, x, topk_weights, topk_ids):
+        """The unpruned layer: one stack holding every expert in order, exactly stock vLLM's kernel call."""
+        from vllm._custom_ops import cpu_fused_moe
+
+        out = torch.empty_like(x)
+        cpu_fused_moe(out, x, layer.w13_b0, layer.w2_b0, self._w13_bias(layer, 0), self._w2_bias(layer),
+                      topk_weights.to(torch.float32), topk_ids.to(torch.int32), layer.activation.value, self.isa, False)
+        return out
+
     def _apply_cpu(self, layer, x, topk_weights, topk_ids):
+        if self.identity:
+            return self._stock_call(layer, x, topk_weights, topk_ids)
+        return self._add_down_bias(layer, self._apply_cpu_buckets(layer, x, topk_weights, topk_ids), topk_weights, topk_ids)
+
+    def _apply_cpu_buckets(self, layer, x, topk_weights, topk_ids):
+        """The routed experts' sum over the buckets (down biases, if any, are added by the caller)."""
         from vllm._custom_ops import cpu_fused_moe
 
         act = layer.activation.value
         weights = topk_weights.to(torch.float32)
-        if self.identity:
-            out = torch.empty_like(x)
-            cpu_fused_moe(out, x, layer.w13_b0, layer.w2_b0, self._w13_bias(layer, 0), self._w2_bias(layer), weights,
-                          topk_ids.to(torch.int32), act, self.isa, False)
-            return out
         num_tokens, top_k = topk_ids.shape
         if num_tokens == 1:
-            return self._add_down_bias(layer, self._apply_cpu_one_token(layer, x, weights, topk_ids, act), topk_weights, topk_ids)
+            return self._apply_cpu_one_token(layer, x, weights, topk_ids, act)
         flat = topk_ids.reshape(-1).long()
         bucket = self.bucket_of[flat]  # -1: width-0 expert, contributes exactly zero
         order = torch.argsort(bucket, stable=True)
@@ -345,7 +350,7 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
         skip = counts[0]
         kept = order[skip:]
         if kept.numel() == 0:
-            return self._add_down_bias(layer, torch.zeros_like(x), topk_weights, topk_ids)
+            return torch.zeros_like(x)
         token = kept // top_k
         rows = x.index_select(0, token)
         local = self.local_of[flat[kept]].to(torch.int32).unsqueeze(1)
@@ -363,7 +368,7 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
             start += count
         out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32)
         out.index_add_(0, token, y.to(torch.float32))
-        return self._add_down_bias(layer, out.to(x.dtype), topk_weights, topk_ids)
+        return out.to(x.dtype)
 
     def _apply_cpu_one_token(self, layer, x, weights, topk_ids, act):
         """Decode step of one sequence: group its top-k experts by bucket in Python (no sort, gather

@@ -141,6 +141,52 @@ def test_both_layouts_native_and_python_equal_stock_on_zero_padded_weights(layer
     torch.testing.assert_close(python, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 64, 300])
+def test_ragged_kernel_layer_is_the_default_and_equals_stock_on_zero_padded_weights(layers, dtype, tokens):
+    """Where the CPU has AVX-512 BF16 a pruned SiLU layer runs the exact-width kernel by default: its
+    expert parameters are the exact widths (no tile rounding, buckets gone) and its output is the
+    stock layer's on the zero-padded weights (float32 1e-5; bfloat16 within two output roundings)."""
+    from model_patches.vllm import cpu_ext
+    from tools.moe_layer import build_layer
+
+    if not cpu_ext.cpu_has_ragged_isa():
+        pytest.skip("the CPU has no AVX-512 BF16")
+    cfg, built = layers
+    if dtype == torch.float32:
+        ours, padded = built["ours_pruned"], built["stock_padded"]
+    else:
+        key = ("bf16_pair",)  # the fixture's weights, rebuilt in bfloat16 (once)
+        if key not in built:
+            torch.manual_seed(0)
+            gate_w = torch.randn(E, H) * 0.5
+            gate_up, down = torch.randn(E, 2 * I, H) * H**-0.5, torch.randn(E, H, I) * I**-0.5
+            padded_gate_up, padded_down = gate_up.clone(), down.clone()
+            for e, w in enumerate(WIDTHS):
+                padded_gate_up[e, w:I] = 0
+                padded_gate_up[e, I + w:] = 0
+                padded_down[e, :, w:] = 0
+            built[key] = (
+                build_layer(cfg, "model.layers.20.mlp", H, E, I, TOP_K, torch.bfloat16, WIDTHS,
+                            (gate_w, gate_up.bfloat16(), down.bfloat16())),
+                build_layer(cfg, "model.layers.21.mlp", H, E, I, TOP_K, torch.bfloat16, None,
+                            (gate_w, padded_gate_up.bfloat16(), padded_down.bfloat16())),
+            )
+        ours, padded = built[key]
+    method = ours.routed_experts.quant_method
+    assert method.layout == "ragged" and method.native
+    params = dict(ours.routed_experts.named_parameters(recurse=False))
+    assert sorted(params) == ["w13_ragged", "w2_ragged"]
+    assert params["w13_ragged"].numel() == 2 * H * sum(WIDTHS) and params["w2_ragged"].numel() == H * sum(WIDTHS)
+    torch.manual_seed(200 + tokens)
+    x = torch.randn(tokens, H).to(dtype)
+    out, ref = _forward(cfg, ours, x).float(), _forward(cfg, padded, x).float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:  # both round the SiLU product and the output to bf16, in different orders
+        assert (out - ref).abs().max() <= 2 * 2**-8 * ref.abs().max(), (out - ref).abs().max()
+
+
 @pytest.fixture(scope="module")
 def gpt_oss_layers(layers):
     """gpt-oss's MoE layer (clamped SwiGLU `swigluoai`, expert biases, interleaved gate/up): stock on

@@ -37,6 +37,9 @@ if [[ ! -f "$stamp" ]]; then
   if [[ $extra == cpu ]]; then  # the native CPU MoE op (one call per layer); the layer falls back without it
     .venv/bin/python -c 'from model_patches.vllm import cpu_ext; import sys; sys.exit(0 if cpu_ext.load() else 1)' \
       || echo "warning: the native CPU MoE op did not build (g++/ninja missing?); pruned models use the slower Python dispatch" >&2
+    # the exact-width ragged kernel, on CPUs with AVX-512 BF16 (elsewhere vLLM's kernel runs the buckets)
+    .venv/bin/python -c 'from model_patches.vllm import cpu_ext; import sys; sys.exit(0 if not cpu_ext.cpu_has_ragged_isa() or cpu_ext.load_ragged() else 1)' \
+      || echo "warning: the ragged CPU MoE kernel did not build; pruned models use vLLM's kernel over width buckets" >&2
   fi
   if [[ $extra == cpu ]] && grep -qi "AuthenticAMD" /proc/cpuinfo 2>/dev/null; then
     # AMD's zentorch: the kernel vLLM-CPU's W8A8 int8 MoE runs on Zen CPUs without AMX. Installed beside

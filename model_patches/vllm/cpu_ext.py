@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "bucketed_moe.cpp"
+_RAGGED_SOURCE = Path(__file__).resolve().parent / "csrc" / "ragged_moe_avx512.cpp"
+_RAGGED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 log = logging.getLogger("vllm.heapr_serve")
@@ -63,4 +65,43 @@ def load() -> bool:
             except Exception as exc:  # no compiler, no ninja, headers missing: the Python path still works
                 log.warning("heapr-serve: native CPU MoE op unavailable (%s); using the Python dispatch", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         _STATE["ok"] = ok
+        return ok
+
+
+def cpu_has_ragged_isa() -> bool:
+    """Whether this CPU runs the ragged kernel's instructions (AVX-512 with BF16 dot products)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return all(f in flags for f in _RAGGED_FLAGS)
+
+
+def load_ragged() -> bool:
+    """Build (first time) and load `torch.ops.heapr_cpu.ragged_moe`, the exact-width kernel; True when
+    usable. Compiled for AVX-512 BF16 on its own, so the other op never carries those instructions."""
+    with _LOCK:
+        if "ragged" in _STATE:
+            return bool(_STATE["ragged"])
+        ok = False
+        if os.environ.get("HEAPR_NO_CPU_EXT") != "1" and cpu_has_ragged_isa():
+            try:
+                if not hasattr(torch.ops.heapr_cpu, "ragged_moe"):
+                    import hashlib
+
+                    from torch.utils.cpp_extension import load as build
+
+                    tag = hashlib.sha256(_RAGGED_SOURCE.read_bytes()).hexdigest()[:10]
+                    build(name=f"heapr_cpu_ragged_{tag}", sources=[str(_RAGGED_SOURCE)], is_python_module=False,
+                          extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"],
+                          verbose=False)
+
+                    @torch.library.register_fake("heapr_cpu::ragged_moe")
+                    def _fake(x, topk_weights, topk_ids, widths, w13_off, w2_off, w13, w2, max_width):
+                        return torch.empty_like(x)
+                ok = True
+            except Exception as exc:
+                log.warning("heapr-serve: ragged CPU MoE kernel unavailable (%s); using vLLM's kernel",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        _STATE["ragged"] = ok
         return ok

@@ -129,7 +129,8 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
         if backend == "cpu" and not self.identity and self.bias:
             self.layout = "buckets"  # the bias-aware path (Python op, vLLM's kernel with the bucket's biases)
         elif backend == "cpu" and not self.identity:
-            self.layout = layout or choose_layout(self.widths, self.tp_size, self.tp_rank, self.tile, moe.hidden_dim, moe.experts_per_token)
+            self.layout = layout or ("ragged" if self._ragged_eligible(moe) else choose_layout(
+                self.widths, self.tp_size, self.tp_rank, self.tile, moe.hidden_dim, moe.experts_per_token))
         self.slices = plan_slices(self.widths, self.tp_size, self.tp_rank, self.tile) if self.layout == "slices" else None
         bucket_of = torch.full((E,), -1, dtype=torch.int64)
         local_of = torch.zeros(E, dtype=torch.int64)
@@ -140,6 +141,16 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
         self.isa = None
         self.native = False  # the C++ op (model_patches.vllm.cpu_ext) is loaded
         self._bucket_lists = None  # (bucket_of, local_of, prepacked stacks) as Python lists, for decode
+
+    @staticmethod
+    def _ragged_eligible(moe: FusedMoEConfig) -> bool:
+        """The exact-width kernel (csrc/ragged_moe_avx512.cpp) runs this layer: SiLU experts without
+        biases, hidden a multiple of 16, bf16 or fp32, on a CPU with AVX-512 BF16 (measured faster than
+        vLLM's kernel at every size, docs/serving.md); else vLLM's kernel over buckets or slices."""
+        from model_patches.vllm import cpu_ext
+
+        return (moe.activation.value == "silu" and moe.hidden_dim % 16 == 0
+                and moe.in_dtype in (torch.bfloat16, torch.float32) and cpu_ext.cpu_has_ragged_isa())
 
     def owns(self, expert: int) -> bool:
         """Whether this rank holds `expert` (always, without expert parallelism)."""
@@ -216,6 +227,10 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
                 layer.register_buffer("heapr_slice_start", torch.tensor(sl.start, dtype=torch.int32), persistent=False)
                 layer.register_buffer("heapr_slice_count", torch.tensor(sl.count, dtype=torch.int32), persistent=False)
                 return
+            if self.layout == "ragged":
+                if self._pack_ragged(layer):
+                    return
+                self.layout = "buckets"  # the kernel did not build here: vLLM's kernel on the load-time buckets
             for b in range(len(self.buckets)):
                 for name in (f"w13_b{b}", f"w2_b{b}"):
                     replace_parameter(layer, name, cpu_prepack_moe_weight(getattr(layer, name).data, self.isa))
@@ -259,6 +274,36 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
                 maps.append(m.to(device))
             self.expert_maps = maps
 
+    def _pack_ragged(self, layer) -> bool:
+        """Replace the load-time bucket stacks by the exact-width packed layout of the ragged kernel
+        (each expert at this rank's width, no tile rounding); False when the kernel is unavailable."""
+        from model_patches.vllm import cpu_ext
+        from model_patches.vllm.ragged_pack import pack_experts
+
+        if layer.params_dtype not in (torch.bfloat16, torch.float32) or not cpu_ext.load_ragged():
+            return False
+        experts = []
+        for e, rw in enumerate(self.rank_widths):
+            if rw == 0:
+                experts.append(None)
+                continue
+            b, i = int(self.bucket_of[e]), int(self.local_of[e])
+            w13, w2 = getattr(layer, f"w13_b{b}").data[i], getattr(layer, f"w2_b{b}").data[i]
+            width = self.buckets[b].width
+            experts.append((w13[:rw], w13[width:width + rw], w2[:, :rw]))
+        packed = pack_experts(experts, layer.hidden_size, layer.params_dtype)
+        for b in range(len(self.buckets)):  # the packed copy replaces the bucket stacks
+            del layer._parameters[f"w13_b{b}"]
+            del layer._parameters[f"w2_b{b}"]
+        # module state, not method attributes: sleep mode, weight reload and .to() must see them
+        layer.register_parameter("w13_ragged", torch.nn.Parameter(packed.w13, requires_grad=False))
+        layer.register_parameter("w2_ragged", torch.nn.Parameter(packed.w2, requires_grad=False))
+        for name in ("widths", "w13_off", "w2_off"):
+            layer.register_buffer(f"heapr_ragged_{name}", getattr(packed, name), persistent=False)
+        self.max_width = packed.max_width
+        self.native = True
+        return True
+
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         if layer.apply_router_weight_on_input:
             raise HeaprError("apply_router_weight_on_input is not supported by heapr-serve's ragged experts")
@@ -268,6 +313,11 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
             # vLLM compiles the CPU model with fullgraph=True and calls the MoE forward inline, so the
             # data-dependent bucket dispatch runs inside an opaque op: native (one C++ call, no Python
             # per step) when it built, else the Python custom op
+            if self.layout == "ragged":  # one call of the exact-width kernel for the whole layer
+                return torch.ops.heapr_cpu.ragged_moe(
+                    x, topk_weights, topk_ids, layer.heapr_ragged_widths, layer.heapr_ragged_w13_off,
+                    layer.heapr_ragged_w2_off, layer.w13_ragged, layer.w2_ragged, self.max_width,
+                )
             if self.layout == "slices":
                 return self._apply_cpu_slices(layer, x, topk_weights, topk_ids)
             if self.native:
@@ -567,6 +617,9 @@ class HeaprRoutedExperts(RoutedExperts):
                     self.w13_slices.data[s, offset : offset + n].copy_(tensor[lo + j : lo + j + n])
             return
         b, i = int(method.bucket_of[expert]), int(method.local_of[expert])
+        if not hasattr(self, f"w13_b{b}"):
+            raise HeaprError(f"{where}tensor {name}: this layer's experts are already packed for the kernel; reloading "
+                             "weights into a loaded pruned model is not supported, start a new server")
         padded = method.buckets[b].width
         if proj == 2:
             getattr(self, f"w2_b{b}").data[i, :, : hi - lo].copy_(tensor[:, lo:hi])

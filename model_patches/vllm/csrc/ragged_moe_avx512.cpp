@@ -1,0 +1,343 @@
+// The ragged CPU MoE kernel: every routed expert at its own width, no tile rounding, one call per
+// layer (model_patches/vllm/ragged_pack.py builds the layout). Why its own kernel: vLLM's CPU
+// grouped GEMM tiles the intermediate dim by 32, so an expert pruned from 64 to 40 neurons still
+// costs 64, and every extra call or slot costs more than pruning saves on small layers. Here each
+// expert's weights are packed exactly (2 n H + n H values for width n), so pruned neurons cost no
+// bytes and no FLOPs.
+//
+// bf16: AVX512-BF16 `vdpbf16ps` on VNNI-paired weights (fp32 accumulation, the SiLU product rounded
+// to bf16 before the down GEMM, as vLLM's kernel does); fp32: AVX-512 FMA. Built only on CPUs with
+// avx512_bf16 (model_patches/vllm/cpu_ext.py); elsewhere the layer keeps vLLM's kernel.
+//
+// Layout of expert e (n neurons, H hidden), in elements of the weight dtype, from w13_off[e] / w2_off[e]:
+//   w13: neuron blocks of 16 (the last may be narrower, bw); block b holds, for each k-step, bw gate
+//        then bw up values; bf16 k-steps are pairs (k, k+1) interleaved per neuron (VNNI), fp32 single k.
+//   w2:  H blocks of 64 outputs (the last may be narrower, hw), block at h0 from offset h0 * n; in a
+//        block, bf16: per neuron pair (i, i+1) the hw (w[h][i], w[h][i+1]) pairs, then an odd last
+//        neuron's hw values; fp32: per neuron i its hw values.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t NB = 16;
+constexpr int64_t PF = 1024;  // prefetch distance in weight elements (2 KiB of bf16)  // neurons per w13 block (one zmm of fp32 outputs)
+
+// exp(x) for x <= 0 ... any x, Cephes-style: 2^n * p(r), |error| ~ 1 ulp in fp32
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447504f));
+  __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, fx);
+}
+
+inline __m512 silu_mul(__m512 g, __m512 u) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)))), u);
+}
+
+inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+inline __mmask32 mask32(int64_t n) { return n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1); }
+
+// bf16 <-> fp32 on raw 16-bit storage
+inline __m512 load_bf16_ps(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void store_ps_bf16(uint16_t* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Everything one call needs, shared by the phases below.
+struct Plan {
+  int64_t T, H, K, E, P;              // tokens, hidden, top-k, experts, pairs (T*K)
+  const int64_t* id;                  // [T*K]
+  const float* wt;                    // [T*K]
+  const int32_t* width;               // [E]
+  const int64_t* w13_off;             // [E]
+  const int64_t* w2_off;              // [E]
+  std::vector<int64_t> start, order;  // pairs of expert e: order[start[e] .. start[e+1])
+  int64_t act_stride;                 // row stride of the activation buffer (elements)
+};
+
+// ---- gate/up GEMM + SiLU product: act[p][0..n) for MR pairs of one expert, one neuron block -------
+
+template <int MR>
+void gate_up_bf16(const Plan& pl, const uint16_t* x, const uint16_t* blk, int64_t bw, const int64_t* pairs,
+                  uint16_t* act, int64_t col) {
+  const int64_t H2 = pl.H / 2;
+  const __mmask32 m = mask32(2 * bw);
+  __m512 g[MR], u[MR];
+  const int32_t* xr[MR];
+  for (int r = 0; r < MR; ++r) {
+    g[r] = _mm512_setzero_ps();
+    u[r] = _mm512_setzero_ps();
+    xr[r] = reinterpret_cast<const int32_t*>(x + (pairs[r] / pl.K) * pl.H);
+  }
+  for (int64_t k2 = 0; k2 < H2; ++k2) {
+    const uint16_t* w = blk + k2 * 4 * bw;
+    _mm_prefetch(reinterpret_cast<const char*>(w + PF), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + PF + 32), _MM_HINT_T0);
+    const __m512bh wg = (__m512bh)_mm512_maskz_loadu_epi16(m, w);
+    const __m512bh wu = (__m512bh)_mm512_maskz_loadu_epi16(m, w + 2 * bw);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xr[r][k2]);
+      g[r] = _mm512_dpbf16_ps(g[r], xb, wg);
+      u[r] = _mm512_dpbf16_ps(u[r], xb, wu);
+    }
+  }
+  for (int r = 0; r < MR; ++r) store_ps_bf16(act + pairs[r] * pl.act_stride + col, silu_mul(g[r], u[r]), mask16(bw));
+}
+
+template <int MR>
+void gate_up_f32(const Plan& pl, const float* x, const float* blk, int64_t bw, const int64_t* pairs, float* act,
+                 int64_t col) {
+  const __mmask16 m = mask16(bw);
+  __m512 g[MR], u[MR];
+  const float* xr[MR];
+  for (int r = 0; r < MR; ++r) {
+    g[r] = _mm512_setzero_ps();
+    u[r] = _mm512_setzero_ps();
+    xr[r] = x + (pairs[r] / pl.K) * pl.H;
+  }
+  for (int64_t k = 0; k < pl.H; ++k) {
+    const float* w = blk + k * 2 * bw;
+    const __m512 wg = _mm512_maskz_loadu_ps(m, w);
+    const __m512 wu = _mm512_maskz_loadu_ps(m, w + bw);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(xr[r][k]);
+      g[r] = _mm512_fmadd_ps(xb, wg, g[r]);
+      u[r] = _mm512_fmadd_ps(xb, wu, u[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(act + pairs[r] * pl.act_stride + col, m, silu_mul(g[r], u[r]));
+}
+
+// ---- down GEMM: y[p][h0 .. h0 + 16 NV) = weight_p * act[p][0..n) . W2[h][0..n) for MR pairs ---------
+
+template <int MR, int NV>
+void down_bf16(const Plan& pl, const uint16_t* w2, int64_t n, int64_t h0, int64_t hw, const int64_t* pairs,
+               const uint16_t* act, float* y) {
+  // w2 is this expert's H block at h0 (hw wide): hw (w[h][i], w[h][i+1]) pairs per neuron pair, contiguous
+  __m512 acc[MR][NV];
+  const int32_t* ar[MR];
+  for (int r = 0; r < MR; ++r) {
+    ar[r] = reinterpret_cast<const int32_t*>(act + pairs[r] * pl.act_stride);
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  const int64_t n2 = n / 2;
+  for (int64_t i2 = 0; i2 < n2; ++i2) {
+    const uint16_t* w = w2 + i2 * 2 * hw;
+    for (int v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(w + PF + 32 * v), _MM_HINT_T0);
+    __m512bh wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(w + 32 * v);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(ar[r][i2]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, wv[v]);
+    }
+  }
+  if (n & 1) {  // the odd last neuron: its hw values stand alone after the pairs
+    const uint16_t* w = w2 + n2 * 2 * hw;
+    for (int r = 0; r < MR; ++r) {
+      const uint32_t bits = static_cast<uint32_t>(act[pairs[r] * pl.act_stride + n - 1]) << 16;
+      float a;
+      std::memcpy(&a, &bits, 4);
+      const __m512 av = _mm512_set1_ps(a);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, load_bf16_ps(w + 16 * v, 0xFFFF), acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    const __m512 s = _mm512_set1_ps(pl.wt[pairs[r]]);
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + pairs[r] * pl.H + h0 + 16 * v, _mm512_mul_ps(acc[r][v], s));
+  }
+}
+
+template <int MR, int NV>
+void down_f32(const Plan& pl, const float* w2, int64_t n, int64_t h0, int64_t hw, const int64_t* pairs,
+              const float* act, float* y) {
+  // w2 is this expert's H block at h0: hw values per neuron, contiguous
+  __m512 acc[MR][NV];
+  const float* ar[MR];
+  for (int r = 0; r < MR; ++r) {
+    ar[r] = act + pairs[r] * pl.act_stride;
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float* w = w2 + i * hw;
+    __m512 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(w + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(ar[r][i]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, wv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    const __m512 s = _mm512_set1_ps(pl.wt[pairs[r]]);
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + pairs[r] * pl.H + h0 + 16 * v, _mm512_mul_ps(acc[r][v], s));
+  }
+}
+
+// row blocks: up to 8 pairs per gate/up tile, 4 per down tile (register budget: 16 accumulators)
+constexpr int64_t MR_UP = 8, MR_DOWN = 4, NV_DOWN = 4;
+
+template <typename T>
+void gate_up_rows(const Plan& pl, const T* x, const T* blk, int64_t bw, const int64_t* pairs, int64_t rows, T* act,
+                  int64_t col) {
+#define HEAPR_UP(R)                                                                                   \
+  case R:                                                                                             \
+    if constexpr (std::is_same_v<T, uint16_t>) gate_up_bf16<R>(pl, x, blk, bw, pairs, act, col);      \
+    else gate_up_f32<R>(pl, x, blk, bw, pairs, act, col);                                             \
+    break;
+  switch (rows) { HEAPR_UP(1) HEAPR_UP(2) HEAPR_UP(3) HEAPR_UP(4) HEAPR_UP(5) HEAPR_UP(6) HEAPR_UP(7) HEAPR_UP(8) }
+#undef HEAPR_UP
+}
+
+template <typename T, int NV>
+void down_rows_nv(const Plan& pl, const T* w2, int64_t n, int64_t h0, const int64_t* pairs, int64_t rows, const T* act,
+                  float* y) {
+  const int64_t hw = 16 * NV;
+#define HEAPR_DOWN(R)                                                                                 \
+  case R:                                                                                             \
+    if constexpr (std::is_same_v<T, uint16_t>) down_bf16<R, NV>(pl, w2, n, h0, hw, pairs, act, y);    \
+    else down_f32<R, NV>(pl, w2, n, h0, hw, pairs, act, y);                                           \
+    break;
+  switch (rows) { HEAPR_DOWN(1) HEAPR_DOWN(2) HEAPR_DOWN(3) HEAPR_DOWN(4) }
+#undef HEAPR_DOWN
+}
+
+template <typename T>
+void down_rows(const Plan& pl, const T* w2, int64_t n, int64_t h0, int64_t hv, const int64_t* pairs, int64_t rows,
+               const T* act, float* y) {
+  switch (hv) {  // zmm vectors of output (16 each) left in this H block
+    case 1: down_rows_nv<T, 1>(pl, w2, n, h0, pairs, rows, act, y); break;
+    case 2: down_rows_nv<T, 2>(pl, w2, n, h0, pairs, rows, act, y); break;
+    case 3: down_rows_nv<T, 3>(pl, w2, n, h0, pairs, rows, act, y); break;
+    default: down_rows_nv<T, 4>(pl, w2, n, h0, pairs, rows, act, y); break;
+  }
+}
+
+template <typename T>
+void run(const Plan& pl, const T* x, const T* w13, const T* w2, T* act, float* y, float* out) {
+  const int64_t H = pl.H, E = pl.E;
+  const int64_t HB = 16 * NV_DOWN;
+  const int64_t hblocks = (H + HB - 1) / HB;
+  // work items: (expert, neuron block) for gate/up, (expert, H block) for down, each looping over all
+  // of the expert's pairs, so a weight block is read from memory once and reused from cache
+  struct Item { int64_t e, j; };
+  std::vector<Item> up_items, down_items;
+  for (int64_t e = 0; e < E; ++e) {
+    if (pl.start[e + 1] == pl.start[e] || pl.width[e] == 0) continue;
+    for (int64_t j = 0; j < pl.width[e]; j += NB) up_items.push_back({e, j});
+    for (int64_t b = 0; b < hblocks; ++b) down_items.push_back({e, b * HB});
+  }
+  at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t b, int64_t e_) {
+    for (int64_t i = b; i < e_; ++i) {
+      const Item& it = up_items[i];
+      const int64_t bw = std::min(NB, pl.width[it.e] - it.j);
+      const int64_t c = pl.start[it.e + 1] - pl.start[it.e];
+      const int64_t* pairs = pl.order.data() + pl.start[it.e];
+      for (int64_t r = 0; r < c; r += MR_UP)
+        gate_up_rows<T>(pl, x, w13 + pl.w13_off[it.e] + it.j * 2 * H, bw, pairs + r, std::min(MR_UP, c - r), act, it.j);
+    }
+  });
+  at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t b, int64_t e_) {
+    for (int64_t i = b; i < e_; ++i) {
+      const Item& it = down_items[i];
+      const int64_t n = pl.width[it.e], h0 = it.j;
+      const int64_t c = pl.start[it.e + 1] - pl.start[it.e];
+      const int64_t* pairs = pl.order.data() + pl.start[it.e];
+      const T* blk = w2 + pl.w2_off[it.e] + h0 * n;  // H block h0 of the expert: (its width) x n values
+      for (int64_t r = 0; r < c; r += MR_DOWN)
+        down_rows<T>(pl, blk, n, h0, std::min(NV_DOWN, (H - h0) / 16), pairs + r, std::min(MR_DOWN, c - r), act, y);
+    }
+  });
+  // each token's sum over its kept pairs, in slot order (deterministic)
+  at::parallel_for(0, pl.T, 16, [&](int64_t b, int64_t e_) {
+    for (int64_t t = b; t < e_; ++t) {
+      float* o = out + t * H;
+      std::fill(o, o + H, 0.f);
+      for (int64_t j = 0; j < pl.K; ++j) {
+        const int64_t p = t * pl.K + j;
+        if (pl.width[pl.id[p]] == 0) continue;
+        const float* yp = y + p * H;
+        for (int64_t h = 0; h < H; h += 16) _mm512_storeu_ps(o + h, _mm512_add_ps(_mm512_loadu_ps(o + h), _mm512_loadu_ps(yp + h)));
+      }
+    }
+  });
+}
+
+at::Tensor ragged_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                      const at::Tensor& widths, const at::Tensor& w13_off, const at::Tensor& w2_off, const at::Tensor& w13,
+                      const at::Tensor& w2, int64_t max_width) {
+  TORCH_CHECK(x_in.dim() == 2 && topk_ids.dim() == 2 && topk_weights.sizes() == topk_ids.sizes(), "ragged_moe: shapes");
+  TORCH_CHECK(x_in.scalar_type() == w13.scalar_type() && w13.scalar_type() == w2.scalar_type(), "ragged_moe: dtypes");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat, "ragged_moe: bf16 or fp32 only");
+  TORCH_CHECK(widths.scalar_type() == at::kInt && w13_off.scalar_type() == at::kLong && w2_off.scalar_type() == at::kLong);
+  TORCH_CHECK(w13.is_contiguous() && w2.is_contiguous() && widths.is_contiguous() && w13_off.is_contiguous() &&
+              w2_off.is_contiguous(), "ragged_moe: packed tensors must be contiguous");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
+  Plan pl;
+  pl.T = x.size(0);
+  pl.H = x.size(1);
+  pl.K = ids.size(1);
+  pl.E = widths.numel();
+  pl.P = pl.T * pl.K;
+  TORCH_CHECK(pl.H % 16 == 0, "ragged_moe: hidden size must be a multiple of 16");
+  pl.id = ids.data_ptr<int64_t>();
+  pl.wt = wts.data_ptr<float>();
+  pl.width = widths.data_ptr<int32_t>();
+  pl.w13_off = w13_off.data_ptr<int64_t>();
+  pl.w2_off = w2_off.data_ptr<int64_t>();
+  // counting sort of the pairs by expert, stable
+  pl.start.assign(pl.E + 1, 0);
+  for (int64_t p = 0; p < pl.P; ++p) {
+    const int64_t e = pl.id[p];
+    TORCH_CHECK(e >= 0 && e < pl.E, "expert id ", e, " out of range");
+    ++pl.start[e + 1];
+  }
+  for (int64_t e = 0; e < pl.E; ++e) pl.start[e + 1] += pl.start[e];
+  pl.order.resize(pl.P);
+  {
+    std::vector<int64_t> next(pl.start.begin(), pl.start.end() - 1);
+    for (int64_t p = 0; p < pl.P; ++p) pl.order[next[pl.id[p]]++] = p;
+  }
+  pl.act_stride = std::max<int64_t>(32, (max_width + 31) / 32 * 32);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor act = at::empty({pl.P, pl.act_stride}, x.options());
+  at::Tensor y = at::empty({pl.P, pl.H}, f32);
+  at::Tensor out = at::empty({pl.T, pl.H}, f32);
+  if (x.scalar_type() == at::kBFloat16) {
+    run<uint16_t>(pl, reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<const uint16_t*>(w13.data_ptr()),
+                  reinterpret_cast<const uint16_t*>(w2.data_ptr()), reinterpret_cast<uint16_t*>(act.data_ptr()),
+                  y.data_ptr<float>(), out.data_ptr<float>());
+    return out.to(at::kBFloat16);
+  }
+  run<float>(pl, x.data_ptr<float>(), w13.data_ptr<float>(), w2.data_ptr<float>(), act.data_ptr<float>(),
+             y.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(heapr_cpu, m) {
+  m.def("ragged_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor widths, Tensor w13_off, Tensor w2_off, "
+        "Tensor w13, Tensor w2, int max_width) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(heapr_cpu, CPU, m) { m.impl("ragged_moe", &ragged_moe); }

@@ -7,7 +7,10 @@ and `MoERunner` stay as they are, so routing and shared experts are unchanged by
 
 Kernels (design §3, chosen by measurement, see docs/serving.md):
 
-* CPU: *width buckets*. A layer's experts are grouped by (per-rank, aligned) width; each bucket is a
+* CPU, pruned SiLU layers on AVX-512 BF16 CPUs: the exact-width *ragged* kernel
+  (`torch.ops.heapr_cpu.ragged_moe`, csrc/ragged_moe_avx512.cpp): experts load into buckets as below,
+  then are repacked at their exact widths (no tile rounding) and the layer is one call.
+* CPU otherwise: *width buckets*. A layer's experts are grouped by (per-rank, aligned) width; each bucket is a
   uniform stack that vLLM's own CPU grouped-GEMM kernel (`cpu_fused_moe`) runs. The (token, expert)
   pairs are sorted by bucket once, each bucket runs on its gathered rows with ids remapped to the bucket,
   and one `index_add_` sums the rows back per token. An unpruned layer is one bucket with identity ids

@@ -249,19 +249,8 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
         elif self.backend == "ragged":
             from model_patches.vllm.kernels.ragged_moe_triton import pack_ragged_experts
 
-            experts = []
-            for e, rw in enumerate(self.rank_widths):
-                if rw == 0:
-                    experts.append(None)
-                    continue
-                b, i = int(self.bucket_of[e]), int(self.local_of[e])
-                w13, w2 = getattr(layer, f"w13_b{b}")[i], getattr(layer, f"w2_b{b}")[i]
-                width = self.buckets[b].width
-                experts.append((w13[:rw], w13[width:width + rw], w2[:, :rw]))
-            packed = pack_ragged_experts(experts, hidden_size=layer.hidden_size)
-            for b in range(len(self.buckets)):  # the packed copy replaces the bucket stacks
-                del layer._parameters[f"w13_b{b}"]
-                del layer._parameters[f"w2_b{b}"]
+            packed = pack_ragged_experts(self._bucket_experts(layer), hidden_size=layer.hidden_size)
+            self._drop_buckets(layer)
             # module state, not method attributes: sleep mode, weight reload and .to() must see them
             layer.register_parameter("w13_packed", torch.nn.Parameter(packed.w13, requires_grad=False))
             layer.register_parameter("w2t_packed", torch.nn.Parameter(packed.w2t, requires_grad=False))
@@ -277,14 +266,9 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
                 maps.append(m.to(device))
             self.expert_maps = maps
 
-    def _pack_ragged(self, layer) -> bool:
-        """Replace the load-time bucket stacks by the exact-width packed layout of the ragged kernel
-        (each expert at this rank's width, no tile rounding); False when the kernel is unavailable."""
-        from model_patches.vllm import cpu_ext
-        from model_patches.vllm.ragged_pack import pack_experts
-
-        if layer.params_dtype not in (torch.bfloat16, torch.float32) or not cpu_ext.load_ragged():
-            return False
+    def _bucket_experts(self, layer) -> list:
+        """Each expert's (gate [n, H], up [n, H], down [H, n]) views in its load-time bucket, at this
+        rank's width n; None for width 0. What the packed layouts are built from."""
         experts = []
         for e, rw in enumerate(self.rank_widths):
             if rw == 0:
@@ -294,10 +278,24 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
             w13, w2 = getattr(layer, f"w13_b{b}").data[i], getattr(layer, f"w2_b{b}").data[i]
             width = self.buckets[b].width
             experts.append((w13[:rw], w13[width:width + rw], w2[:, :rw]))
-        packed = pack_experts(experts, layer.hidden_size, layer.params_dtype)
-        for b in range(len(self.buckets)):  # the packed copy replaces the bucket stacks
+        return experts
+
+    def _drop_buckets(self, layer) -> None:
+        """A packed copy replaces the bucket stacks."""
+        for b in range(len(self.buckets)):
             del layer._parameters[f"w13_b{b}"]
             del layer._parameters[f"w2_b{b}"]
+
+    def _pack_ragged(self, layer) -> bool:
+        """Replace the load-time bucket stacks by the exact-width packed layout of the ragged kernel
+        (each expert at this rank's width, no tile rounding); False when the kernel is unavailable."""
+        from model_patches.vllm import cpu_ext
+        from model_patches.vllm.ragged_pack import pack_experts
+
+        if layer.params_dtype not in (torch.bfloat16, torch.float32) or not cpu_ext.load_ragged():
+            return False
+        packed = pack_experts(self._bucket_experts(layer), layer.hidden_size, layer.params_dtype)
+        self._drop_buckets(layer)
         # module state, not method attributes: sleep mode, weight reload and .to() must see them
         layer.register_parameter("w13_ragged", torch.nn.Parameter(packed.w13, requires_grad=False))
         layer.register_parameter("w2_ragged", torch.nn.Parameter(packed.w2, requires_grad=False))

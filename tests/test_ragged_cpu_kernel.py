@@ -97,3 +97,28 @@ def test_out_of_range_expert_id_is_refused():
     pk = pack_experts(_experts([16, 16], H, torch.float32, seed=3), H, torch.float32)
     with pytest.raises(RuntimeError, match="expert id 2 out of range"):
         _run(pk, torch.randn(1, H), torch.tensor([[0, 2]], dtype=torch.int32), torch.ones(1, 2))
+
+
+def test_threads_and_token_chunks_do_not_change_the_result():
+    """Two threads give the one-thread output bit for bit (each output is one thread's, in a fixed
+    order), and a batch longer than one chunk (64 MiB of fp32 pair outputs) equals its chunks run
+    separately, bit for bit."""
+    H, K = 2048, 8
+    widths = [96, 0, 33, 64, 1, 128, 17, 48]
+    pk = pack_experts(_experts(widths, H, torch.bfloat16, seed=4), H, torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    T = 1024 + 37  # the chunk is 64 MiB / (K * H * 4 B) = 1024 tokens here
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(len(widths), generator=g)[:K] for _ in range(T)]).to(torch.int32)
+    wts = torch.rand(T, K, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(pk, x, ids, wts)
+        torch.set_num_threads(2)
+        two = _run(pk, x, ids, wts)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    parts = torch.cat([_run(pk, x[:1024], ids[:1024], wts[:1024]), _run(pk, x[1024:], ids[1024:], wts[1024:])])
+    assert torch.equal(one, parts)

@@ -280,25 +280,16 @@ void run(const Plan& pl, const T* x, const T* w13, const T* w2, T* act, float* y
   });
 }
 
-at::Tensor ragged_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                      const at::Tensor& widths, const at::Tensor& w13_off, const at::Tensor& w2_off, const at::Tensor& w13,
-                      const at::Tensor& w2, int64_t max_width) {
-  TORCH_CHECK(x_in.dim() == 2 && topk_ids.dim() == 2 && topk_weights.sizes() == topk_ids.sizes(), "ragged_moe: shapes");
-  TORCH_CHECK(x_in.scalar_type() == w13.scalar_type() && w13.scalar_type() == w2.scalar_type(), "ragged_moe: dtypes");
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat, "ragged_moe: bf16 or fp32 only");
-  TORCH_CHECK(widths.scalar_type() == at::kInt && w13_off.scalar_type() == at::kLong && w2_off.scalar_type() == at::kLong);
-  TORCH_CHECK(w13.is_contiguous() && w2.is_contiguous() && widths.is_contiguous() && w13_off.is_contiguous() &&
-              w2_off.is_contiguous(), "ragged_moe: packed tensors must be contiguous");
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
-  const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
+// One chunk of tokens: x [T, H] contiguous, ids int64 [T, K], wts fp32 [T, K]; returns [T, H] in x's dtype.
+at::Tensor ragged_chunk(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wts, const at::Tensor& widths,
+                        const at::Tensor& w13_off, const at::Tensor& w2_off, const at::Tensor& w13, const at::Tensor& w2,
+                        int64_t max_width) {
   Plan pl;
   pl.T = x.size(0);
   pl.H = x.size(1);
   pl.K = ids.size(1);
   pl.E = widths.numel();
   pl.P = pl.T * pl.K;
-  TORCH_CHECK(pl.H % 16 == 0, "ragged_moe: hidden size must be a multiple of 16");
   pl.id = ids.data_ptr<int64_t>();
   pl.wt = wts.data_ptr<float>();
   pl.width = widths.data_ptr<int32_t>();
@@ -330,6 +321,35 @@ at::Tensor ragged_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, co
   }
   run<float>(pl, x.data_ptr<float>(), w13.data_ptr<float>(), w2.data_ptr<float>(), act.data_ptr<float>(),
              y.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor ragged_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                      const at::Tensor& widths, const at::Tensor& w13_off, const at::Tensor& w2_off, const at::Tensor& w13,
+                      const at::Tensor& w2, int64_t max_width) {
+  TORCH_CHECK(x_in.dim() == 2 && topk_ids.dim() == 2 && topk_weights.sizes() == topk_ids.sizes() &&
+              topk_ids.size(0) == x_in.size(0), "ragged_moe: shapes");
+  TORCH_CHECK(x_in.scalar_type() == w13.scalar_type() && w13.scalar_type() == w2.scalar_type(), "ragged_moe: dtypes");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat, "ragged_moe: bf16 or fp32 only");
+  TORCH_CHECK(widths.scalar_type() == at::kInt && w13_off.scalar_type() == at::kLong && w2_off.scalar_type() == at::kLong &&
+              w13_off.numel() == widths.numel() && w2_off.numel() == widths.numel(), "ragged_moe: widths and offsets");
+  TORCH_CHECK(w13.is_contiguous() && w2.is_contiguous() && widths.is_contiguous() && w13_off.is_contiguous() &&
+              w2_off.is_contiguous(), "ragged_moe: packed tensors must be contiguous");
+  TORCH_CHECK(x_in.size(1) % 16 == 0, "ragged_moe: hidden size must be a multiple of 16");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), H = x.size(1), K = std::max<int64_t>(1, ids.size(1));
+  // tokens per chunk: the fp32 per-pair outputs stay under 64 MiB (a long prefill would otherwise
+  // allocate T * K * H floats at once); every weight block is read once per chunk
+  const int64_t chunk = std::max<int64_t>(16, (int64_t(64) << 20) / (K * H * 4));
+  if (T <= chunk) return ragged_chunk(x, ids, wts, widths, w13_off, w2_off, w13, w2, max_width);
+  at::Tensor out = at::empty_like(x);
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    const int64_t n = std::min(chunk, T - t0);
+    out.narrow(0, t0, n).copy_(ragged_chunk(x.narrow(0, t0, n), ids.narrow(0, t0, n), wts.narrow(0, t0, n), widths,
+                                            w13_off, w2_off, w13, w2, max_width));
+  }
   return out;
 }
 

@@ -13,6 +13,7 @@ False, logs why once, and the layer falls back to the Python custom op (same out
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -42,6 +43,17 @@ def _register_fake() -> None:
         return torch.empty_like(x)
 
 
+def _build(prefix: str, source: Path, cflags: list[str]) -> None:
+    """Compile and load one source with torch's cpp_extension; the name carries a hash of the source,
+    so an edited source never loads a stale build."""
+    import hashlib
+
+    from torch.utils.cpp_extension import load as build
+
+    tag = hashlib.sha256(source.read_bytes()).hexdigest()[:10]
+    build(name=f"{prefix}_{tag}", sources=[str(source)], extra_cflags=cflags, is_python_module=False, verbose=False)
+
+
 def load() -> bool:
     """Build (first time) and load the op; True when `torch.ops.heapr_cpu.bucketed_moe` is usable."""
     with _LOCK:
@@ -51,15 +63,9 @@ def load() -> bool:
         if os.environ.get("HEAPR_NO_CPU_EXT") != "1":
             try:
                 import vllm._custom_ops  # noqa: F401  registers _C::cpu_fused_moe, which the op calls
-                from torch.utils.cpp_extension import load as build
 
                 if not hasattr(torch.ops.heapr_cpu, "zentorch_bucketed_moe"):
-                    # the name carries a hash of the source, so an edited source never loads a stale build
-                    import hashlib
-
-                    tag = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
-                    build(name=f"heapr_cpu_{tag}", sources=[str(_SOURCE)], extra_cflags=["-O3"],
-                          is_python_module=False, verbose=False)
+                    _build("heapr_cpu", _SOURCE, ["-O3"])
                     _register_fake()
                 ok = True
             except Exception as exc:  # no compiler, no ninja, headers missing: the Python path still works
@@ -68,8 +74,10 @@ def load() -> bool:
         return ok
 
 
+@functools.cache
 def cpu_has_ragged_isa() -> bool:
-    """Whether this CPU runs the ragged kernel's instructions (AVX-512 with BF16 dot products)."""
+    """Whether this CPU runs the ragged kernel's instructions (AVX-512 with BF16 dot products); read
+    once per process (every MoE layer asks when it is built)."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
     except (OSError, StopIteration):
@@ -87,14 +95,8 @@ def load_ragged() -> bool:
         if os.environ.get("HEAPR_NO_CPU_EXT") != "1" and cpu_has_ragged_isa():
             try:
                 if not hasattr(torch.ops.heapr_cpu, "ragged_moe"):
-                    import hashlib
-
-                    from torch.utils.cpp_extension import load as build
-
-                    tag = hashlib.sha256(_RAGGED_SOURCE.read_bytes()).hexdigest()[:10]
-                    build(name=f"heapr_cpu_ragged_{tag}", sources=[str(_RAGGED_SOURCE)], is_python_module=False,
-                          extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"],
-                          verbose=False)
+                    _build("heapr_cpu_ragged", _RAGGED_SOURCE,
+                           ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"])
 
                     @torch.library.register_fake("heapr_cpu::ragged_moe")
                     def _fake(x, topk_weights, topk_ids, widths, w13_off, w2_off, w13, w2, max_width):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model_patches.vllm import cpu_ext
-from model_patches.vllm.ragged_pack import pack_experts
+from model_patches.vllm.ragged_pack import TAIL, pack_experts
 
 pytestmark = pytest.mark.skipif(not cpu_ext.cpu_has_ragged_isa(), reason="the CPU has no AVX-512 BF16")
 
@@ -50,10 +50,25 @@ def _run(pk, x, ids, wts):
     return torch.ops.heapr_cpu.ragged_moe(x, wts, ids, pk.widths, pk.w13_off, pk.w2_off, pk.w13, pk.w2, pk.max_width)
 
 
+AMX = torch.ops.heapr_cpu.ragged_amx_rows(-1) > 0 if cpu_ext.load_ragged() else False
+
+
+@pytest.fixture(params=["avx512", "amx"])
+def path(request):
+    """Run a test on the AVX-512 path (AMX off) and, where the CPU has AMX, with every expert on AMX
+    tiles (threshold 1 pair); the default threshold is restored after."""
+    if request.param == "amx" and not AMX:
+        pytest.skip("the CPU has no AMX (or the kernel was refused its permission)")
+    before = torch.ops.heapr_cpu.ragged_amx_rows(-1)
+    torch.ops.heapr_cpu.ragged_amx_rows(1 if request.param == "amx" else 0)
+    yield request.param
+    torch.ops.heapr_cpu.ragged_amx_rows(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H", [128, 80, 2064])
 @pytest.mark.parametrize("tokens", [1, 3, 17, 70])
-def test_kernel_equals_float64_reference(dtype, H, tokens):
+def test_kernel_equals_float64_reference(dtype, H, tokens, path):
     widths = [64, 33, 0, 17, 1, 48, 16, 7, 130, 2]
     experts = _experts(widths, H, dtype, seed=H)
     pk = pack_experts(experts, H, dtype)
@@ -84,11 +99,12 @@ def test_width_zero_only_tokens_and_empty_batches_give_zeros():
 
 
 def test_packed_bytes_are_the_exact_widths():
-    """No tile rounding: 3 * n * H values per expert of width n, whatever n."""
+    """No tile rounding: 3 * n * H values per expert of width n, whatever n (plus the 32 zeros after
+    w13 that keep AMX tile loads in bounds)."""
     H, widths = 128, [64, 33, 0, 1, 7]
     for dtype in (torch.float32, torch.bfloat16):
         pk = pack_experts(_experts(widths, H, dtype, seed=2), H, dtype)
-        assert pk.w13.numel() == 2 * H * sum(widths) and pk.w2.numel() == H * sum(widths)
+        assert pk.w13.numel() == 2 * H * sum(widths) + TAIL and pk.w2.numel() == H * sum(widths)
         assert pk.widths.tolist() == widths and pk.max_width == 64
 
 
@@ -97,6 +113,14 @@ def test_out_of_range_expert_id_is_refused():
     pk = pack_experts(_experts([16, 16], H, torch.float32, seed=3), H, torch.float32)
     with pytest.raises(RuntimeError, match="expert id 2 out of range"):
         _run(pk, torch.randn(1, H), torch.tensor([[0, 2]], dtype=torch.int32), torch.ones(1, 2))
+
+
+def test_kernel_is_built_with_openmp_so_it_uses_torchs_threads():
+    """Without -fopenmp ATen's parallel_for compiles to a plain loop and the kernel runs on one core
+    whatever torch.set_num_threads says; the built library must call into torch's OpenMP pool."""
+    with open("/proc/self/maps") as maps:  # the library this process loaded for the op
+        lib = next(line.split()[-1] for line in maps if "heapr_cpu_ragged_" in line)
+    assert b"GOMP_parallel" in open(lib, "rb").read(), f"{lib} was built without OpenMP"
 
 
 def test_threads_and_token_chunks_do_not_change_the_result():

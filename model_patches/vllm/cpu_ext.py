@@ -43,15 +43,16 @@ def _register_fake() -> None:
         return torch.empty_like(x)
 
 
-def _build(prefix: str, source: Path, cflags: list[str]) -> None:
-    """Compile and load one source with torch's cpp_extension; the name carries a hash of the source,
-    so an edited source never loads a stale build."""
+def _build(prefix: str, source: Path, cflags: list[str], ldflags: tuple[str, ...] = ()) -> None:
+    """Compile and load one source with torch's cpp_extension; the name carries a hash of the source
+    and flags, so an edited source or a changed flag never loads a stale build."""
     import hashlib
 
     from torch.utils.cpp_extension import load as build
 
-    tag = hashlib.sha256(source.read_bytes()).hexdigest()[:10]
-    build(name=f"{prefix}_{tag}", sources=[str(source)], extra_cflags=cflags, is_python_module=False, verbose=False)
+    tag = hashlib.sha256(source.read_bytes() + " ".join([*cflags, *ldflags]).encode()).hexdigest()[:10]
+    build(name=f"{prefix}_{tag}", sources=[str(source)], extra_cflags=cflags, extra_ldflags=list(ldflags),
+          is_python_module=False, verbose=False)
 
 
 def load() -> bool:
@@ -95,8 +96,12 @@ def load_ragged() -> bool:
         if os.environ.get("HEAPR_NO_CPU_EXT") != "1" and cpu_has_ragged_isa():
             try:
                 if not hasattr(torch.ops.heapr_cpu, "ragged_moe"):
+                    # -fopenmp: without it ATen's parallel_for is a plain loop (its OpenMP body is
+                    # compiled only under _OPENMP) and the kernel would use one core; libgomp.so.1
+                    # resolves to the copy torch has already loaded, so there is one thread pool
                     _build("heapr_cpu_ragged", _RAGGED_SOURCE,
-                           ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"])
+                           ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"],
+                           ("-fopenmp",))
 
                     @torch.library.register_fake("heapr_cpu::ragged_moe")
                     def _fake(x, topk_weights, topk_ids, widths, w13_off, w2_off, w13, w2, max_width):

@@ -1,7 +1,7 @@
 """The exact-width packed layout of the ragged CPU kernel (csrc/ragged_moe_avx512.cpp).
 
 Each expert is stored at its own width, with no tile rounding: 2*n*H gate/up values and n*H down
-values for width n, all experts of a layer in one flat w13 and one flat w2 tensor with per-expert
+values for width n (plus 32 zeros after the whole w13), all experts of a layer in one flat w13 and one flat w2 tensor with per-expert
 offsets. The order inside an expert is the kernel's (VNNI pairs for bf16), documented in the C++
 source; packing is plain tensor reshapes done once at load time.
 """
@@ -14,6 +14,7 @@ import torch
 
 BLOCK = 16  # neurons per gate/up block of the kernel
 DOWN_BLOCK = 64  # outputs per down block
+TAIL = 32  # zeros after the last expert's w13: the AMX tile loads of a narrow block stay in bounds
 
 
 @dataclass
@@ -81,8 +82,10 @@ def pack_experts(experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] |
         n2 += b.numel()
         widths.append(n)
     empty = torch.zeros(1, dtype=dtype)  # a layer of width-0 experts still gets a (never read) tensor
+    # AMX reads a narrow last neuron block's rows 64 bytes at a time: up to 31 values past the end
+    w13.append(torch.zeros(TAIL, dtype=dtype))
     return PackedExperts(
-        w13=torch.cat(w13) if w13 else empty, w2=torch.cat(w2) if w2 else empty,
+        w13=torch.cat(w13), w2=torch.cat(w2) if w2 else empty,
         widths=torch.tensor(widths, dtype=torch.int32), w13_off=torch.tensor(o13, dtype=torch.int64),
         w2_off=torch.tensor(o2, dtype=torch.int64), max_width=max(widths, default=0),
     )

@@ -49,7 +49,9 @@ def main() -> None:
     torch.manual_seed(0)
     w13 = (torch.randn(E, 2 * I, H) * H**-0.5).to(dtype)
     w2 = (torch.randn(E, H, I) * I**-0.5).to(dtype)
-    p13, p2 = ops.cpu_prepack_moe_weight(w13, "vec"), ops.cpu_prepack_moe_weight(w2, "vec")
+    # what vLLM's CPU experts pick for bf16 here; AMX needs the kernel's per-process permission first
+    isa = "amx" if torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx() else "vec"
+    p13, p2 = ops.cpu_prepack_moe_weight(w13, isa), ops.cpu_prepack_moe_weight(w2, isa)
     widths = pruned_widths(E, I, args.ratio, args.align, 1)
     full = pack_experts([(w13[e, :I], w13[e, I:], w2[e]) for e in range(E)], H, dtype)
     pruned = pack_experts([None if n == 0 else (w13[e, :n], w13[e, I:I + n], w2[e][:, :n]) for e, n in enumerate(widths)],
@@ -57,7 +59,7 @@ def main() -> None:
 
     def stock(x, ids, w):
         out = torch.empty_like(x)
-        ops.cpu_fused_moe(out, x, p13, p2, None, None, w, ids, "silu", "vec", False)
+        ops.cpu_fused_moe(out, x, p13, p2, None, None, w, ids, "silu", isa, False)
         return out
 
     def ragged(pk):
@@ -65,7 +67,7 @@ def main() -> None:
                                                                 pk.w13, pk.w2, pk.max_width)
 
     kernels = {"(a) vLLM dense": stock, "(b) ragged full": ragged(full), f"(c) ragged pruned {args.ratio:.0%}": ragged(pruned)}
-    print(f"hidden {H}, {E} experts of {I}, top-{K}, bf16; pruned keeps {sum(widths) / (E * I):.3f} of the neurons")
+    print(f"hidden {H}, {E} experts of {I}, top-{K}, bf16, vLLM ISA {isa}; pruned keeps {sum(widths) / (E * I):.3f} of the neurons")
     for T in args.tokens:
         batches = [(torch.randn(T, H).to(dtype), torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(torch.int32),
                     torch.rand(T, K)) for _ in range(max(1, 64 // T))]

@@ -61,6 +61,8 @@ def main() -> None:
                         help="OMP threads; default as vLLM's CPU worker binds them (all cores but one reserved)")
     parser.add_argument("--compile", action="store_true",
                         help="time the layer as vLLM's CPU server runs it: Dynamo fullgraph + inductor, dynamic token count")
+    parser.add_argument("--layouts", nargs="+", choices=["ragged", "slices", "buckets"],
+                        help="time the pruned layers in each of these CPU layouts (default: the one the layer picks)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,13 +77,18 @@ def main() -> None:
         (torch.randn(E, 2 * I, H) * H**-0.5).to(dtype),
         (torch.randn(E, H, I) * I**-0.5).to(dtype),
     )
-    variants = {"stock": None, "ours_unpruned": [I] * E}
+    variants, layouts = {"stock": None, "ours_unpruned": [I] * E}, {}
     for r in args.ratios:
-        variants[f"ours_pruned_{int(round(r * 100))}"] = pruned_widths(E, I, r, args.align, args.seed + 1)
+        widths = pruned_widths(E, I, r, args.align, args.seed + 1)
+        for layout in args.layouts or [None]:
+            name = f"ours_pruned_{int(round(r * 100))}" + (f"_{layout}" if layout else "")
+            variants[name], layouts[name] = widths, layout
     runners = {}
     for i, (name, widths) in enumerate(variants.items()):
-        runners[name] = build_layer(cfg, f"model.layers.{i}.mlp", H, E, I, args.top_k, dtype, widths, weights)
+        runners[name] = build_layer(cfg, f"model.layers.{i}.mlp", H, E, I, args.top_k, dtype, widths, weights,
+                                    layout=layouts.get(name))
     buckets = {n: len(r.routed_experts.quant_method.buckets) for n, r in runners.items() if n != "stock"}
+    used = {n: r.routed_experts.quant_method.layout for n, r in runners.items() if n != "stock"}
     if args.compile:  # as vLLM's CPU platform compiles the model (DYNAMO_TRACE_ONCE, inductor)
         import torch._dynamo as dynamo
 
@@ -91,7 +98,7 @@ def main() -> None:
 
     results = {"shapes": dict(hidden=H, experts=E, width=I, top_k=args.top_k, dtype=args.dtype), "compiled": args.compile,
                "metric": "process CPU time" if args.threads == 1 else "wall time",
-               "threads": torch.get_num_threads(), "buckets": buckets, "ms": {}, "ratio_to_stock": {},
+               "threads": torch.get_num_threads(), "buckets": buckets, "layouts": used, "ms": {}, "ratio_to_stock": {},
                "effective_ratio": {n: 1 - sum(w) / (E * I) for n, w in variants.items() if w}}
     for T in args.tokens:
         # several different batches per sample: a single decode token hits only top_k experts, whose
@@ -125,6 +132,7 @@ def main() -> None:
         a = runners["stock"].forward(x, x).float()
         b = runners["ours_unpruned"].forward(x, x).float()
     results["max_abs_diff_unpruned_vs_stock"] = float((a - b).abs().max())
+    print(f"layouts: {used}")
     print(f"buckets per layer: {buckets}; max |ours_unpruned - stock| = {results['max_abs_diff_unpruned_vs_stock']:.3g}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -15,7 +15,9 @@ def pruned_widths(num_experts: int, dense: int, ratio: float, align: int, seed: 
     if ratio <= 0:
         return [dense] * num_experts
     gen = torch.Generator().manual_seed(seed)
-    keep = torch.distributions.Beta(torch.tensor(4.0), torch.tensor(4.0 * ratio / (1 - ratio))).sample((num_experts,))
+    with torch.random.fork_rng():  # Beta draws from the global RNG: seed it, leave the caller's state alone
+        torch.manual_seed(seed)
+        keep = torch.distributions.Beta(torch.tensor(4.0), torch.tensor(4.0 * ratio / (1 - ratio))).sample((num_experts,))
     widths = (keep * dense / align).round().clamp(0, dense // align).long() * align
     target = round((1 - ratio) * num_experts * dense / align) * align
     order = torch.randperm(num_experts, generator=gen).tolist()
@@ -41,6 +43,8 @@ def setup_vllm(dtype: torch.dtype, max_tokens: int):
         scheduler_config=SchedulerConfig(max_num_batched_tokens=max(2048, max_tokens), max_num_seqs=max(256, max_tokens), max_model_len=4096, is_encoder_decoder=False),
         compilation_config=CompilationConfig(),
     )
+    if torch.cpu._is_amx_tile_supported():  # as oneDNN does in a server before the stock AMX MoE kernel runs
+        torch.cpu._init_amx()
     tmp = tempfile.mkdtemp()
     with set_current_vllm_config(cfg):
         init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=f"file://{tmp}/dist", backend="gloo")

@@ -52,12 +52,14 @@ from model_patches.vllm.buckets import choose_layout, owned_widths, plan_buckets
 
 
 def _cpu_isa(dtype: torch.dtype) -> str:
-    """The ISA string vLLM's own CPU MoE experts would pick for this machine and dtype."""
+    """The ISA string vLLM's own CPU MoE experts would pick for this machine and dtype. Choosing AMX
+    also asks the kernel for this process's AMX permission (without it the first tile instruction is
+    SIGILL; stock vLLM relies on oneDNN having asked first)."""
     from vllm.platforms import CpuArchEnum
 
     arch = current_platform.get_cpu_architecture()
     if dtype == torch.bfloat16:
-        if arch == CpuArchEnum.X86 and torch.cpu._is_amx_tile_supported():
+        if arch == CpuArchEnum.X86 and torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx():
             return "amx"
         if arch == CpuArchEnum.ARM:
             return "neon"

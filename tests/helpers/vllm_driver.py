@@ -41,6 +41,14 @@ def _record_loaded_weights() -> None:
     base_loader.process_weights_after_loading = recording
 
 
+def _uses_mla(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return bool(json.load(f).get("kv_lora_rank"))
+    except (OSError, ValueError):
+        return False
+
+
 def run_one(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -48,8 +56,14 @@ def run_one(spec: dict) -> dict:
     _record_loaded_weights()
     _LOADED.clear()
     start = time.time()
+    extra = {}
+    if spec.get("dtype") == "float32" and _uses_mla(spec["model"]):
+        # vLLM-CPU picks its AMX MLA backend on AMX machines, whose weight prepack takes 16-bit
+        # weights only; float32 MLA runs on the reference CPU_MLA backend there (as elsewhere)
+        extra["attention_backend"] = "CPU_MLA"
     llm = LLM(
         spec["model"],
+        **extra,
         dtype=spec.get("dtype", "bfloat16"),
         enforce_eager=True,
         max_model_len=spec.get("max_model_len", 256),

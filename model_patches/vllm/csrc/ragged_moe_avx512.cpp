@@ -144,11 +144,11 @@ void gate_up_f32(const Plan& pl, const float* x, const float* blk, int64_t bw, c
   for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(act + (s0 + r) * pl.act_stride + col, m, silu_mul(g[r], u[r]));
 }
 
-// ---- down GEMM: y[p][h0 .. h0 + 16 NV) = weight_p * act[p][0..n) . W2[h][0..n) for MR pairs ---------
+// ---- down GEMM: out[token of p][h0 .. h0 + 16 NV) += weight_p * act[p][0..n) . W2[h][0..n), MR pairs ---
 
 template <int MR, int NV>
 void down_bf16(const Plan& pl, const uint16_t* w2, int64_t n, int64_t h0, int64_t hw, const int64_t* pairs,
-               int64_t s0, const uint16_t* act, float* y) {
+               int64_t s0, const uint16_t* act, float* out) {
   // w2 is this expert's H block at h0 (hw wide): hw (w[h][i], w[h][i+1]) pairs per neuron pair, contiguous
   __m512 acc[MR][NV];
   const int32_t* ar[MR];
@@ -179,13 +179,14 @@ void down_bf16(const Plan& pl, const uint16_t* w2, int64_t n, int64_t h0, int64_
   }
   for (int r = 0; r < MR; ++r) {
     const __m512 s = _mm512_set1_ps(pl.wt[pairs[r]]);
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + pairs[r] * pl.H + h0 + 16 * v, _mm512_mul_ps(acc[r][v], s));
+    float* o = out + (pairs[r] / pl.K) * pl.H + h0;
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + 16 * v, _mm512_fmadd_ps(acc[r][v], s, _mm512_loadu_ps(o + 16 * v)));
   }
 }
 
 template <int MR, int NV>
 void down_f32(const Plan& pl, const float* w2, int64_t n, int64_t h0, int64_t hw, const int64_t* pairs,
-              int64_t s0, const float* act, float* y) {
+              int64_t s0, const float* act, float* out) {
   // w2 is this expert's H block at h0: hw values per neuron, contiguous
   __m512 acc[MR][NV];
   const float* ar[MR];
@@ -204,7 +205,8 @@ void down_f32(const Plan& pl, const float* w2, int64_t n, int64_t h0, int64_t hw
   }
   for (int r = 0; r < MR; ++r) {
     const __m512 s = _mm512_set1_ps(pl.wt[pairs[r]]);
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + pairs[r] * pl.H + h0 + 16 * v, _mm512_mul_ps(acc[r][v], s));
+    float* o = out + (pairs[r] / pl.K) * pl.H + h0;
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + 16 * v, _mm512_fmadd_ps(acc[r][v], s, _mm512_loadu_ps(o + 16 * v)));
   }
 }
 
@@ -225,12 +227,12 @@ void gate_up_rows(const Plan& pl, const T* x, const T* blk, int64_t bw, const in
 
 template <typename T, int NV>
 void down_rows_nv(const Plan& pl, const T* w2, int64_t n, int64_t h0, const int64_t* pairs, int64_t s0, int64_t rows,
-                  const T* act, float* y) {
+                  const T* act, float* out) {
   const int64_t hw = 16 * NV;
 #define HEAPR_DOWN(R)                                                                                 \
   case R:                                                                                             \
-    if constexpr (std::is_same_v<T, uint16_t>) down_bf16<R, NV>(pl, w2, n, h0, hw, pairs, s0, act, y); \
-    else down_f32<R, NV>(pl, w2, n, h0, hw, pairs, s0, act, y);                                       \
+    if constexpr (std::is_same_v<T, uint16_t>) down_bf16<R, NV>(pl, w2, n, h0, hw, pairs, s0, act, out); \
+    else down_f32<R, NV>(pl, w2, n, h0, hw, pairs, s0, act, out);                                       \
     break;
   switch (rows) { HEAPR_DOWN(1) HEAPR_DOWN(2) HEAPR_DOWN(3) HEAPR_DOWN(4) }
 #undef HEAPR_DOWN
@@ -238,19 +240,19 @@ void down_rows_nv(const Plan& pl, const T* w2, int64_t n, int64_t h0, const int6
 
 template <typename T>
 void down_rows(const Plan& pl, const T* w2, int64_t n, int64_t h0, int64_t hv, const int64_t* pairs, int64_t s0,
-               int64_t rows, const T* act, float* y) {
+               int64_t rows, const T* act, float* out) {
   switch (hv) {  // zmm vectors of output (16 each) left in this H block
-    case 1: down_rows_nv<T, 1>(pl, w2, n, h0, pairs, s0, rows, act, y); break;
-    case 2: down_rows_nv<T, 2>(pl, w2, n, h0, pairs, s0, rows, act, y); break;
-    case 3: down_rows_nv<T, 3>(pl, w2, n, h0, pairs, s0, rows, act, y); break;
-    default: down_rows_nv<T, 4>(pl, w2, n, h0, pairs, s0, rows, act, y); break;
+    case 1: down_rows_nv<T, 1>(pl, w2, n, h0, pairs, s0, rows, act, out); break;
+    case 2: down_rows_nv<T, 2>(pl, w2, n, h0, pairs, s0, rows, act, out); break;
+    case 3: down_rows_nv<T, 3>(pl, w2, n, h0, pairs, s0, rows, act, out); break;
+    default: down_rows_nv<T, 4>(pl, w2, n, h0, pairs, s0, rows, act, out); break;
   }
 }
 
 // ---- AMX tiles (bf16) ---------------------------------------------------------------------------
-// One tile configuration for every phase: eight tiles of 16 rows x 64 bytes. Gate/up: tmm0/1 the gate
-// and up accumulators (16 pairs x 16 neurons, fp32), tmm2 the x rows (16 pairs x 32 k), tmm3/4 the
-// gate and up weights (16 k-pair rows x 16 neurons). Down: tmm0-3 the accumulators of the block's 16-
+// One tile configuration for every phase: eight tiles of 16 rows x 64 bytes. Gate/up: accumulators
+// of 16 pairs x 16 neurons (fp32), x rows of 16 pairs x 32 k, gate and up weights of 16 k-pair rows x
+// 16 neurons (see gate_up_amx). Down: tmm0-3 the accumulators of the block's 16-
 // output vectors, tmm4 the activations (16 pairs x 32 neurons), tmm5 the weights (16 neuron-pair rows
 // x 16 outputs). Rows past an expert's last pair compute garbage that is never stored.
 
@@ -279,6 +281,14 @@ int64_t amx_rows_now() {
   return v;
 }
 
+// The weight bytes of the next step, AMX_PF bytes ahead of the tile loads: the hardware streamer
+// alone left ~7 % of the time at 256 tokens (Qwen3 shapes) waiting on memory
+constexpr int64_t AMX_PF = 4096;
+inline void prefetch_ahead(const uint16_t* w, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(w) + AMX_PF;
+  for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+}
+
 __attribute__((target("amx-tile,amx-bf16"))) void amx_begin() {
   // palette 1; bytes 16.. the tiles' row sizes (uint16), 48.. their row counts
   struct alignas(64) Config { unsigned char b[64]; } cfg = {};
@@ -294,41 +304,56 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_begin() {
 __attribute__((target("amx-tile,amx-bf16"))) void amx_end() { _tile_release(); }
 
 // act rows [s, s + c) of one expert, neuron block at col (bw wide): silu(gate x) * up x, from the
-// gathered x rows xg[s ..] (the expert's pairs in order, H contiguous bf16 each)
+// gathered x rows xg[s ..] (the expert's pairs in order, H contiguous bf16 each). Two row blocks (32
+// pairs) per pass share each weight tile: tmm0/1 gate/up of the first 16 rows, tmm2/3 of the next,
+// tmm4/5 their x rows, tmm6/7 the gate and up weights.
 __attribute__((target("amx-tile,amx-bf16"))) void gate_up_amx(const Plan& pl, const uint16_t* xg,
                                                              const uint16_t* blk, int64_t bw, int64_t s, int64_t c,
                                                              uint16_t* act, int64_t col) {
-  alignas(64) float cg[256], cu[256];
+  alignas(64) float cg[2][256], cu[2][256];
   const int64_t H = pl.H;
-  for (int64_t r0 = 0; r0 < c; r0 += 16) {
+  for (int64_t r0 = 0; r0 < c; r0 += 32) {
+    const bool two = c - r0 > 16;
     _tile_zero(0);
     _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
     const uint16_t* a = xg + (s + r0) * H;
     for (int64_t k = 0; k < H; k += 32) {
       // k-pair rows k/2 .. k/2 + 15 of the block: bw gate pairs then bw up pairs each (stride 4 bw
       // elements); a narrower block's extra columns read its up values or the next row, never stored
       const uint16_t* w = blk + (k / 2) * 4 * bw;
-      _tile_loadd(2, a + k, H * 2);
-      _tile_loadd(3, w, 8 * bw);
-      _tile_loadd(4, w + 2 * bw, 8 * bw);
-      _tile_dpbf16ps(0, 2, 3);
-      _tile_dpbf16ps(1, 2, 4);
+      prefetch_ahead(w, 128 * bw);
+      _tile_loadd(4, a + k, H * 2);
+      _tile_loadd(6, w, 8 * bw);
+      _tile_loadd(7, w + 2 * bw, 8 * bw);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if (two) {
+        _tile_loadd(5, a + 16 * H + k, H * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
     }
-    _tile_stored(0, cg, 64);
-    _tile_stored(1, cu, 64);
-    const int64_t mr = std::min<int64_t>(16, c - r0);
+    _tile_stored(0, cg[0], 64);
+    _tile_stored(1, cu[0], 64);
+    if (two) {
+      _tile_stored(2, cg[1], 64);
+      _tile_stored(3, cu[1], 64);
+    }
+    const int64_t mr = std::min<int64_t>(32, c - r0);
     for (int64_t r = 0; r < mr; ++r)
-      store_ps_bf16(act + (s + r0 + r) * pl.act_stride + col, silu_mul(_mm512_load_ps(cg + 16 * r), _mm512_load_ps(cu + 16 * r)),
-                    mask16(bw));
+      store_ps_bf16(act + (s + r0 + r) * pl.act_stride + col,
+                    silu_mul(_mm512_load_ps(cg[r / 16] + 16 * (r % 16)), _mm512_load_ps(cu[r / 16] + 16 * (r % 16))), mask16(bw));
   }
 }
 
-// y rows of one expert's pairs, H block h0 (hv vectors of 16 outputs): the router weight times
+// One expert's pairs, H block h0 (hv vectors of 16 outputs): out[token] += the router weight times
 // act . W2^T; the neuron pairs past the last full 16 (and an odd last neuron) go through a zero-padded
 // copy of their weight rows, against activation columns that are zero past the width
 __attribute__((target("amx-tile,amx-bf16"))) void down_amx(const Plan& pl, const uint16_t* blk, int64_t n, int64_t h0,
                                                           int64_t hv, const int64_t* pairs, int64_t s, int64_t c,
-                                                          const uint16_t* act, float* y) {
+                                                          const uint16_t* act, float* out) {
   const int64_t hw = 16 * hv, n2 = n / 2, full = n2 / 16;
   const bool tail = (n2 % 16) != 0 || (n & 1);
   alignas(64) uint16_t tb[4][16 * 32];
@@ -353,6 +378,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void down_amx(const Plan& pl, const
     for (int64_t t = 0; t < full; ++t) {
       _tile_loadd(4, a + 32 * t, as);
       const uint16_t* w = blk + t * 32 * hw;  // 16 neuron-pair rows of 2 hw values
+      prefetch_ahead(w, 64 * hw);
       _tile_loadd(5, w, 4 * hw);
       _tile_dpbf16ps(0, 4, 5);
       if (hv > 1) { _tile_loadd(5, w + 32, 4 * hw); _tile_dpbf16ps(1, 4, 5); }
@@ -375,7 +401,9 @@ __attribute__((target("amx-tile,amx-bf16"))) void down_amx(const Plan& pl, const
     for (int64_t r = 0; r < mr; ++r) {
       const int64_t p = pairs[r0 + r];
       const __m512 sc = _mm512_set1_ps(pl.wt[p]);
-      for (int64_t v = 0; v < hv; ++v) _mm512_storeu_ps(y + p * pl.H + h0 + 16 * v, _mm512_mul_ps(_mm512_load_ps(cb[v] + 16 * r), sc));
+      float* o = out + (p / pl.K) * pl.H + h0;
+      for (int64_t v = 0; v < hv; ++v)
+        _mm512_storeu_ps(o + 16 * v, _mm512_fmadd_ps(_mm512_load_ps(cb[v] + 16 * r), sc, _mm512_loadu_ps(o + 16 * v)));
     }
   }
 }
@@ -390,7 +418,7 @@ std::vector<char> amx_experts(const Plan& pl) {
 }
 
 template <typename T>
-void run(const Plan& pl, const T* x, const T* w13, const T* w2, T* act, T* xg, float* y, float* out) {
+void run(const Plan& pl, const T* x, const T* w13, const T* w2, T* act, T* xg, float* out) {
   const int64_t H = pl.H, E = pl.E;
   const int64_t HB = 16 * NV_DOWN;
   const int64_t hblocks = (H + HB - 1) / HB;
@@ -404,14 +432,13 @@ void run(const Plan& pl, const T* x, const T* w13, const T* w2, T* act, T* xg, f
       }
     });
   }
-  // work items: (expert, neuron block) for gate/up, (expert, H block) for down, each looping over all
-  // of the expert's pairs, so a weight block is read from memory once and reused from cache
+  // gate/up: one item per (expert, neuron block), looping over all of the expert's pairs, so a
+  // weight block is read from memory once and reused from cache
   struct Item { int64_t e, j; };
-  std::vector<Item> up_items, down_items;
+  std::vector<Item> up_items;
   for (int64_t e = 0; e < E; ++e) {
     if (pl.start[e + 1] == pl.start[e] || pl.width[e] == 0) continue;
     for (int64_t j = 0; j < pl.width[e]; j += NB) up_items.push_back({e, j});
-    for (int64_t b = 0; b < hblocks; ++b) down_items.push_back({e, b * HB});
   }
   at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t b, int64_t e_) {
     bool tiles = false;
@@ -433,38 +460,30 @@ void run(const Plan& pl, const T* x, const T* w13, const T* w2, T* act, T* xg, f
     }
     if (tiles) amx_end();
   });
-  at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t b, int64_t e_) {
+  // down: each thread owns a range of H blocks (their output columns: no races) and walks the
+  // experts in id order, each expert's blocks in turn (its w2 is read front to back), adding its
+  // pairs' outputs into the tokens' rows; every output sums in that order whatever the thread count
+  at::parallel_for(0, hblocks, 1, [&](int64_t b, int64_t e_) {
     bool tiles = false;
-    for (int64_t i = b; i < e_; ++i) {
-      const Item& it = down_items[i];
-      const int64_t n = pl.width[it.e], h0 = it.j, hv = std::min(NV_DOWN, (H - h0) / 16);
-      const int64_t s = pl.start[it.e], c = pl.start[it.e + 1] - s;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = pl.width[e], s = pl.start[e], c = pl.start[e + 1] - s;
+      if (n == 0 || c == 0) continue;
       const int64_t* pairs = pl.order.data() + s;
-      const T* blk = w2 + pl.w2_off[it.e] + h0 * n;  // H block h0 of the expert: (its width) x n values
-      if constexpr (std::is_same_v<T, uint16_t>) {
-        if (amx[it.e]) {
-          if (!tiles) amx_begin(), tiles = true;
-          down_amx(pl, blk, n, h0, hv, pairs, s, c, act, y);
-          continue;
+      for (int64_t hb = b; hb < e_; ++hb) {
+        const int64_t h0 = hb * HB, hv = std::min(NV_DOWN, (H - h0) / 16);
+        const T* blk = w2 + pl.w2_off[e] + h0 * n;  // H block h0 of the expert: (its width) x n values
+        if constexpr (std::is_same_v<T, uint16_t>) {
+          if (amx[e]) {
+            if (!tiles) amx_begin(), tiles = true;
+            down_amx(pl, blk, n, h0, hv, pairs, s, c, act, out);
+            continue;
+          }
         }
+        for (int64_t r = 0; r < c; r += MR_DOWN)
+          down_rows<T>(pl, blk, n, h0, hv, pairs + r, s + r, std::min(MR_DOWN, c - r), act, out);
       }
-      for (int64_t r = 0; r < c; r += MR_DOWN)
-        down_rows<T>(pl, blk, n, h0, hv, pairs + r, s + r, std::min(MR_DOWN, c - r), act, y);
     }
     if (tiles) amx_end();
-  });
-  // each token's sum over its kept pairs, in slot order (deterministic)
-  at::parallel_for(0, pl.T, 16, [&](int64_t b, int64_t e_) {
-    for (int64_t t = b; t < e_; ++t) {
-      float* o = out + t * H;
-      std::fill(o, o + H, 0.f);
-      for (int64_t j = 0; j < pl.K; ++j) {
-        const int64_t p = t * pl.K + j;
-        if (pl.width[pl.id[p]] == 0) continue;
-        const float* yp = y + p * H;
-        for (int64_t h = 0; h < H; h += 16) _mm512_storeu_ps(o + h, _mm512_add_ps(_mm512_loadu_ps(o + h), _mm512_loadu_ps(yp + h)));
-      }
-    }
   });
 }
 
@@ -499,8 +518,7 @@ at::Tensor ragged_chunk(const at::Tensor& x, const at::Tensor& ids, const at::Te
   pl.act_stride = std::max<int64_t>(32, (max_width + 31) / 32 * 32);
   pl.amx_rows = x.scalar_type() == at::kBFloat16 ? amx_rows_now() : 0;
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor y = at::empty({pl.P, pl.H}, f32);
-  at::Tensor out = at::empty({pl.T, pl.H}, f32);
+  at::Tensor out = at::zeros({pl.T, pl.H}, f32);
   if (x.scalar_type() == at::kBFloat16) {
     const bool tiles = pl.amx_rows > 0;
     // AMX reads 16 rows and whole 32-neuron columns: 16 spare rows, and columns past a width are zero
@@ -508,12 +526,12 @@ at::Tensor ragged_chunk(const at::Tensor& x, const at::Tensor& ids, const at::Te
     at::Tensor xg = at::empty({tiles ? pl.P + 16 : 0, pl.H}, x.options());
     run<uint16_t>(pl, reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<const uint16_t*>(w13.data_ptr()),
                   reinterpret_cast<const uint16_t*>(w2.data_ptr()), reinterpret_cast<uint16_t*>(act.data_ptr()),
-                  reinterpret_cast<uint16_t*>(xg.data_ptr()), y.data_ptr<float>(), out.data_ptr<float>());
+                  reinterpret_cast<uint16_t*>(xg.data_ptr()), out.data_ptr<float>());
     return out.to(at::kBFloat16);
   }
   at::Tensor act = at::empty({pl.P, pl.act_stride}, x.options());
   run<float>(pl, x.data_ptr<float>(), w13.data_ptr<float>(), w2.data_ptr<float>(), act.data_ptr<float>(), nullptr,
-             y.data_ptr<float>(), out.data_ptr<float>());
+             out.data_ptr<float>());
   return out;
 }
 
@@ -533,8 +551,9 @@ at::Tensor ragged_moe(const at::Tensor& x_in, const at::Tensor& topk_weights, co
   const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
   const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
   const int64_t T = x.size(0), H = x.size(1), K = std::max<int64_t>(1, ids.size(1));
-  // tokens per chunk: the fp32 per-pair outputs stay under 64 MiB (a long prefill would otherwise
-  // allocate T * K * H floats at once); every weight block is read once per chunk
+  // tokens per chunk: the per-pair buffers (gathered x rows, activations) stay bounded, 64 MiB /
+  // (K H 4 B) tokens (a long prefill would otherwise allocate T * K * H values at once); every weight
+  // block is read once per chunk
   const int64_t chunk = std::max<int64_t>(16, (int64_t(64) << 20) / (K * H * 4));
   if (T <= chunk) return ragged_chunk(x, ids, wts, widths, w13_off, w2_off, w13, w2, max_width);
   at::Tensor out = at::empty_like(x);

@@ -39,8 +39,8 @@
 
 namespace {
 
-constexpr int64_t NB = 16;
-constexpr int64_t PF = 1024;  // prefetch distance in weight elements (2 KiB of bf16)  // neurons per w13 block (one zmm of fp32 outputs)
+constexpr int64_t NB = 16;    // neurons per w13 block (one zmm of fp32 outputs)
+constexpr int64_t PF = 1024;  // AVX-512 path: prefetch distance in weight elements (2 KiB of bf16)
 
 // exp(x) for x <= 0 ... any x, Cephes-style: 2^n * p(r), |error| ~ 1 ulp in fp32
 inline __m512 exp512(__m512 x) {

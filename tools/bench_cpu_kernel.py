@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--align", type=int, default=1)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--amx-rows", type=int, nargs="+", default=[],
+                        help="also time (c) with each of these AMX thresholds (pairs per expert; 0 = AVX-512 only)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import vllm._custom_ops as ops
@@ -62,12 +64,18 @@ def main() -> None:
         ops.cpu_fused_moe(out, x, p13, p2, None, None, w, ids, "silu", isa, False)
         return out
 
-    def ragged(pk):
-        return lambda x, ids, w: torch.ops.heapr_cpu.ragged_moe(x, w, ids, pk.widths, pk.w13_off, pk.w2_off,
-                                                                pk.w13, pk.w2, pk.max_width)
+    default_rows = torch.ops.heapr_cpu.ragged_amx_rows(-1)
+
+    def ragged(pk, rows=default_rows):
+        def run(x, ids, w):
+            torch.ops.heapr_cpu.ragged_amx_rows(rows)
+            return torch.ops.heapr_cpu.ragged_moe(x, w, ids, pk.widths, pk.w13_off, pk.w2_off, pk.w13, pk.w2, pk.max_width)
+        return run
 
     kernels = {"(a) vLLM dense": stock, "(b) ragged full": ragged(full), f"(c) ragged pruned {args.ratio:.0%}": ragged(pruned)}
-    print(f"hidden {H}, {E} experts of {I}, top-{K}, bf16, vLLM ISA {isa}; pruned keeps {sum(widths) / (E * I):.3f} of the neurons")
+    for rows in args.amx_rows:
+        kernels[f"(c) amx_rows={rows}"] = ragged(pruned, rows)
+    print(f"hidden {H}, {E} experts of {I}, top-{K}, bf16, vLLM ISA {isa}, AMX threshold {default_rows}; pruned keeps {sum(widths) / (E * I):.3f} of the neurons")
     for T in args.tokens:
         batches = [(torch.randn(T, H).to(dtype), torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(torch.int32),
                     torch.rand(T, K)) for _ in range(max(1, 64 // T))]

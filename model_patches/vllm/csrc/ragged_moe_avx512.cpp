@@ -256,7 +256,9 @@ void down_rows(const Plan& pl, const T* w2, int64_t n, int64_t h0, int64_t hv, c
 // output vectors, tmm4 the activations (16 pairs x 32 neurons), tmm5 the weights (16 neuron-pair rows
 // x 16 outputs). Rows past an expert's last pair compute garbage that is never stored.
 
-constexpr int64_t AMX_DEFAULT_ROWS = 2;  // pairs per expert from which AMX beats AVX-512 here (tools/bench_cpu_kernel.py)
+// pairs per expert from which AMX beats AVX-512 (`tools/bench_cpu_kernel.py --amx-rows 0 1 2 4 8`:
+// 1 loses at 1-4 tokens, 8 at 16-64 tokens on the bundled shapes; 2 and 4 are level at Qwen3 shapes)
+constexpr int64_t AMX_DEFAULT_ROWS = 2;
 
 bool amx_permitted() {
   static const bool ok = [] {

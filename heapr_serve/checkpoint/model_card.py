@@ -27,7 +27,8 @@ def write_model_card(folder: Path, config: dict, plan, source_params: int, prune
         f"# {name}: {heapr['source_architectures'][0]} pruned by heapr-serve (`{method}`)",
         "",
         f"Pruned from `{heapr['source_model']}` with heapr-serve, method `{method}`: {summary}.",
-        "Shared experts, attention and the router are unchanged; each routed expert keeps its own width.",
+        "Shared experts and attention are unchanged" + ("" if heapr.get("heal", {}).get("router") else ", and so is the router")
+        + "; each routed expert keeps its own width.",
         "",
         "| | before | after |",
         "|---|---:|---:|",
@@ -45,6 +46,13 @@ def write_model_card(folder: Path, config: dict, plan, source_params: int, prune
            f"damp {heapr['reconstruct']['damp']:g}) to the dense experts' outputs on the calibration tokens: "
            f"{heapr['reconstruct']['experts_refit']} experts re-fitted, their calibration output error "
            f"{_reduction(heapr['reconstruct'])} lower."] if heapr.get("reconstruct") else []),
+        *([f"Every pruned MoE layer was healed (`--heal`"
+           f"{', starting from the least-squares re-fit of --reconstruct' if heapr['heal'].get('reconstruct_start') else ''}): its kept gate, up and down weights"
+           f"{' and its router' if heapr['heal']['router'] else ''} tuned by Adam, layer by layer on the pruned model's own "
+           f"inputs, to reproduce the dense layer's output on the calibration tokens ({heapr['heal']['steps']} steps at most, "
+           f"lr {heapr['heal']['lr']:g} of each weight's RMS); held-out relative error per layer: "
+           + ", ".join(f"{layer}: {r['held_out_before']:.3g} -> {r['held_out_after']:.3g}" for layer, r in heapr['heal']['layers'].items() if 'held_out_before' in r)
+           + "."] if heapr.get("heal") else []),
         "",
         "| layer | kept share | min width | max width | width-0 experts |",
         "|---:|---:|---:|---:|---:|",

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from heapr_serve.errors import HeaprError
-from heapr_serve.families import Family
+from heapr_serve.families import PROJ_KINDS, Family
 from heapr_serve.preflight import check_output, check_path_text, staged_folder
 from heapr_serve.checkpoint.format import (FORMAT_VERSION, FUSED_EXPERTS_TENSOR, GPT_OSS_EXPERTS_TENSOR, MTP_REASON, MXFP4_TENSOR,
                                            PER_EXPERT_TENSOR, SCALE_SUFFIX, dense_expert_width, num_routed_experts, open_safetensors, safetensors_files,
@@ -118,28 +118,29 @@ class _ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[int, list[torch.Tensor]], refit=None):
+def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[int, list[torch.Tensor]], updates=None):
     """The pruned per-expert tensors for one source tensor, or None if it is not a routed expert.
-    `refit(layer, expert)` gives re-fitted kept down-projection columns [H, K] (`--reconstruct`) or None."""
+    `updates(layer, key)` gives new kept-width values ("{expert}.gate|up|down", heapr_serve.prune.updates:
+    `--reconstruct`, `--heal`) or None where the source's rows and columns stay."""
 
-    def down_columns(layer: int, expert: int, down: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        new = refit(layer, expert) if refit is not None else None
+    def kept_part(layer: int, expert: int, proj: int, dense: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        new = updates(layer, f"{expert}.{PROJ_KINDS[proj]}") if updates is not None else None
+        old = dense.index_select(1 if proj == 2 else 0, kept)
         if new is None:
-            return down.index_select(1, kept)
-        if tuple(new.shape) != (down.shape[0], len(kept)):
-            raise ValueError(f"re-fitted down projection of layer {layer} expert {expert} has shape {list(new.shape)}, expected {[down.shape[0], len(kept)]}")
-        return new.to(down.dtype)
+            return old
+        if new.shape != old.shape:
+            raise ValueError(f"new {PROJ_KINDS[proj]} projection of layer {layer} expert {expert} has shape {list(new.shape)}, expected {list(old.shape)}")
+        return new.to(dense.dtype)
 
     if family.expert_layout == "gpt_oss":
-        return _gpt_oss_slices(family, name, tensor, keep, refit)
+        return _gpt_oss_slices(family, name, tensor, keep, updates)
     m = PER_EXPERT_TENSOR.match(name)
     if m and int(m["layer"]) in keep and m["block"] == family.disk_block and m["proj"] in family.disk_projs:
         layer, expert = int(m["layer"]), int(m["expert"])
         kept = keep[layer][expert]
         if len(kept) == 0:
             return []
-        proj = family.disk_projs.index(m["proj"])
-        return [(name, down_columns(layer, expert, tensor, kept) if proj == 2 else tensor.index_select(0, kept))]
+        return [(name, kept_part(layer, expert, family.disk_projs.index(m["proj"]), tensor, kept))]
     m = FUSED_EXPERTS_TENSOR.match(name)
     if m and int(m["layer"]) in keep:
         layer = int(m["layer"])
@@ -149,21 +150,34 @@ def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[i
                 continue
             if m["proj"] == "gate_up_proj":  # [E, 2I, H]
                 width = tensor.shape[1] // 2
-                out.append((family.expert_tensor_name(m["prefix"], layer, expert, 0), tensor[expert, :width].index_select(0, kept)))
-                out.append((family.expert_tensor_name(m["prefix"], layer, expert, 1), tensor[expert, width:].index_select(0, kept)))
+                for proj, dense in ((0, tensor[expert, :width]), (1, tensor[expert, width:])):
+                    out.append((family.expert_tensor_name(m["prefix"], layer, expert, proj), kept_part(layer, expert, proj, dense, kept)))
             else:  # down_proj [E, H, I]
-                out.append((family.expert_tensor_name(m["prefix"], layer, expert, 2), down_columns(layer, expert, tensor[expert], kept)))
+                out.append((family.expert_tensor_name(m["prefix"], layer, expert, 2), kept_part(layer, expert, 2, tensor[expert], kept)))
         return out
     return None
 
 
-def _gpt_oss_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[int, list[torch.Tensor]], refit=None):
+def _router(family: Family, name: str, tensor: torch.Tensor, keep: dict, updates) -> torch.Tensor:
+    """The router weight as `--heal` tuned it, else the source's."""
+    layer = tensor_layer(name)
+    if updates is None or layer not in keep or not family.module_tensor_name(name).endswith(f".mlp.{family.router}.weight"):
+        return tensor
+    new = updates(layer, "router")
+    if new is None:
+        return tensor
+    if new.shape != tensor.shape:
+        raise ValueError(f"new router of layer {layer} has shape {list(new.shape)}, expected {list(tensor.shape)}")
+    return new.to(tensor.dtype)
+
+
+def _gpt_oss_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[int, list[torch.Tensor]], updates=None):
     """gpt-oss's on-disk stacks cut into per-expert tensors with their biases (heapr_serve.score.gpt_oss);
     every expert keeps its down bias, a width-0 expert nothing else."""
     from heapr_serve.score.gpt_oss import fused_slices
 
-    if refit is not None:
-        raise HeaprError("--reconstruct is not supported for gpt-oss yet (expert biases); drop --reconstruct")
+    if updates is not None:
+        raise HeaprError("--reconstruct and --heal are not supported for gpt-oss yet (expert biases); drop them")
     m = GPT_OSS_EXPERTS_TENSOR.match(name)
     if not m or int(m["layer"]) not in keep:
         return None
@@ -179,7 +193,7 @@ def _gpt_oss_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[
 
 def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: dict[int, list[torch.Tensor]],
                             heapr: dict, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress=None,
-                            drop_mtp: bool = False, refit=None) -> dict:
+                            drop_mtp: bool = False, updates=None) -> dict:
     """Write weights, config, tokenizer and side files of the pruned model into `folder` (a staging
     folder). Returns {"params": n, "bytes": n}.
 
@@ -187,8 +201,8 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
     are written whole, their experts per-expert at the dense width, and declared in
     `heapr.kept_whole_layers`, or left out with `drop_mtp` (config's count of them set to 0). An FP8
     block-quantised source is written dequantised to bfloat16, an MXFP4 one (gpt-oss) dequantised to
-    its own dtype, without scales or quantization_config, and recorded in `heapr.source_quantization`. `refit(layer, expert)`: the
-    re-fitted kept down-projection columns of `--reconstruct` (heapr_serve.prune.reconstruct), or None."""
+    its own dtype, without scales or quantization_config, and recorded in `heapr.source_quantization`. `updates(layer, key)`: new
+    values of kept weights from `--reconstruct` or `--heal` (heapr_serve.prune.updates), or None."""
     source = Path(source)
     src = SourceCheckpoint(source)
     config = json.loads((source / "config.json").read_text())
@@ -226,8 +240,8 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
                 if read_as is not None and not dropped:
                     tensor = src.get(f, name, dequant_dtype=written_as)
                     dequantised += (fp8 and (name + SCALE_SUFFIX) in src.files) or read_as != name
-                    pieces = _expert_slices(family, read_as, tensor, slices, refit)
-                    for out_name, out_tensor in pieces if pieces is not None else [(read_as, tensor)]:
+                    pieces = _expert_slices(family, read_as, tensor, slices, updates)
+                    for out_name, out_tensor in pieces if pieces is not None else [(read_as, _router(family, read_as, tensor, keep, updates))]:
                         writer.add(out_name, out_tensor)
                 if progress is not None:
                     progress(name)

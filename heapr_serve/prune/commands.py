@@ -32,16 +32,22 @@ from heapr_serve.checkpoint.source import SourceCheckpoint
 from heapr_serve.models import load_model, load_tokenizer, model_reference, pick_device, pick_dtype, resolve_model
 from heapr_serve.progress import console, progress_bar
 from heapr_serve.prune.allocation import PruningPlan, check_allocation_options
+from heapr_serve.prune.distill import distill
+from heapr_serve.prune.heal import HealOptions, heal
 from heapr_serve.prune.methods import METHODS, expert_allocation, get_method, plan_for_method, uniform_allocation
 from heapr_serve.prune.reconstruct import DEFAULT_DAMP, INPUTS, reconstruct, temporary_folder
 from heapr_serve.score import distributed
+from heapr_serve.score.checkpointing import partial_folder
 from heapr_serve.score.run import RunOptions, check_fits, finish_run, run_calibration
 from heapr_serve.score.stats import SCORES_FILE, ExpertStats
 
 
 @dataclass
 class Reconstruction:
-    """What `--reconstruct` needs: this rank's calibration batches and how to run and fit them."""
+    """What `--reconstruct` and `--heal` need: this rank's calibration batches and how to run and fit
+    them. With `heal`, healing runs (starting from the least-squares re-fit when `refit`), its layers
+    saved in `heal_folder` as they finish (compress: beside the output, for --resume) or in a
+    temporary folder (None)."""
 
     batches: list
     dtype: torch.dtype
@@ -49,6 +55,10 @@ class Reconstruction:
     damp: float = DEFAULT_DAMP
     inputs: str = "pruned"
     activations_dir: Optional[Path] = None
+    refit: bool = True
+    heal: HealOptions | None = None
+    heal_folder: Optional[Path] = None
+    heal_identity: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +71,7 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)
     method: str = "heapr"
     reconstruct: dict | None = None
+    heal: dict | None = None
 
 
 def _check_source(source: Path) -> dict:
@@ -109,11 +120,15 @@ def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, s
         refit = None
         if reconstruction is not None:
             refit = refit_plan(source, plan, reconstruction, refit_folder, progress)
-            heapr["reconstruct"] = {"inputs": reconstruction.inputs, "damp": reconstruction.damp,
-                                    **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in refit.summary.items()}}
+            if reconstruction.heal is not None:
+                heapr["heal"] = {**reconstruction.heal.record(), "reconstruct_start": reconstruction.refit,
+                                 **({"reconstruct_damp": reconstruction.damp} if reconstruction.refit else {}), **refit.summary}
+            else:
+                heapr["reconstruct"] = {"inputs": reconstruction.inputs, "damp": reconstruction.damp,
+                                        **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in refit.summary.items()}}
         task = progress.add_task("writing checkpoint", total=len(files))
         written = write_pruned_checkpoint(source, folder, family, plan.keep, heapr, progress=lambda _: progress.advance(task), drop_mtp=drop_mtp,
-                                          refit=None if refit is None else refit.get)
+                                          updates=None if refit is None else refit.get)
         heapr["pruned_params"] = written["params"]
         config_file = folder / "config.json"
         saved = json.loads(config_file.read_text())
@@ -121,11 +136,22 @@ def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, s
         config_file.write_text(json.dumps(saved, indent=2) + "\n")
         stats.save(folder / SCORES_FILE)
         write_model_card(folder, saved, plan, source_params, written["params"], out.name)
-    return PruneResult(out, plan, source_params, written["params"], written["bytes"], method=method, reconstruct=heapr.get("reconstruct"))
+    return PruneResult(out, plan, source_params, written["params"], written["bytes"], method=method, reconstruct=heapr.get("reconstruct"),
+                       heal=heapr.get("heal"))
 
 
 def refit_plan(source: Path, plan: PruningPlan, r: Reconstruction, folder: Path, progress):
-    """Run the re-fit of `--reconstruct` (every rank of a torchrun launch calls this with its batches)."""
+    """Run the re-fit of `--reconstruct` or the healing of `--heal` (every rank of a torchrun launch
+    calls this with its batches)."""
+    if r.heal is not None:
+        layers = progress.add_task("healing pruned layers", total=SourceCheckpoint(source).num_layers)
+        family = family_for(read_config(source))
+        healed = heal(source, family, plan, r.batches, r.dtype, r.device, r.heal_folder or folder, r.heal,
+                      r.heal_identity, r.damp if r.refit else None, r.activations_dir, on_layer=lambda _: progress.advance(layers))
+        if r.heal.e2e_steps:
+            healed.summary["e2e"] = distill(lambda dt, dev: load_model(source, dt, dev), family, plan, healed, r.batches, r.dtype,
+                                            r.device, r.heal, SourceCheckpoint(source).dtype)
+        return healed
     layers = progress.add_task(f"re-fitting down projections ({r.inputs} inputs)", total=SourceCheckpoint(source).num_layers)
     return reconstruct(source, plan, r.batches, r.dtype, r.device, folder, r.damp, r.inputs, r.activations_dir,
                        on_layer=lambda _: progress.advance(layers))
@@ -156,7 +182,12 @@ def summary_table(result: PruneResult, wall: float, peak: str) -> Table:
     table.add_row("experts at width 0", str(plan.zero_width_experts))
     unrouted = sum(len(e) for e in plan.unrouted.values())
     table.add_row("experts never routed in calibration", str(unrouted))
-    if result.reconstruct:
+    if result.heal:
+        layers = [r for r in result.heal["layers"].values() if r.get("held_out_before")]
+        if layers:
+            mean = sum(1 - r["held_out_after"] / r["held_out_before"] for r in layers) / len(layers)
+            table.add_row("healed layers (held-out error)", f"{len(layers)} (-{mean:.1%} on average)")
+    if result.reconstruct and "error_before" in result.reconstruct:
         r = result.reconstruct
         reduction = 1 - r["error_after"] / r["error_before"] if r["error_before"] > 0 else 0.0
         table.add_row(f"re-fitted experts ({r['inputs']} inputs, damp {r['damp']:g})",
@@ -167,7 +198,8 @@ def summary_table(result: PruneResult, wall: float, peak: str) -> Table:
 
 
 def _check_options(method: str, ratio: float, scope: str, align: int, reconstruct: bool = False,
-                   reconstruct_inputs: str = "pruned", reconstruct_damp: float = DEFAULT_DAMP) -> None:
+                   reconstruct_inputs: str = "pruned", reconstruct_damp: float = DEFAULT_DAMP,
+                   heal_options: HealOptions | None = None) -> None:
     """Validate the method and the ratio/scope/align flags in a millisecond, before any model is
     loaded, and say which flags the chosen method does not use."""
     allocation = get_method(method).allocate
@@ -176,6 +208,10 @@ def _check_options(method: str, ratio: float, scope: str, align: int, reconstruc
         raise HeaprError(f"--reconstruct-inputs {reconstruct_inputs!r}: use one of {', '.join(INPUTS)}")
     if not (reconstruct_damp > 0 and reconstruct_damp < 1e6):
         raise HeaprError(f"--reconstruct-damp must be a positive number (got {reconstruct_damp}); {DEFAULT_DAMP:g} is the default")
+    if heal_options is not None:
+        heal_options.check()
+        if reconstruct_inputs != "pruned":
+            raise HeaprError("--heal runs layer by layer on the pruned model's own inputs; drop --reconstruct-inputs dense")
     ignored = []
     if reconstruct and allocation is expert_allocation:
         ignored.append("--reconstruct")
@@ -188,15 +224,28 @@ def _check_options(method: str, ratio: float, scope: str, align: int, reconstruc
                       f"it {'removes whole experts' if allocation is expert_allocation else 'gives every expert the same width'}")
 
 
-def _check_layout(config: dict, refits: bool) -> None:
-    """--reconstruct re-fits bias-free down projections; gpt-oss's experts have biases."""
-    if refits and family_for(config).expert_layout != "standard":
-        raise HeaprError(f"--reconstruct is not supported for {config['model_type']} yet (expert biases); drop --reconstruct")
+def _check_layout(config: dict, refits: bool, heals: bool = False) -> None:
+    """--reconstruct and --heal change bias-free experts; gpt-oss's experts have biases."""
+    if (refits or heals) and family_for(config).expert_layout != "standard":
+        flag = "--heal" if heals else "--reconstruct"
+        raise HeaprError(f"{flag} is not supported for {config['model_type']} yet (expert biases); drop {flag}")
 
 
 def _refits(method: str, reconstruct: bool) -> bool:
     """--reconstruct does nothing for methods that drop whole experts (the kept ones keep every neuron)."""
     return reconstruct and get_method(method).allocate is not expert_allocation
+
+
+def _heal_options(heal: bool, steps: int, lr: float, router: bool, batch_tokens: int, holdout: float, target: str,
+                  e2e: bool, e2e_steps: int, seed: int) -> HealOptions | None:
+    """The healing options, or None without --heal; --heal-e2e implies --heal and needs the model in memory."""
+    if e2e and (distributed.ranks_from_env().world > 1):
+        raise HeaprError("--heal-e2e holds the dense and the pruned model in one process; run it without torchrun, or drop --heal-e2e")
+    if e2e and e2e_steps < 1:
+        raise HeaprError(f"--heal-e2e-steps must be at least 1 with --heal-e2e (got {e2e_steps})")
+    if not (heal or e2e):
+        return None
+    return HealOptions(steps, lr, router, batch_tokens, holdout, seed=seed, target=target, e2e_steps=e2e_steps if e2e else 0)
 
 
 def _warn_unrouted(plan: PruningPlan, keep_unrouted: bool) -> None:
@@ -238,22 +287,35 @@ def compress_command(
     reconstruct_: bool = typer.Option(False, "--reconstruct", help="Re-fit the kept neurons' down-projection columns to the dense expert outputs (least squares on the calibration tokens)."),
     reconstruct_inputs: str = typer.Option("pruned", help="--reconstruct fits layer by layer on the pruned model's own inputs (pruned) or on the dense model's (dense)."),
     reconstruct_damp: float = typer.Option(DEFAULT_DAMP, help="--reconstruct ridge damping, relative to the mean diagonal of each expert's Gram matrix."),
+    heal_: bool = typer.Option(False, "--heal", help="Heal every pruned layer: tune its kept weights (and router) with Adam so it reproduces the dense layer, layer by layer on the pruned model's inputs."),
+    heal_steps: int = typer.Option(HealOptions.steps, help="--heal: at most N Adam steps per layer (the held-out share stops it earlier)."),
+    heal_lr: float = typer.Option(HealOptions.lr, help="--heal: Adam learning rate, relative to each weight's RMS."),
+    heal_router: bool = typer.Option(HealOptions.router, "--heal-router/--no-heal-router", help="--heal: tune the router too."),
+    heal_batch_tokens: int = typer.Option(HealOptions.batch_tokens, help="--heal: calibration tokens per step (per rank)."),
+    heal_holdout: float = typer.Option(HealOptions.holdout, help="--heal: share of calibration sequences held out to stop on."),
+    heal_target: str = typer.Option(HealOptions.target, help="--heal: layer (the dense layer's output on the pruned inputs) or stream (the dense model's own next hidden state)."),
+    heal_e2e: bool = typer.Option(False, "--heal-e2e", help="After --heal (implied): end-to-end logit distillation to the dense model (both in memory)."),
+    heal_e2e_steps: int = typer.Option(200, help="--heal-e2e: at most N steps, one calibration batch each."),
 ) -> None:
     """Score every atomic expert with HEAPr (or a baseline --method) and write a smaller checkpoint."""
     start = time.perf_counter()
-    _check_options(method, ratio, scope, align, reconstruct_, reconstruct_inputs, reconstruct_damp)
+    healing = _heal_options(heal_, heal_steps, heal_lr, heal_router, heal_batch_tokens, heal_holdout, heal_target, heal_e2e, heal_e2e_steps, seed)
+    _check_options(method, ratio, scope, align, reconstruct_, reconstruct_inputs, reconstruct_damp, healing)
     ranks = distributed.ranks_from_env()
     torch_device = distributed.device_for(ranks, pick_device(device))
     if batch_size < 1:
         raise HeaprError(f"--batch-size must be at least 1 (got {batch_size})")
     if checkpoint_every < 1:
         raise HeaprError(f"--checkpoint-every must be at least 1 (got {checkpoint_every})")
+    if healing is not None and healing.e2e_steps and streamed:
+        raise HeaprError("--heal-e2e holds the dense and the pruned model in memory; drop --streamed, or drop --heal-e2e")
     if activations_dir is not None and streamed is False:
         raise HeaprError("--activations-dir holds a streamed run's saved layer inputs; drop it or drop --no-streamed")
     source = resolve_model(model)
     check_output_path(source, out, overwrite, ratio)
     config = _check_source(source)
-    _check_layout(config, _refits(method, reconstruct_))
+    _check_layout(config, _refits(method, reconstruct_), healing is not None)
+    refits = _refits(method, reconstruct_) or healing is not None
     torch_dtype = SourceCheckpoint(source).dtype if dtype == "auto" else pick_dtype(dtype)
     check_fits(source, config, RunOptions(torch_dtype, torch_device, batch_size, streamed, activations_dir, checkpoint_every), seq_len, nsamples)
     tokenizer = load_tokenizer(source)
@@ -267,16 +329,25 @@ def compress_command(
     fingerprint = source_fingerprint(source)
     identity = {"source_fingerprint": fingerprint, "calibration_sha256": calibration.sha256, "batch_size": batch_size,
                 "dtype": str(torch_dtype), "checkpoint_every": checkpoint_every, "world_size": ranks.world}
-    opts = RunOptions(torch_dtype, torch_device, batch_size, streamed, activations_dir, checkpoint_every, resume, overwrite)
+    opts = RunOptions(torch_dtype, torch_device, batch_size, streamed, activations_dir, checkpoint_every, resume, overwrite,
+                      save_final=healing is not None)
     stats = run_calibration(source, config, batches, [int(b[1].sum()) for b in batches], loss_scale, out, identity, opts,
-                            lambda dt, dev: load_model(source, dt, dev), what, every_rank=_refits(method, reconstruct_))
+                            lambda dt, dev: load_model(source, dt, dev), what, every_rank=refits)
     if stats is None:  # another rank than 0: rank 0 writes
         return
     stats.metadata.update({"source_model": model_reference(model, source), "model_type": config["model_type"], "calibration": calibration.describe(),
                            "calibration_args": {"calib": calib, "nsamples": nsamples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size},
                            "source_fingerprint": fingerprint})
     gc.collect()
-    refit = Reconstruction(ranks.share(batches), torch_dtype, torch_device, reconstruct_damp, reconstruct_inputs, activations_dir) if _refits(method, reconstruct_) else None
+    refit = None
+    if refits:
+        # a healed layer is saved beside the calibration checkpoint as soon as it is done (--resume)
+        heal_identity = {**identity, "heal": None if healing is None else healing.record(), "method": method, "ratio": ratio,
+                         "scope": scope, "align": align, "keep_unrouted": keep_unrouted, "reconstruct": _refits(method, reconstruct_),
+                         "damp": reconstruct_damp}
+        refit = Reconstruction(ranks.share(batches), torch_dtype, torch_device, reconstruct_damp, reconstruct_inputs, activations_dir,
+                               refit=_refits(method, reconstruct_), heal=healing,
+                               heal_folder=partial_folder(out) / f"heal-rank{ranks.rank}-of-{ranks.world}", heal_identity=heal_identity)
     if not ranks.is_main:  # only with a re-fit: this rank's share of it, then rank 0 writes
         plan = plan_for_method(method, stats, source, ratio, scope, align, keep_unrouted, seed)
         with temporary_folder(out) as folder, progress_bar() as progress:
@@ -299,7 +370,7 @@ def _recorded_reconstruction(scores: Path, source: Path, config: dict, stats: Ex
     args = stats.metadata.get("calibration_args")
     recorded = stats.metadata.get("calibration", {}).get("sha256")
     if not args or not recorded:
-        raise HeaprError(f"{scores}: records no calibration arguments (written by an older heapr-serve); run `heapr-serve compress --reconstruct` instead")
+        raise HeaprError(f"{scores}: records no calibration arguments (written by an older heapr-serve); run `heapr-serve compress` with --reconstruct or --heal instead")
     tokenizer = load_tokenizer(source)
     calibration = load_calibration(args["calib"], tokenizer, args["nsamples"], args["seq_len"], args["seed"], int(config["vocab_size"]))
     if calibration.sha256 != recorded:
@@ -325,11 +396,21 @@ def apply_command(
     reconstruct_: bool = typer.Option(False, "--reconstruct", help="Re-fit the kept down-projection columns (re-reads the calibration set the scores recorded: one forward pass)."),
     reconstruct_inputs: str = typer.Option("pruned", help="pruned (layer by layer on the pruned model's inputs) or dense."),
     reconstruct_damp: float = typer.Option(DEFAULT_DAMP, help="Ridge damping relative to the mean Gram diagonal."),
-    device: str = typer.Option("auto", help="For --reconstruct: auto (a CUDA GPU when present), cpu, cuda, cuda:N."),
+    device: str = typer.Option("auto", help="For --reconstruct and --heal: auto (a CUDA GPU when present), cpu, cuda, cuda:N."),
+    heal_: bool = typer.Option(False, "--heal", help="Heal every pruned layer (re-reads the calibration set the scores recorded; see compress --heal)."),
+    heal_steps: int = typer.Option(HealOptions.steps, help="--heal: at most N Adam steps per layer."),
+    heal_lr: float = typer.Option(HealOptions.lr, help="--heal: Adam learning rate, relative to each weight's RMS."),
+    heal_router: bool = typer.Option(HealOptions.router, "--heal-router/--no-heal-router", help="--heal: tune the router too."),
+    heal_batch_tokens: int = typer.Option(HealOptions.batch_tokens, help="--heal: calibration tokens per step."),
+    heal_holdout: float = typer.Option(HealOptions.holdout, help="--heal: share of calibration sequences held out to stop on."),
+    heal_target: str = typer.Option(HealOptions.target, help="--heal: layer (the dense layer's output on the pruned inputs) or stream (the dense model's own next hidden state)."),
+    heal_e2e: bool = typer.Option(False, "--heal-e2e", help="After --heal (implied): end-to-end logit distillation to the dense model (both in memory)."),
+    heal_e2e_steps: int = typer.Option(200, help="--heal-e2e: at most N steps, one calibration batch each."),
 ) -> None:
     """Re-prune at another ratio (or with another --method) from saved statistics, without calibrating again."""
     start = time.perf_counter()
-    _check_options(method, ratio, scope, align, reconstruct_, reconstruct_inputs, reconstruct_damp)
+    healing = _heal_options(heal_, heal_steps, heal_lr, heal_router, heal_batch_tokens, heal_holdout, heal_target, heal_e2e, heal_e2e_steps, seed)
+    _check_options(method, ratio, scope, align, reconstruct_, reconstruct_inputs, reconstruct_damp, healing)
     torch_device = pick_device(device)
     stats = ExpertStats.load(scores)
     recorded = stats.metadata.get("source_model")
@@ -338,12 +419,15 @@ def apply_command(
     source = resolve_model(model or recorded)
     check_output_path(source, out, overwrite, ratio)
     config = _check_source(source)
-    _check_layout(config, _refits(method, reconstruct_))
+    _check_layout(config, _refits(method, reconstruct_), healing is not None)
     if stats.metadata.get("model_type") not in (None, config["model_type"]):
         raise HeaprError(f"{scores}: scores are for a {stats.metadata['model_type']} model but {source} is {config['model_type']}; pass the right --model")
     if stats.metadata.get("source_fingerprint") not in (None, source_fingerprint(source)):
         raise HeaprError(f"{scores}: scores were computed on other weights than those now in {source} (retrained or replaced?); re-run `heapr-serve compress`")
-    refit = _recorded_reconstruction(scores, source, config, stats, torch_device, reconstruct_damp, reconstruct_inputs) if _refits(method, reconstruct_) else None
+    refit = None
+    if _refits(method, reconstruct_) or healing is not None:
+        refit = _recorded_reconstruction(scores, source, config, stats, torch_device, reconstruct_damp, reconstruct_inputs)
+        refit.refit, refit.heal = _refits(method, reconstruct_), healing
     result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed, drop_mtp, refit)
     _warn_unrouted(result.plan, keep_unrouted)
     console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch_device)))

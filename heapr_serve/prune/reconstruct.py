@@ -24,14 +24,12 @@ An expert whose re-fit would not lower its calibration error (possible with damp
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from heapr_serve.prune.allocation import PruningPlan
+from heapr_serve.prune.updates import LayerUpdates
 from heapr_serve.score import distributed
 from heapr_serve.score.observers import ExpertObserver
 from heapr_serve.score.streamed import StreamedPass
@@ -87,26 +85,6 @@ def refit_down(down: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp:
     return solved.float(), before, after
 
 
-@dataclass
-class RefitDowns:
-    """The re-fitted down-projection columns, one safetensors file per layer in a temporary folder (a big
-    model's would not fit in memory), read back by the checkpoint writer."""
-
-    folder: Path
-    summary: dict = field(default_factory=lambda: {"experts_refit": 0, "error_before": 0.0, "error_after": 0.0, "layers_recomputed": 0})
-
-    def put(self, layer: int, downs: dict[int, torch.Tensor]) -> None:
-        if downs:
-            save_file({str(e): t.contiguous().cpu() for e, t in downs.items()}, str(self.folder / f"layer-{layer}.safetensors"))
-
-    def get(self, layer: int, expert: int) -> torch.Tensor | None:
-        file = self.folder / f"layer-{layer}.safetensors"
-        if not file.is_file():
-            return None
-        with safe_open(file, "pt") as f:
-            return f.get_tensor(str(expert)) if str(expert) in f.keys() else None
-
-
 class _RoutedActivations(GramObserver):
     """The Gram sums, and per batch each expert's tokens, router weights and activations, so that a
     re-fitted layer's stored outputs can be corrected by the change of its routed experts' output
@@ -147,10 +125,10 @@ ACTIVATION_BUDGET = 2 * 1024**3  # bytes of routed activations kept per layer fo
 
 def reconstruct(source: Path, plan: PruningPlan, batches: list, dtype: torch.dtype, device: torch.device, folder: Path,
                 damp: float = DEFAULT_DAMP, inputs: str = "pruned", activations_dir: Path | None = None,
-                on_layer=None) -> RefitDowns:
+                on_layer=None) -> LayerUpdates:
     """Re-fit every pruned expert of `plan` on this rank's `batches`; the results go to `folder`."""
     ranks = distributed.ranks_from_env()
-    refit = RefitDowns(Path(folder))
+    refit = LayerUpdates(Path(folder), {"experts_refit": 0, "error_before": 0.0, "error_after": 0.0, "layers_recomputed": 0})
     calibration = StreamedPass(source, dtype, device, activations_dir, on_step=on_layer)
 
     def visit(layer: int, module, v) -> bool:
@@ -177,7 +155,7 @@ def reconstruct(source: Path, plan: PruningPlan, batches: list, dtype: torch.dty
                 change[expert] = column.float() - down.float()
                 down.copy_(column)
         del gram
-        refit.put(layer, downs)
+        refit.put(layer, {f"{e}.down": t for e, t in downs.items()})
         if inputs == "dense" or not change:
             return False
         recompute = not _correct_outputs(v, observer.seen, change)

@@ -65,11 +65,12 @@ class CalibrationState:
 
 
 def calibrate_in_chunks(calibration, batches: list, observer, loss_scale: float, every: int,
-                        state: CalibrationState | None, done: int = 0, progress=None) -> None:
-    """Run `calibration` over batches[done:], `every` batches at a time, checkpointing after each chunk."""
+                        state: CalibrationState | None, done: int = 0, progress=None, save_final: bool = False) -> None:
+    """Run `calibration` over batches[done:], `every` batches at a time, checkpointing after each chunk
+    (after the last one too with `save_final`)."""
     every = max(1, every)
     for start in range(done, len(batches), every):
         chunk = batches[start : start + every]
         calibration.run(chunk, observer, loss_scale, progress)
-        if state is not None and start + len(chunk) < len(batches):
+        if state is not None and (save_final or start + len(chunk) < len(batches)):
             state.save(start + len(chunk), observer.sums())

@@ -36,6 +36,7 @@ class RunOptions:
     checkpoint_every: int = 8
     resume: bool = False
     overwrite: bool = False
+    save_final: bool = False  # checkpoint the finished sums too (--heal: a resume then skips calibration)
 
 
 def choose_streamed(source: Path, config: dict, opts: RunOptions, seq_len: int, batches_per_chunk: int,
@@ -114,7 +115,7 @@ def run_calibration(source: Path, config: dict, batches: list, num_tokens: list[
             calibration = InMemoryPass(load_model(opts.dtype, opts.device))
         try:
             calibrate_in_chunks(calibration, my_batches, observer, loss_scale, opts.checkpoint_every, state, done,
-                                lambda n: progress.advance(task, n))
+                                lambda n: progress.advance(task, n), opts.save_final)
         except KeyboardInterrupt:
             if state.file.is_file():
                 console.print(f"interrupted: the calibration is checkpointed in {state.folder}; run the same command with --resume to continue")
@@ -130,5 +131,5 @@ def run_calibration(source: Path, config: dict, batches: list, num_tokens: list[
 def finish_run(out: Path, identity: dict) -> None:
     """After rank 0 wrote the checkpoint: drop the calibration checkpoints, release the other ranks."""
     ranks = distributed.ranks_from_env()
+    distributed.finish(ranks)  # first: rank 0 may still read what the others would remove (healed layers)
     CalibrationState(out, ranks.rank, ranks.world, identity).remove()
-    distributed.finish(ranks)

@@ -243,9 +243,9 @@ def _heal_options(heal: bool, steps: int, lr: float, router: bool, batch_tokens:
         raise HeaprError("--heal-e2e holds the dense and the pruned model in one process; run it without torchrun, or drop --heal-e2e")
     if e2e and e2e_steps < 1:
         raise HeaprError(f"--heal-e2e-steps must be at least 1 with --heal-e2e (got {e2e_steps})")
-    if not (heal or e2e):
-        return None
-    return HealOptions(steps, lr, router, batch_tokens, holdout, seed=seed, target=target, e2e_steps=e2e_steps if e2e else 0)
+    options = HealOptions(steps, lr, router, batch_tokens, holdout, seed=seed, target=target, e2e_steps=e2e_steps if e2e else 0)
+    options.check()  # a bad --heal-* value is refused with or without --heal
+    return options if heal or e2e else None
 
 
 def _warn_unrouted(plan: PruningPlan, keep_unrouted: bool) -> None:

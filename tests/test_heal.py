@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import heapr_serve  # noqa: F401  (registers the pruned-checkpoint loader)
@@ -22,18 +21,11 @@ from heapr_serve.models import load_tokenizer
 from heapr_serve.score.checkpointing import partial_folder
 
 from conftest import EXAMPLE_MODEL, ROOT, run_cli
+from test_reconstruct import _tensors
 
 FAST = ["--nsamples", "16", "--seq-len", "64", "--batch-size", "4"]
 RATIO = "0.75"  # every layer loses enough to heal (at 0.5 the first keeps 74 % and has almost nothing to regain)
 HEAL = ["--heal", "--heal-steps", "120", "--heal-batch-tokens", "256"]
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(folder.glob("model*.safetensors")):
-        with safe_open(file, "pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
 
 
 def _heapr(folder: Path) -> dict:
@@ -186,4 +178,15 @@ def test_bad_heal_flags_are_refused_in_one_line(tiny_models, tmp_path, flags, me
 def test_heal_refuses_gpt_oss_before_any_work(tiny_models, tmp_path):
     code, _, err = run_cli("compress", tiny_models["gpt_oss"], "-o", tmp_path / "x", "--heal")
     assert code == 2 and "--heal" in err and "gpt_oss" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_heal_e2e_lowers_the_held_out_kl_and_needs_the_model_in_memory(tmp_path):
+    out = tmp_path / "e2e"
+    code, _, err = run_cli("compress", EXAMPLE_MODEL, "-o", out, "--ratio", RATIO, *FAST, *HEAL, "--heal-e2e", "--heal-e2e-steps", "40")
+    assert code == 0, err[-3000:]
+    e2e = _heapr(out)["heal"]["e2e"]
+    assert e2e["held_out_kl_after"] < e2e["held_out_kl_before"] and 0 < e2e["steps"] <= 40
+    code, _, err = run_cli("compress", EXAMPLE_MODEL, "-o", tmp_path / "x", *FAST, "--heal-e2e", "--streamed")
+    assert code == 2 and "--heal-e2e" in err and "--streamed" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import torch
 
+from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family, moe_blocks
 from heapr_serve.progress import console
 from heapr_serve.prune.allocation import PruningPlan
@@ -59,8 +60,6 @@ def distill(load_model, family: Family, plan: PruningPlan, updates: LayerUpdates
     held = max(1, round(opts.holdout * len(batches)))
     train, held_out = batches[:-held], batches[-held:]
     if not train:
-        from heapr_serve.errors import HeaprError
-
         raise HeaprError("--heal-e2e needs at least two calibration batches (one held out); raise --nsamples")
 
     def held_kl() -> float:

@@ -150,6 +150,7 @@ def _compress_cases(ws):
             ("--heal-batch-tokens", st.one_of(BELOW_ONE, NOT_INT)),
             ("--heal-holdout", st.one_of(st.floats(1.0, 1e9).map(str), st.floats(-1e9, 0).map(str), NOT_FLOAT)),
             ("--heal-target", _choice("layer", "stream")),
+            ("--heal-e2e-lr", st.one_of(st.floats(-1e9, 0).map(str), st.floats(1.0, 1e9).map(str), NOT_FLOAT)),
         ]),
         st.tuples(st.just("--activations-dir"), st.just([*base, "--activations-dir", str(root / "act"), "--no-streamed"])),
         st.tuples(st.sampled_from(["--overwrite", "--keep-unrouted", "--eval", "--drop-mtp", "--streamed", "--reconstruct"]),

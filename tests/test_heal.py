@@ -167,6 +167,7 @@ def test_two_gloo_ranks_heal_together(healed, tmp_path):
     (["--heal-holdout", "1"], "--heal-holdout"),
     (["--heal-batch-tokens", "0"], "--heal-batch-tokens"),
     (["--heal-target", "logits"], "--heal-target"),
+    (["--heal-e2e-lr", "0"], "--heal-e2e-lr"),
     (["--reconstruct", "--reconstruct-inputs", "dense"], "--reconstruct-inputs dense"),
 ])
 def test_bad_heal_flags_are_refused_in_one_line(tiny_models, tmp_path, flags, message):
@@ -190,3 +191,19 @@ def test_heal_e2e_lowers_the_held_out_kl_and_needs_the_model_in_memory(tmp_path)
     code, _, err = run_cli("compress", EXAMPLE_MODEL, "-o", tmp_path / "x", *FAST, "--heal-e2e", "--streamed")
     assert code == 2 and "--heal-e2e" in err and "--streamed" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_stream_target_equals_the_layer_target_until_the_models_drift_apart(healed, tmp_path):
+    """Layer 0 sees the same inputs in both models, so its stream target is the dense layer's output;
+    from layer 1 on the target also carries the drift between the dense and the pruned model."""
+    src, root = healed
+    out = tmp_path / "stream"
+    code, _, err = run_cli("compress", src, "-o", out, "--ratio", RATIO, *FAST, *HEAL, "--heal-target", "stream")
+    assert code == 0, err[-3000:]
+    record = _heapr(out)["heal"]
+    assert record["target"] == "stream" and all(r["held_out_after"] < r["held_out_before"] for r in record["layers"].values())
+    a, b = _tensors(root / "healed"), _tensors(out)
+    first = [n for n in a if ".layers.0.mlp." in n]
+    later = [n for n in a if ".mlp.experts." in n and ".layers.0." not in n]
+    assert first and all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-7) for n in first)
+    assert any(not torch.allclose(a[n], b[n], rtol=1e-3, atol=1e-5) for n in later)

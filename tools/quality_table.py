@@ -15,7 +15,8 @@ ratio is pruned from those statistics through `compress.prune_to_folder` (the pa
 
 A method may carry a re-fit (`compress --reconstruct`): `heapr+reconstruct` (layer by layer on the
 pruned model's inputs, the default), `heapr+reconstruct-dense` (on the dense model's), and the same for
-any method (`fisher+reconstruct`); `all+` adds every method's reconstructed rows.
+any method (`fisher+reconstruct`); `all+` adds every method's reconstructed rows. `+heal` adds
+`--heal` with its defaults and `+e2e` `--heal-e2e` (`fisher+reconstruct+heal+e2e`).
 
 Usage:
     python -m tools.quality_table [MODEL] --ratios 0.25,0.5 --methods all --out docs
@@ -63,12 +64,19 @@ def calibrate(source: Path, nsamples: int, seq_len: int, batch_size: int, seed: 
     return stats, batches
 
 
-def parse_method(spec: str) -> tuple[str, str | None]:
-    """'fisher+reconstruct' -> ('fisher', 'pruned'); 'heapr+reconstruct-dense' -> ('heapr', 'dense')."""
-    name, _, refit = spec.partition("+")
-    if refit not in ("", "reconstruct", "reconstruct-dense"):
-        raise ValueError(f"--methods {spec!r}: the suffix must be +reconstruct or +reconstruct-dense")
-    return name, None if not refit else ("dense" if refit.endswith("dense") else "pruned")
+def parse_method(spec: str) -> tuple[str, dict | None]:
+    """'fisher+reconstruct' -> ('fisher', Reconstruction keywords); 'heapr' -> ('heapr', None);
+    'heapr+reconstruct-dense', 'heapr+heal', 'fisher+reconstruct+heal+e2e' likewise."""
+    from heapr_serve.prune.heal import DEFAULT_E2E_STEPS, HealOptions
+
+    name, *stages = spec.split("+")
+    if any(s not in ("reconstruct", "reconstruct-dense", "heal", "e2e") for s in stages) or ("e2e" in stages and "heal" not in stages):
+        raise ValueError(f"--methods {spec!r}: the suffixes are +reconstruct or +reconstruct-dense, then +heal, then +e2e")
+    if not stages:
+        return name, None
+    heal = HealOptions(e2e_steps=DEFAULT_E2E_STEPS if "e2e" in stages else 0) if "heal" in stages else None
+    refit = "reconstruct" in stages or "reconstruct-dense" in stages
+    return name, {"inputs": "dense" if "reconstruct-dense" in stages else "pruned", "refit": refit or heal is None, "heal": heal}
 
 
 def evaluate_folder(folder: Path, args, tokens, port: int, serve: bool) -> dict:
@@ -228,10 +236,13 @@ def main(argv: list[str] | None = None) -> None:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         methods = [x for m in methods for x in (list(METHODS) if m == "all" else [f"{n}+reconstruct" for n in METHODS] if m == "all+" else [m])]
-        for m in methods:
-            get_method(parse_method(m)[0])
     except ValueError:
         raise SystemExit(f"error: --ratios {args.ratios!r}: give comma-separated numbers like 0.25,0.5")
+    try:
+        for m in methods:
+            get_method(parse_method(m)[0])
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
     except HeaprError as err:
         raise SystemExit(f"error: {err}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -251,8 +262,8 @@ def main(argv: list[str] | None = None) -> None:
         for ratio in ratios:
             folder = args.workdir / f"{method}-{ratio:g}"
             console.print(f"pruning: {method} at {ratio:g}")
-            name, inputs = parse_method(method)
-            refit = None if inputs is None else Reconstruction(batches, torch.float32, torch.device("cpu"), inputs=inputs)
+            name, stages = parse_method(method)
+            refit = None if stages is None else Reconstruction(batches, torch.float32, torch.device("cpu"), **stages)
             prune_to_folder(source, folder, stats, ratio, "global", args.align, False, True, name, args.seed, reconstruction=refit)
             checkpoints.append((method, ratio, folder))
     for method, ratio, folder in checkpoints:

@@ -33,7 +33,7 @@ from heapr_serve.models import load_model, load_tokenizer, model_reference, pick
 from heapr_serve.progress import console, progress_bar
 from heapr_serve.prune.allocation import PruningPlan, check_allocation_options
 from heapr_serve.prune.distill import distill
-from heapr_serve.prune.heal import HealOptions, heal
+from heapr_serve.prune.heal import DEFAULT_E2E_STEPS, HealOptions, heal
 from heapr_serve.prune.methods import METHODS, expert_allocation, get_method, plan_for_method, uniform_allocation
 from heapr_serve.prune.reconstruct import DEFAULT_DAMP, INPUTS, reconstruct, temporary_folder
 from heapr_serve.score import distributed
@@ -237,13 +237,14 @@ def _refits(method: str, reconstruct: bool) -> bool:
 
 
 def _heal_options(heal: bool, steps: int, lr: float, router: bool, batch_tokens: int, holdout: float, target: str,
-                  e2e: bool, e2e_steps: int, seed: int) -> HealOptions | None:
+                  e2e: bool, e2e_steps: int, e2e_lr: float, seed: int) -> HealOptions | None:
     """The healing options, or None without --heal; --heal-e2e implies --heal and needs the model in memory."""
     if e2e and (distributed.ranks_from_env().world > 1):
         raise HeaprError("--heal-e2e holds the dense and the pruned model in one process; run it without torchrun, or drop --heal-e2e")
     if e2e and e2e_steps < 1:
         raise HeaprError(f"--heal-e2e-steps must be at least 1 with --heal-e2e (got {e2e_steps})")
-    options = HealOptions(steps, lr, router, batch_tokens, holdout, seed=seed, target=target, e2e_steps=e2e_steps if e2e else 0)
+    options = HealOptions(steps, lr, router, batch_tokens, holdout, seed=seed, target=target,
+                          e2e_steps=e2e_steps if e2e else 0, e2e_lr=e2e_lr)
     options.check()  # a bad --heal-* value is refused with or without --heal
     return options if heal or e2e else None
 
@@ -295,11 +296,12 @@ def compress_command(
     heal_holdout: float = typer.Option(HealOptions.holdout, help="--heal: share of calibration sequences held out to stop on."),
     heal_target: str = typer.Option(HealOptions.target, help="--heal: layer (the dense layer's output on the pruned inputs) or stream (the dense model's own next hidden state)."),
     heal_e2e: bool = typer.Option(False, "--heal-e2e", help="After --heal (implied): end-to-end logit distillation to the dense model (both in memory)."),
-    heal_e2e_steps: int = typer.Option(200, help="--heal-e2e: at most N steps, one calibration batch each."),
+    heal_e2e_steps: int = typer.Option(DEFAULT_E2E_STEPS, help="--heal-e2e: at most N steps, one calibration batch each."),
+    heal_e2e_lr: float = typer.Option(HealOptions.e2e_lr, help="--heal-e2e: Adam learning rate, relative to each weight's RMS."),
 ) -> None:
     """Score every atomic expert with HEAPr (or a baseline --method) and write a smaller checkpoint."""
     start = time.perf_counter()
-    healing = _heal_options(heal_, heal_steps, heal_lr, heal_router, heal_batch_tokens, heal_holdout, heal_target, heal_e2e, heal_e2e_steps, seed)
+    healing = _heal_options(heal_, heal_steps, heal_lr, heal_router, heal_batch_tokens, heal_holdout, heal_target, heal_e2e, heal_e2e_steps, heal_e2e_lr, seed)
     _check_options(method, ratio, scope, align, reconstruct_, reconstruct_inputs, reconstruct_damp, healing)
     ranks = distributed.ranks_from_env()
     torch_device = distributed.device_for(ranks, pick_device(device))
@@ -405,11 +407,12 @@ def apply_command(
     heal_holdout: float = typer.Option(HealOptions.holdout, help="--heal: share of calibration sequences held out to stop on."),
     heal_target: str = typer.Option(HealOptions.target, help="--heal: layer (the dense layer's output on the pruned inputs) or stream (the dense model's own next hidden state)."),
     heal_e2e: bool = typer.Option(False, "--heal-e2e", help="After --heal (implied): end-to-end logit distillation to the dense model (both in memory)."),
-    heal_e2e_steps: int = typer.Option(200, help="--heal-e2e: at most N steps, one calibration batch each."),
+    heal_e2e_steps: int = typer.Option(DEFAULT_E2E_STEPS, help="--heal-e2e: at most N steps, one calibration batch each."),
+    heal_e2e_lr: float = typer.Option(HealOptions.e2e_lr, help="--heal-e2e: Adam learning rate, relative to each weight's RMS."),
 ) -> None:
     """Re-prune at another ratio (or with another --method) from saved statistics, without calibrating again."""
     start = time.perf_counter()
-    healing = _heal_options(heal_, heal_steps, heal_lr, heal_router, heal_batch_tokens, heal_holdout, heal_target, heal_e2e, heal_e2e_steps, seed)
+    healing = _heal_options(heal_, heal_steps, heal_lr, heal_router, heal_batch_tokens, heal_holdout, heal_target, heal_e2e, heal_e2e_steps, heal_e2e_lr, seed)
     _check_options(method, ratio, scope, align, reconstruct_, reconstruct_inputs, reconstruct_damp, healing)
     torch_device = pick_device(device)
     stats = ExpertStats.load(scores)

@@ -23,7 +23,7 @@ from heapr_serve.prune.updates import LayerUpdates
 from heapr_serve.score.moe_forward import use_sorted_forward
 
 EVAL_EVERY = 20
-PATIENCE = 3
+PATIENCE = 5
 
 
 def _kl(student, teacher, batch, device) -> torch.Tensor:
@@ -54,7 +54,7 @@ def distill(load_model, family: Family, plan: PruningPlan, updates: LayerUpdates
         _apply(block, family, kept, {k: v for k, v in healed.items() if v is not None})
         trainables[layer] = _Trainable(block, family, kept, opts.router)
     params = [p for t in trainables.values() for p in t.parameters()]
-    groups = [{"params": [p], "lr": opts.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)} for p in params]
+    groups = [{"params": [p], "lr": opts.e2e_lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)} for p in params]
     optimizer = torch.optim.Adam(groups)
     base = [g["lr"] for g in groups]
     held = max(1, round(opts.holdout * len(batches)))

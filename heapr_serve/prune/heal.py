@@ -44,6 +44,7 @@ from heapr_serve.score.streamed import StreamedPass
 
 
 TARGETS = ("layer", "stream")
+DEFAULT_E2E_STEPS = 300  # --heal-e2e's default (docs/quality.md, "Healing")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class HealOptions:
     patience: int = 4  # evaluations without a held-out improvement before stopping
     seed: int = 0
     e2e_steps: int = 0  # then this many steps (at most) of end-to-end logit distillation (heapr_serve.prune.distill)
+    e2e_lr: float = 1e-2  # its learning rate, relative to each tensor's RMS
     target: str = "layer"  # layer: the dense layer on the pruned inputs; stream: the dense model's own next state
 
     def check(self) -> None:
@@ -66,6 +68,8 @@ class HealOptions:
             raise HeaprError(f"--heal-steps must be at least 1 (got {self.steps})")
         if not (0 < self.lr < 1):
             raise HeaprError(f"--heal-lr must be in (0, 1), relative to each weight's RMS (got {self.lr}); {HealOptions.lr:g} is the default")
+        if not (0 < self.e2e_lr < 1):
+            raise HeaprError(f"--heal-e2e-lr must be in (0, 1), relative to each weight's RMS (got {self.e2e_lr}); {HealOptions.e2e_lr:g} is the default")
         if self.e2e_steps < 0:
             raise HeaprError(f"--heal-e2e-steps must be at least 0 (got {self.e2e_steps})")
         if self.batch_tokens < 1:
@@ -366,3 +370,27 @@ def _apply(block, family: Family, kept, tensors: dict[str, torch.Tensor]) -> Non
         if "router" in tensors:
             weight = getattr(block, family.router).weight
             weight.copy_(tensors["router"].to(weight.dtype))
+
+
+def _advance_dense(module, v, dense_stream: dict, layer: int) -> list[torch.Tensor]:
+    """Target "stream": the dense model's next states (this layer is still dense when visited), and
+    the stream moved on to them."""
+    nxt = []
+    for b in range(v.batches):
+        h = dense_stream[b].to(v.device) if b in dense_stream else v.store.get(layer, b, v.device)
+        nxt.append(module(h, **v.kwargs[b][layer]).to("cpu"))
+    dense_stream.update(enumerate(nxt))
+    return nxt
+
+
+def _add_drift(recorder: _BlockRecorder, v, dense_next: list[torch.Tensor]) -> None:
+    """Target "stream": what would bring the pruned model's state back onto the dense model's, i.e. the
+    dense layer's output plus the drift (dense model's next state - this layer's output on pruned inputs)."""
+    i = 0
+    for b in range(v.batches):
+        drift = dense_next[b].float() - v.output(b).to("cpu").float()
+        mask = v.masks[b].bool().cpu()
+        for r in range(drift.shape[0]):
+            y = recorder.outputs[i]
+            recorder.outputs[i] = (y.float() + drift[r][mask[r]]).to(y.dtype)
+            i += 1

@@ -207,3 +207,12 @@ def test_stream_target_equals_the_layer_target_until_the_models_drift_apart(heal
     later = [n for n in a if ".mlp.experts." in n and ".layers.0." not in n]
     assert first and all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-7) for n in first)
     assert any(not torch.allclose(a[n], b[n], rtol=1e-3, atol=1e-5) for n in later)
+
+
+def test_heal_e2e_refuses_a_model_that_does_not_fit_twice(tmp_path, monkeypatch):
+    from heapr_serve.score import memory
+
+    monkeypatch.setattr(memory, "host_available", lambda: 26 << 20)  # fits streamed, not twice in memory
+    code, _, err = run_cli("compress", EXAMPLE_MODEL, "-o", tmp_path / "x", *FAST, "--heal-e2e")
+    assert code == 2 and "--heal-e2e" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()

@@ -38,6 +38,7 @@ from heapr_serve.prune.methods import METHODS, expert_allocation, get_method, pl
 from heapr_serve.prune.reconstruct import DEFAULT_DAMP, INPUTS, reconstruct, temporary_folder
 from heapr_serve.score import distributed
 from heapr_serve.score.checkpointing import partial_folder
+from heapr_serve.score.memory import estimate, room_for
 from heapr_serve.score.run import RunOptions, check_fits, finish_run, run_calibration
 from heapr_serve.score.stats import SCORES_FILE, ExpertStats
 
@@ -231,6 +232,16 @@ def _check_layout(config: dict, refits: bool, heals: bool = False) -> None:
         raise HeaprError(f"{flag} is not supported for {config['model_type']} yet (expert biases); drop {flag}")
 
 
+def _check_e2e_fits(source: Path, config: dict, dtype: torch.dtype, device: torch.device, batch_size: int, seq_len: int) -> None:
+    """--heal-e2e holds the dense teacher and the pruned student, and one batch's graph, at once."""
+    need = estimate(source, config, dtype, batch_size, seq_len, 1)
+    room = room_for(device)
+    total = 2 * need.weights + need.in_memory_activations
+    if total > min(room.host, room.device):
+        raise HeaprError(f"--heal-e2e holds the dense and the pruned model at once: ~{total / 1024**3:.1f} GiB, "
+                         f"{min(room.host, room.device) / 1024**3:.1f} GiB free; drop --heal-e2e (block-wise --heal streams)")
+
+
 def _refits(method: str, reconstruct: bool) -> bool:
     """--reconstruct does nothing for methods that drop whole experts (the kept ones keep every neuron)."""
     return reconstruct and get_method(method).allocate is not expert_allocation
@@ -320,6 +331,8 @@ def compress_command(
     refits = _refits(method, reconstruct_) or healing is not None
     torch_dtype = SourceCheckpoint(source).dtype if dtype == "auto" else pick_dtype(dtype)
     check_fits(source, config, RunOptions(torch_dtype, torch_device, batch_size, streamed, activations_dir, checkpoint_every), seq_len, nsamples)
+    if healing is not None and healing.e2e_steps:
+        _check_e2e_fits(source, config, torch_dtype, torch_device, batch_size, seq_len)
     tokenizer = load_tokenizer(source)
     calibration = load_calibration(calib, tokenizer, nsamples, seq_len, seed, int(config["vocab_size"]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -60,7 +60,7 @@ class HealOptions:
     patience: int = 4  # evaluations without a held-out improvement before stopping
     seed: int = 0
     e2e_steps: int = 0  # then this many steps (at most) of end-to-end logit distillation (heapr_serve.prune.distill)
-    e2e_lr: float = 1e-2  # its learning rate, relative to each tensor's RMS
+    e2e_lr: float = 3e-2  # its learning rate, relative to each tensor's RMS
     target: str = "layer"  # layer: the dense layer on the pruned inputs; stream: the dense model's own next state
 
     def check(self) -> None:

@@ -184,7 +184,7 @@ def test_heal_refuses_gpt_oss_before_any_work(tiny_models, tmp_path):
 
 def test_heal_e2e_lowers_the_held_out_kl_and_needs_the_model_in_memory(tmp_path):
     out = tmp_path / "e2e"
-    code, _, err = run_cli("compress", EXAMPLE_MODEL, "-o", out, "--ratio", RATIO, *FAST, *HEAL, "--heal-e2e", "--heal-e2e-steps", "40")
+    code, _, err = run_cli("compress", EXAMPLE_MODEL, "-o", out, "--ratio", RATIO, *FAST, *HEAL, "--heal-e2e", "--heal-e2e-steps", "40", "--heal-e2e-lr", "0.01")
     assert code == 0, err[-3000:]
     e2e = _heapr(out)["heal"]["e2e"]
     assert e2e["held_out_kl_after"] < e2e["held_out_kl_before"] and 0 < e2e["steps"] <= 40

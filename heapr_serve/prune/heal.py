@@ -147,12 +147,13 @@ class _Trainable:
                 down = experts.down_proj[e].detach().float()
                 self.experts[e] = tuple(nn.Parameter(t.index_select(dim, k.to(t.device)).clone())
                                         for t, dim in ((gate_up[:width], 0), (gate_up[width:], 0), (down, 1)))
-        self.router = getattr(block, family.router)
-        self.router_params = [p for p in self.router.parameters()] if router else []
+        # only the router's weight: it is what the checkpoint stores (a score-correction bias stays)
+        self.router_params = [getattr(block, family.router).weight] if router else []
         self._dtype = next(block.parameters()).dtype
         block.float()
         for p in self.router_params:
             p.requires_grad_(True)
+        self._previous = experts.__dict__.get("forward")  # the sorted forward, restored on close
         experts.forward = types.MethodType(lambda s, *a: _compact_forward(self.experts, s, *a), experts)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -170,7 +171,10 @@ class _Trainable:
         """Write the tuned values back into the block (pruned neurons zero, values rounded to the
         checkpoint's dtype, as the next layer will see them) and return them by update key."""
         experts = self.block.experts
-        del experts.forward
+        if self._previous is None:
+            del experts.forward
+        else:
+            experts.forward = self._previous
         for p in self.router_params:
             p.requires_grad_(False)
         self.block.to(self._dtype)
@@ -190,11 +194,9 @@ class _Trainable:
                 if len(k) == 0:
                     experts.gate_up_proj[e].zero_()
                     experts.down_proj[e].zero_()
-            if self.router_params:
-                for p, name in zip(self.router_params, [n for n, _ in self.router.named_parameters()]):
-                    if name == "weight":
-                        tensors["router"] = p.detach().to(rounded_to)
-                    p.copy_(p.detach().to(rounded_to).to(p.dtype))
+            for p in self.router_params:
+                tensors["router"] = p.detach().to(rounded_to)
+                p.copy_(tensors["router"].to(p.dtype))
         return tensors
 
 

@@ -188,7 +188,7 @@ def summary_table(result: PruneResult, wall: float, peak: str) -> Table:
         if layers:
             mean = sum(1 - r["held_out_after"] / r["held_out_before"] for r in layers) / len(layers)
             table.add_row("healed layers (held-out error)", f"{len(layers)} (-{mean:.1%} on average)")
-    if result.reconstruct and "error_before" in result.reconstruct:
+    if result.reconstruct:
         r = result.reconstruct
         reduction = 1 - r["error_after"] / r["error_before"] if r["error_before"] > 0 else 0.0
         table.add_row(f"re-fitted experts ({r['inputs']} inputs, damp {r['damp']:g})",
@@ -274,6 +274,19 @@ def _evaluate_pair(source: Path, out: Path, dtype: torch.dtype, device: torch.de
     return perplexity_table([source, out], None, seq_len, 8, None, dtype, device)
 
 
+# --heal's options, the same on compress and apply
+_HEAL_OPTION = typer.Option(False, "--heal", help="Heal every pruned layer: tune its kept weights (and router) with Adam so it reproduces the dense layer, layer by layer on the pruned model's inputs.")
+_HEAL_STEPS_OPTION = typer.Option(HealOptions.steps, help="--heal: at most N Adam steps per layer (the held-out share stops it earlier).")
+_HEAL_LR_OPTION = typer.Option(HealOptions.lr, help="--heal: Adam learning rate, relative to each weight's RMS.")
+_HEAL_ROUTER_OPTION = typer.Option(HealOptions.router, "--heal-router/--no-heal-router", help="--heal: tune the router too.")
+_HEAL_BATCH_TOKENS_OPTION = typer.Option(HealOptions.batch_tokens, help="--heal: calibration tokens per step (per rank).")
+_HEAL_HOLDOUT_OPTION = typer.Option(HealOptions.holdout, help="--heal: share of calibration sequences held out to stop on.")
+_HEAL_TARGET_OPTION = typer.Option(HealOptions.target, help="--heal: layer (the dense layer's output on the pruned inputs) or stream (the dense model's own next hidden state).")
+_HEAL_E2E_OPTION = typer.Option(False, "--heal-e2e", help="After --heal (implied): end-to-end logit distillation to the dense model (both in memory).")
+_HEAL_E2E_STEPS_OPTION = typer.Option(DEFAULT_E2E_STEPS, help="--heal-e2e: at most N steps, one calibration batch each.")
+_HEAL_E2E_LR_OPTION = typer.Option(HealOptions.e2e_lr, help="--heal-e2e: Adam learning rate, relative to each weight's RMS.")
+
+
 def compress_command(
     model: str = typer.Argument(..., help="Dense MoE model: a local folder or a hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for the pruned checkpoint."),
@@ -299,16 +312,16 @@ def compress_command(
     reconstruct_: bool = typer.Option(False, "--reconstruct", help="Re-fit the kept neurons' down-projection columns to the dense expert outputs (least squares on the calibration tokens)."),
     reconstruct_inputs: str = typer.Option("pruned", help="--reconstruct fits layer by layer on the pruned model's own inputs (pruned) or on the dense model's (dense)."),
     reconstruct_damp: float = typer.Option(DEFAULT_DAMP, help="--reconstruct ridge damping, relative to the mean diagonal of each expert's Gram matrix."),
-    heal_: bool = typer.Option(False, "--heal", help="Heal every pruned layer: tune its kept weights (and router) with Adam so it reproduces the dense layer, layer by layer on the pruned model's inputs."),
-    heal_steps: int = typer.Option(HealOptions.steps, help="--heal: at most N Adam steps per layer (the held-out share stops it earlier)."),
-    heal_lr: float = typer.Option(HealOptions.lr, help="--heal: Adam learning rate, relative to each weight's RMS."),
-    heal_router: bool = typer.Option(HealOptions.router, "--heal-router/--no-heal-router", help="--heal: tune the router too."),
-    heal_batch_tokens: int = typer.Option(HealOptions.batch_tokens, help="--heal: calibration tokens per step (per rank)."),
-    heal_holdout: float = typer.Option(HealOptions.holdout, help="--heal: share of calibration sequences held out to stop on."),
-    heal_target: str = typer.Option(HealOptions.target, help="--heal: layer (the dense layer's output on the pruned inputs) or stream (the dense model's own next hidden state)."),
-    heal_e2e: bool = typer.Option(False, "--heal-e2e", help="After --heal (implied): end-to-end logit distillation to the dense model (both in memory)."),
-    heal_e2e_steps: int = typer.Option(DEFAULT_E2E_STEPS, help="--heal-e2e: at most N steps, one calibration batch each."),
-    heal_e2e_lr: float = typer.Option(HealOptions.e2e_lr, help="--heal-e2e: Adam learning rate, relative to each weight's RMS."),
+    heal_: bool = _HEAL_OPTION,
+    heal_steps: int = _HEAL_STEPS_OPTION,
+    heal_lr: float = _HEAL_LR_OPTION,
+    heal_router: bool = _HEAL_ROUTER_OPTION,
+    heal_batch_tokens: int = _HEAL_BATCH_TOKENS_OPTION,
+    heal_holdout: float = _HEAL_HOLDOUT_OPTION,
+    heal_target: str = _HEAL_TARGET_OPTION,
+    heal_e2e: bool = _HEAL_E2E_OPTION,
+    heal_e2e_steps: int = _HEAL_E2E_STEPS_OPTION,
+    heal_e2e_lr: float = _HEAL_E2E_LR_OPTION,
 ) -> None:
     """Score every atomic expert with HEAPr (or a baseline --method) and write a smaller checkpoint."""
     start = time.perf_counter()
@@ -412,16 +425,16 @@ def apply_command(
     reconstruct_inputs: str = typer.Option("pruned", help="pruned (layer by layer on the pruned model's inputs) or dense."),
     reconstruct_damp: float = typer.Option(DEFAULT_DAMP, help="Ridge damping relative to the mean Gram diagonal."),
     device: str = typer.Option("auto", help="For --reconstruct and --heal: auto (a CUDA GPU when present), cpu, cuda, cuda:N."),
-    heal_: bool = typer.Option(False, "--heal", help="Heal every pruned layer (re-reads the calibration set the scores recorded; see compress --heal)."),
-    heal_steps: int = typer.Option(HealOptions.steps, help="--heal: at most N Adam steps per layer."),
-    heal_lr: float = typer.Option(HealOptions.lr, help="--heal: Adam learning rate, relative to each weight's RMS."),
-    heal_router: bool = typer.Option(HealOptions.router, "--heal-router/--no-heal-router", help="--heal: tune the router too."),
-    heal_batch_tokens: int = typer.Option(HealOptions.batch_tokens, help="--heal: calibration tokens per step."),
-    heal_holdout: float = typer.Option(HealOptions.holdout, help="--heal: share of calibration sequences held out to stop on."),
-    heal_target: str = typer.Option(HealOptions.target, help="--heal: layer (the dense layer's output on the pruned inputs) or stream (the dense model's own next hidden state)."),
-    heal_e2e: bool = typer.Option(False, "--heal-e2e", help="After --heal (implied): end-to-end logit distillation to the dense model (both in memory)."),
-    heal_e2e_steps: int = typer.Option(DEFAULT_E2E_STEPS, help="--heal-e2e: at most N steps, one calibration batch each."),
-    heal_e2e_lr: float = typer.Option(HealOptions.e2e_lr, help="--heal-e2e: Adam learning rate, relative to each weight's RMS."),
+    heal_: bool = _HEAL_OPTION,
+    heal_steps: int = _HEAL_STEPS_OPTION,
+    heal_lr: float = _HEAL_LR_OPTION,
+    heal_router: bool = _HEAL_ROUTER_OPTION,
+    heal_batch_tokens: int = _HEAL_BATCH_TOKENS_OPTION,
+    heal_holdout: float = _HEAL_HOLDOUT_OPTION,
+    heal_target: str = _HEAL_TARGET_OPTION,
+    heal_e2e: bool = _HEAL_E2E_OPTION,
+    heal_e2e_steps: int = _HEAL_E2E_STEPS_OPTION,
+    heal_e2e_lr: float = _HEAL_E2E_LR_OPTION,
 ) -> None:
     """Re-prune at another ratio (or with another --method) from saved statistics, without calibrating again."""
     start = time.perf_counter()

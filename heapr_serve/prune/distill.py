@@ -95,7 +95,6 @@ def distill(load_model, family: Family, plan: PruningPlan, updates: LayerUpdates
         updates.put(layer, trainable.close(source_dtype), identity)
     console.print(f"heal end to end: held-out KL to the dense model {before:.4g} -> {best:.4g} "
                   f"({(best / before - 1) if before > 0 else 0:+.1%}), {steps} steps", highlight=False)
-    del teacher, student
     return {"held_out_kl_before": round(before, 6), "held_out_kl_after": round(best, 6), "steps": steps}
 
 

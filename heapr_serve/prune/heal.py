@@ -36,7 +36,7 @@ from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family
 from heapr_serve.progress import console
 from heapr_serve.prune.allocation import PruningPlan
-from heapr_serve.prune.reconstruct import DEFAULT_DAMP, GramObserver, refit_down
+from heapr_serve.prune.reconstruct import GramObserver, refit_down
 from heapr_serve.prune.updates import LayerUpdates
 from heapr_serve.score import distributed
 from heapr_serve.score.moe_forward import sorted_moe_forward

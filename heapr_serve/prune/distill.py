@@ -19,6 +19,7 @@ from heapr_serve.families import Family, moe_blocks
 from heapr_serve.progress import console
 from heapr_serve.prune.allocation import PruningPlan
 from heapr_serve.prune.heal import HealOptions, _apply, _Trainable
+from heapr_serve.prune.relative_adam import RelativeAdam
 from heapr_serve.prune.updates import LayerUpdates
 from heapr_serve.score.moe_forward import use_sorted_forward
 
@@ -54,9 +55,7 @@ def distill(load_model, family: Family, plan: PruningPlan, updates: LayerUpdates
         _apply(block, family, kept, {k: v for k, v in healed.items() if v is not None})
         trainables[layer] = _Trainable(block, family, kept, opts.router)
     params = [p for t in trainables.values() for p in t.parameters()]
-    groups = [{"params": [p], "lr": opts.e2e_lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)} for p in params]
-    optimizer = torch.optim.Adam(groups)
-    base = [g["lr"] for g in groups]
+    optimizer = RelativeAdam(params, opts.e2e_lr)
     held = max(1, round(opts.holdout * len(batches)))
     train, held_out = batches[:-held], batches[-held:]
     if not train:
@@ -71,12 +70,10 @@ def distill(load_model, family: Family, plan: PruningPlan, updates: LayerUpdates
     warmup = max(1, opts.e2e_steps // 10)
     with torch.enable_grad():
         for step in range(opts.e2e_steps):
-            for g, lr in zip(groups, base):
-                g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / opts.e2e_steps))
             loss = _kl(student, teacher, train[step % len(train)], device)
-            optimizer.zero_grad(set_to_none=False)
+            optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
+            optimizer.step(min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / opts.e2e_steps)))
             steps = step + 1
             if steps % EVAL_EVERY == 0 or steps == opts.e2e_steps:
                 now = held_kl()

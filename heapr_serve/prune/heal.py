@@ -37,6 +37,7 @@ from heapr_serve.families import Family
 from heapr_serve.progress import console
 from heapr_serve.prune.allocation import PruningPlan
 from heapr_serve.prune.reconstruct import GramObserver, refit_down
+from heapr_serve.prune.relative_adam import RelativeAdam
 from heapr_serve.prune.updates import LayerUpdates
 from heapr_serve.score import distributed
 from heapr_serve.score.moe_forward import sorted_moe_forward
@@ -45,6 +46,7 @@ from heapr_serve.score.streamed import StreamedPass
 
 TARGETS = ("layer", "stream")
 DEFAULT_E2E_STEPS = 300  # --heal-e2e's default (docs/quality.md, "Healing")
+MAX_HOLDOUT_TOKENS = 8192  # per layer, over all ranks: --heal-holdout's share, up to this many tokens
 
 
 @dataclass(frozen=True)
@@ -237,9 +239,7 @@ def heal_layer(block: nn.Module, trainable: _Trainable, train: tuple[torch.Tenso
     energy = _reduced(ranks, [float(y.double().pow(2).sum()), float(y.shape[0])], device)
     mean_energy = energy[0] / max(energy[1], 1.0)
     params = trainable.parameters()
-    groups = [{"params": [p], "lr": opts.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)} for p in params]
-    optimizer = torch.optim.Adam(groups)
-    base = [g["lr"] for g in groups]
+    optimizer = RelativeAdam(params, opts.lr)
 
     def held_out() -> float:
         err, en = _reduced(ranks, list(_error(block, *held, device)), device)
@@ -250,21 +250,19 @@ def heal_layer(block: nn.Module, trainable: _Trainable, train: tuple[torch.Tenso
     batch = min(opts.batch_tokens, x.shape[0])
     warmup = max(1, opts.steps // 10)  # Adam's first steps move every weight by ~lr, whatever its gradient
     for step in range(opts.steps):
-        for g, lr in zip(groups, base):
-            g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / opts.steps))
         idx = torch.randint(0, x.shape[0], (batch,), generator=generator)
         xb, yb = x[idx].to(device).float(), y[idx].to(device).float()
         out = block(xb.unsqueeze(0))
         out = (out[0] if isinstance(out, tuple) else out).reshape(yb.shape)
         loss = (out - yb).pow(2).sum() / (batch * mean_energy)
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad()
         loss.backward()
         if ranks.world > 1:  # an expert no token of this rank's minibatch reached has no gradient yet: zero
             grads = {f"g{i:05d}": _grad(p) for i, p in enumerate(params)}
             distributed.all_reduce_sums(ranks, grads, device)
             for p in params:
                 p.grad /= ranks.world
-        optimizer.step()
+        optimizer.step(min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / opts.steps)))
         steps = step + 1
         if steps % opts.eval_every == 0 or steps == opts.steps:
             now = held_out()
@@ -278,10 +276,14 @@ def heal_layer(block: nn.Module, trainable: _Trainable, train: tuple[torch.Tenso
     return {"held_out_before": before, "held_out_after": best, "steps": steps}
 
 
-def _split(recorder: _BlockRecorder, holdout: float):
-    """Whole sequences held out (tokens of one sequence are alike), the last share of them."""
+def _split(recorder: _BlockRecorder, holdout: float, max_tokens: int):
+    """Whole sequences held out (tokens of one sequence are alike), the last share of them, and no
+    more than `max_tokens` tokens of them: evaluating them is then a fixed cost, not one that grows
+    with the calibration set (the rest trains)."""
     n = len(recorder.inputs)
     held = max(1, round(holdout * n)) if n > 1 else 0
+    tokens = torch.tensor([len(t) for t in recorder.inputs[n - held:]]).flip(0).cumsum(0)
+    held = max(1, int((tokens <= max_tokens).sum())) if held else 0
     cut = n - held
     if cut == 0:
         raise HeaprError("--heal needs at least two calibration sequences per rank (one held out); raise --nsamples")
@@ -323,7 +325,7 @@ def heal(source: Path, family: Family, plan: PruningPlan, batches: list, dtype: 
         if reconstruct_damp is not None:
             distributed.all_reduce_sums(ranks, {f"gram.{layer}": recorder.gram[layer], f"energy.{layer}": recorder.energy[layer]}, device)
             _refit_start(block, kept, recorder.gram.pop(layer), recorder.energy.pop(layer).tolist(), reconstruct_damp)
-        train, held = _split(recorder, opts.holdout)
+        train, held = _split(recorder, opts.holdout, max(1, MAX_HOLDOUT_TOKENS // ranks.world))
         del recorder
         trainable = _Trainable(block, family, kept, opts.router)
         with torch.enable_grad():

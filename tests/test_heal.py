@@ -216,3 +216,35 @@ def test_heal_e2e_refuses_a_model_that_does_not_fit_twice(tmp_path, monkeypatch)
     code, _, err = run_cli("compress", EXAMPLE_MODEL, "-o", tmp_path / "x", *FAST, "--heal-e2e")
     assert code == 2 and "--heal-e2e" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_relative_adam_steps_as_torch_adam_with_a_group_per_tensor():
+    """The fused per-tensor optimiser is torch.optim.Adam with each tensor's lr = lr x its RMS,
+    including a tensor whose first gradient comes late (it is skipped until then, as Adam skips it)."""
+    import math
+
+    from heapr_serve.prune.relative_adam import RelativeAdam
+
+    torch.manual_seed(0)
+    ours = [torch.randn(6, 5) * scale for scale in (1.0, 0.01, 3.0)]
+    theirs, start = [t.clone() for t in ours], [t.clone() for t in ours]
+    for t in ours + theirs:
+        t.requires_grad_(True)
+    reference = torch.optim.Adam([{"params": [t], "lr": 1e-2 * float(t.detach().pow(2).mean().sqrt())} for t in theirs])
+    base = [g["lr"] for g in reference.param_groups]
+    optimizer = RelativeAdam(ours, 1e-2)
+    for step in range(40):
+        factor = 0.5 * (1 + math.cos(math.pi * step / 40))
+        for g, lr in zip(reference.param_groups, base):
+            g["lr"] = lr * factor
+        for tensors in (ours, theirs):
+            loss = sum((t.pow(3) - t).sum() for t in (tensors if step >= 5 else tensors[:2]))
+            loss.backward()
+        optimizer.step(factor)
+        reference.step()
+        optimizer.zero_grad()
+        reference.zero_grad(set_to_none=False)
+    for a, b, s in zip(ours, theirs, start):
+        assert (a - s).abs().max() > 1e-3  # it moved
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert [int(s) for s in optimizer.steps] == [40, 40, 35]

@@ -66,6 +66,11 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device):
     from heapr_serve.checkpoint.source import fp8_block_size, is_mxfp4, load_dense
 
     logging.disable_progress_bar()
+    from heapr_serve.quantize.dequantize import dequantized_folder, is_quantized
+
+    if is_quantized(Path(path)):  # compressed-tensors (heapr-serve quantize): the float model it stands for
+        with dequantized_folder(Path(path), dtype if dtype.is_floating_point else torch.bfloat16) as plain:
+            return load_model(plain, dtype, device)
     if not is_pruned(Path(path)):
         config, config_file = read_config(Path(path)), Path(path) / "config.json"
         if fp8_block_size(config, config_file) is not None or is_mxfp4(config, config_file):

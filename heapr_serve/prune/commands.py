@@ -36,6 +36,7 @@ from heapr_serve.prune.distill import distill
 from heapr_serve.prune.heal import DEFAULT_E2E_STEPS, HealOptions, heal
 from heapr_serve.prune.methods import METHODS, expert_allocation, get_method, plan_for_method, uniform_allocation
 from heapr_serve.prune.reconstruct import DEFAULT_DAMP, INPUTS, reconstruct, temporary_folder
+from heapr_serve.quantize.after_pruning import QuantizeOptions, QuantizeRun, quantize_pruned
 from heapr_serve.score import distributed
 from heapr_serve.score.checkpointing import partial_folder
 from heapr_serve.score.memory import estimate, room_for
@@ -73,6 +74,7 @@ class PruneResult:
     method: str = "heapr"
     reconstruct: dict | None = None
     heal: dict | None = None
+    quantization: dict | None = None
 
 
 def _check_source(source: Path) -> dict:
@@ -86,10 +88,11 @@ def _check_source(source: Path) -> dict:
 
 def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, scope: str, align: int,
                     keep_unrouted: bool, overwrite: bool, method: str = "heapr", seed: int = 0, drop_mtp: bool = False,
-                    reconstruction: Reconstruction | None = None) -> PruneResult:
+                    reconstruction: Reconstruction | None = None, quantize: QuantizeRun | None = None) -> PruneResult:
     """Plan with `method` (heapr_serve.prune.methods) from `stats`, re-fit the kept down-projection
     columns if asked (heapr_serve.prune.reconstruct), and write the pruned checkpoint (with the
-    statistics, so any method can re-prune it later) to `out`."""
+    statistics, so any method can re-prune it later) to `out`; with `quantize`, write it beside `out`
+    and quantize it into `out` (heapr_serve.quantize.after_pruning)."""
     config = read_config(source)
     family = family_for(config)
     expected = (num_routed_experts(config), dense_expert_width(config))
@@ -117,7 +120,8 @@ def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, s
     }
     files = safetensors_files(source)
     scratch = temporary_folder(out) if reconstruction is not None else contextlib.nullcontext()
-    with scratch as refit_folder, progress_bar() as progress, staging_folder(out, overwrite) as folder:
+    written_to = staging_folder(out, overwrite) if quantize is None else _scratch_path(out)
+    with scratch as refit_folder, progress_bar() as progress, written_to as folder:
         refit = None
         if reconstruction is not None:
             refit = refit_plan(source, plan, reconstruction, refit_folder, progress)
@@ -137,8 +141,19 @@ def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, s
         config_file.write_text(json.dumps(saved, indent=2) + "\n")
         stats.save(folder / SCORES_FILE)
         write_model_card(folder, saved, plan, source_params, written["params"], out.name)
+        quantized = None
+        if quantize is not None:
+            with _scratch_path(out) as gptq_folder:
+                quantized = quantize_pruned(folder, out, overwrite, quantize, source, family, plan, None if refit is None else refit.get,
+                                            gptq_folder, progress, carry=(SCORES_FILE,))
     return PruneResult(out, plan, source_params, written["params"], written["bytes"], method=method, reconstruct=heapr.get("reconstruct"),
-                       heal=heapr.get("heal"))
+                       heal=heapr.get("heal"), quantization=quantized)
+
+
+@contextlib.contextmanager
+def _scratch_path(out: Path):
+    with temporary_folder(out) as folder:
+        yield Path(folder)
 
 
 def refit_plan(source: Path, plan: PruningPlan, r: Reconstruction, folder: Path, progress):
@@ -193,6 +208,10 @@ def summary_table(result: PruneResult, wall: float, peak: str) -> Table:
         reduction = 1 - r["error_after"] / r["error_before"] if r["error_before"] > 0 else 0.0
         table.add_row(f"re-fitted experts ({r['inputs']} inputs, damp {r['damp']:g})",
                       f"{r['experts_refit']} (calibration output error -{reduction:.1%})")
+    if result.quantization:
+        q = result.quantization
+        table.add_row(f"quantized ({q['scheme']}, group {q['group_size'] or 'none'})",
+                      f"{q['method'].split(' (')[0]}: {q['weight_bytes_before'] / 2**20:.2f} -> {q['weight_bytes_after'] / 2**20:.2f} MiB")
     table.add_row("wall time", f"{wall:.1f} s")
     table.add_row("peak memory", peak)
     return table
@@ -260,6 +279,17 @@ def _heal_options(heal: bool, steps: int, lr: float, router: bool, batch_tokens:
     return options if heal or e2e else None
 
 
+def _resolve_quantize(options: QuantizeOptions, source: Path, config: dict, align: int) -> tuple[QuantizeOptions, int]:
+    """The group decided and --align raised to it (said once); gpt-oss's expert layout is refused."""
+    if family_for(config).expert_layout != "standard":
+        raise HeaprError(f"--quantize is not supported for {config['model_type']} yet (expert biases); prune, then run `heapr-serve quantize`")
+    resolved, new_align = options.resolve(source, align, int(config["hidden_size"]), dense_expert_width(config))
+    if new_align != align:
+        console.print(f"--quantize {options.scheme}: groups of {resolved.group_size}, so kept widths are rounded to multiples of "
+                      f"{new_align} (--align {new_align}); pass --quant-group-size to choose", highlight=False)
+    return resolved, new_align
+
+
 def _warn_unrouted(plan: PruningPlan, keep_unrouted: bool) -> None:
     unrouted = {layer: e for layer, e in plan.unrouted.items() if e}
     if unrouted:
@@ -285,6 +315,20 @@ _HEAL_TARGET_OPTION = typer.Option(HealOptions.target, help="--heal: layer (the 
 _HEAL_E2E_OPTION = typer.Option(False, "--heal-e2e", help="After --heal (implied): end-to-end logit distillation to the dense model (both in memory).")
 _HEAL_E2E_STEPS_OPTION = typer.Option(DEFAULT_E2E_STEPS, help="--heal-e2e: at most N steps, one calibration batch each.")
 _HEAL_E2E_LR_OPTION = typer.Option(HealOptions.e2e_lr, help="--heal-e2e: Adam learning rate, relative to each weight's RMS.")
+_QUANTIZE_OPTION = typer.Option(None, "--quantize", help="Then quantize the pruned checkpoint into the output: a `heapr-serve quantize` --scheme (w4a16, w8a8, fp8, ...).")
+_QUANT_METHOD_OPTION = typer.Option("gptq", help="--quantize: gptq (calibrated on this run's tokens, layer by layer) or rtn (round to nearest).")
+_QUANT_GROUP_OPTION = typer.Option(None, help="--quantize: group size along the input (-1: per channel; default: the scheme's where it fits, else 64/32/16/8; kept widths are aligned to it).")
+
+
+def _quantize_options(scheme: str | None, method: str, group_size: int | None) -> QuantizeOptions | None:
+    """The --quantize options, checked with or without --quantize (a bad value is never ignored)."""
+    options = QuantizeOptions(scheme or "w4a16", method, group_size)
+    options.check()
+    if scheme is None:
+        return None
+    if method == "gptq" and distributed.ranks_from_env().world > 1:
+        raise HeaprError("--quant-method gptq runs in one process for now; run without torchrun, or pass --quant-method rtn")
+    return options
 
 
 def compress_command(
@@ -322,10 +366,14 @@ def compress_command(
     heal_e2e: bool = _HEAL_E2E_OPTION,
     heal_e2e_steps: int = _HEAL_E2E_STEPS_OPTION,
     heal_e2e_lr: float = _HEAL_E2E_LR_OPTION,
+    quantize: Optional[str] = _QUANTIZE_OPTION,
+    quant_method: str = _QUANT_METHOD_OPTION,
+    quant_group_size: Optional[int] = _QUANT_GROUP_OPTION,
 ) -> None:
     """Score every atomic expert with HEAPr (or a baseline --method) and write a smaller checkpoint."""
     start = time.perf_counter()
     healing = _heal_options(heal_, heal_steps, heal_lr, heal_router, heal_batch_tokens, heal_holdout, heal_target, heal_e2e, heal_e2e_steps, heal_e2e_lr, seed)
+    quantizing = _quantize_options(quantize, quant_method, quant_group_size)
     _check_options(method, ratio, scope, align, reconstruct_, reconstruct_inputs, reconstruct_damp, healing)
     ranks = distributed.ranks_from_env()
     torch_device = distributed.device_for(ranks, pick_device(device))
@@ -342,6 +390,8 @@ def compress_command(
     config = _check_source(source)
     _check_layout(config, _refits(method, reconstruct_), healing is not None)
     refits = _refits(method, reconstruct_) or healing is not None
+    if quantizing is not None:
+        quantizing, align = _resolve_quantize(quantizing, source, config, align)
     torch_dtype = SourceCheckpoint(source).dtype if dtype == "auto" else pick_dtype(dtype)
     check_fits(source, config, RunOptions(torch_dtype, torch_device, batch_size, streamed, activations_dir, checkpoint_every), seq_len, nsamples)
     if healing is not None and healing.e2e_steps:
@@ -383,7 +433,8 @@ def compress_command(
         finish_run(out, identity)
         return
 
-    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed, drop_mtp, refit)
+    quantize_run = None if quantizing is None else QuantizeRun(quantizing, batches, torch_dtype, torch_device, activations_dir)
+    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed, drop_mtp, refit, quantize_run)
     finish_run(out, identity)
     _warn_unrouted(result.plan, keep_unrouted)
     console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch_device)))
@@ -435,10 +486,14 @@ def apply_command(
     heal_e2e: bool = _HEAL_E2E_OPTION,
     heal_e2e_steps: int = _HEAL_E2E_STEPS_OPTION,
     heal_e2e_lr: float = _HEAL_E2E_LR_OPTION,
+    quantize: Optional[str] = _QUANTIZE_OPTION,
+    quant_method: str = _QUANT_METHOD_OPTION,
+    quant_group_size: Optional[int] = _QUANT_GROUP_OPTION,
 ) -> None:
     """Re-prune at another ratio (or with another --method) from saved statistics, without calibrating again."""
     start = time.perf_counter()
     healing = _heal_options(heal_, heal_steps, heal_lr, heal_router, heal_batch_tokens, heal_holdout, heal_target, heal_e2e, heal_e2e_steps, heal_e2e_lr, seed)
+    quantizing = _quantize_options(quantize, quant_method, quant_group_size)
     _check_options(method, ratio, scope, align, reconstruct_, reconstruct_inputs, reconstruct_damp, healing)
     torch_device = pick_device(device)
     stats = ExpertStats.load(scores)
@@ -453,11 +508,19 @@ def apply_command(
         raise HeaprError(f"{scores}: scores are for a {stats.metadata['model_type']} model but {source} is {config['model_type']}; pass the right --model")
     if stats.metadata.get("source_fingerprint") not in (None, source_fingerprint(source)):
         raise HeaprError(f"{scores}: scores were computed on other weights than those now in {source} (retrained or replaced?); re-run `heapr-serve compress`")
-    refit = None
-    if _refits(method, reconstruct_) or healing is not None:
-        refit = _recorded_reconstruction(scores, source, config, stats, torch_device, reconstruct_damp, reconstruct_inputs)
-        refit.refit, refit.heal = _refits(method, reconstruct_), healing
-    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed, drop_mtp, refit)
+    if quantizing is not None:
+        quantizing, align = _resolve_quantize(quantizing, source, config, align)
+    refit = quantize_run = None
+    if _refits(method, reconstruct_) or healing is not None or (quantizing is not None and quantizing.method == "gptq"):
+        recorded = _recorded_reconstruction(scores, source, config, stats, torch_device, reconstruct_damp, reconstruct_inputs)
+        recorded.refit, recorded.heal = _refits(method, reconstruct_), healing
+        if recorded.refit or healing is not None:
+            refit = recorded
+        if quantizing is not None:
+            quantize_run = QuantizeRun(quantizing, recorded.batches, recorded.dtype, torch_device)
+    elif quantizing is not None:
+        quantize_run = QuantizeRun(quantizing, [], SourceCheckpoint(source).dtype, torch_device)
+    result = prune_to_folder(source, out, stats, ratio, scope, align, keep_unrouted, overwrite, method, seed, drop_mtp, refit, quantize_run)
     _warn_unrouted(result.plan, keep_unrouted)
     console.print(summary_table(result, time.perf_counter() - start, _peak_memory_gib(torch_device)))
     if evaluate:

@@ -11,6 +11,7 @@ quantized tensor against the declared widths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -19,6 +20,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
@@ -81,15 +83,18 @@ def _check_alignment(folder: Path, shapes: dict[str, tuple[int, ...]], quantized
 
 
 def quantize_folder(source: Path, out: Path, scheme_name: str, group_size: int | None, ignore: list[str],
-                    overwrite: bool, only_experts: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Write the quantized copy of `source` to `out`; returns the record stored in its config."""
+                    overwrite: bool, only_experts: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    calibrate=None, carry: tuple[str, ...] = ()) -> dict:
+    """Write the quantized copy of `source` to `out`; returns the record stored in its config.
+    `calibrate(scheme, fmt, modules)` (GPTQ) runs once the scheme is settled, for the transformers
+    module names of the weights to quantize, and returns (lookup, method): `lookup(name)` gives a
+    weight's compressed tensors by its on-disk name (None: round to nearest)."""
     config = read_config(source)
     family_for(config)  # an unknown family is refused before any work
     if config.get("quantization_config"):
         raise HeaprError(f"{source / 'config.json'}: already has a quantization_config "
                          f"({config['quantization_config'].get('quant_method')}); quantize from a bfloat16 / float32 folder")
     spec = scheme_for(scheme_name)
-    scheme = spec.build(group_size)
     pruned = is_pruned(source)
     if pruned:
         from heapr_serve.checkpoint.validate import validate_checkpoint
@@ -106,7 +111,18 @@ def quantize_folder(source: Path, out: Path, scheme_name: str, group_size: int |
     quantized = {n for n, s in shapes.items() if _is_linear_weight(n, s) and n[: -len(".weight")] not in skipped_set}
     if not quantized:
         raise HeaprError(f"{source}: no Linear weights left to quantize (all matched --ignore)")
+    if group_size is None:
+        group_size = spec.fitting_group(sorted({shapes[n][1] for n in quantized}))
+        preset = spec.build(None).weights.group_size
+        if group_size is not None and group_size != preset:
+            console.print(f"{scheme_name}: groups of {group_size if group_size > 0 else 'one channel'} (the scheme's {preset} does not divide "
+                          f"every quantized weight's input width; pass --group-size to choose)", highlight=False)
+    scheme = spec.build(group_size)
     _check_alignment(source, shapes, quantized, scheme_name, alignment_unit(scheme))
+    computed, method = None, "round-to-nearest (compressed-tensors qparams)"
+    if calibrate is not None:
+        family = family_for(config)
+        computed, method = calibrate(scheme, spec.format, {family.module_tensor_name(n)[: -len(".weight")] for n in quantized})
 
     source_bytes = quant_bytes = 0
     with staged_folder("-o", out, overwrite=overwrite) as folder, progress_bar() as bar:
@@ -122,7 +138,14 @@ def quantize_folder(source: Path, out: Path, scheme_name: str, group_size: int |
                     if name in quantized:
                         module = name[: -len(".weight")]
                         source_bytes += tensor.numel() * tensor.element_size()
-                        for local, value in quantize_weight(tensor, scheme, spec.format).items():
+                        parts = computed(name) if computed is not None else None
+                        if parts is None and computed is not None:
+                            raise HeaprError(f"{source / file}: GPTQ computed no values for {name}; re-run, or quantize with --method rtn")
+                        if parts is None:
+                            parts = quantize_weight(tensor, scheme, spec.format)
+                        elif [int(v) for v in parts.get("weight_shape", torch.tensor(parts.get("weight", tensor).shape))] != list(tensor.shape):
+                            raise HeaprError(f"{source / file}: {name} {list(tensor.shape)} is not the weight GPTQ quantized; re-run the command")
+                        for local, value in parts.items():
                             quant_bytes += value.numel() * value.element_size()
                             writer.add(f"{module}.{local}", value)
                     else:
@@ -135,7 +158,7 @@ def quantize_folder(source: Path, out: Path, scheme_name: str, group_size: int |
         saved["quantization_config"] = qconfig.model_dump(exclude_none=True, mode="json")
         record = {"scheme": scheme_name, "preset": spec.preset, "format": spec.format, "summary": spec.summary,
                   "group_size": scheme.weights.group_size, "strategy": str(getattr(scheme.weights.strategy, "value", scheme.weights.strategy)),
-                  "method": "round-to-nearest (compressed-tensors qparams)", "quantized_tensors": len(quantized),
+                  "method": method, "quantized_tensors": len(quantized),
                   "ignored_modules": len(skipped), "only_experts": bool(only_experts), "weight_bytes_before": source_bytes, "weight_bytes_after": quant_bytes,
                   "total_bytes": writer.total_bytes}
         if pruned:
@@ -144,7 +167,7 @@ def quantize_folder(source: Path, out: Path, scheme_name: str, group_size: int |
             saved["heapr_quantization"] = record
         (folder / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
         for item in sorted(source.iterdir()):
-            if item.is_file() and any(fnmatch(item.name, pattern) for pattern in _TRAVELLING_FILES):
+            if item.is_file() and any(fnmatch(item.name, pattern) for pattern in (*_TRAVELLING_FILES, *carry)):
                 shutil.copy2(item, folder / item.name)
         _write_card(source, folder, record, out.name)
     return record
@@ -165,14 +188,52 @@ def _write_card(source: Path, folder: Path, record: dict, name: str) -> None:
     (folder / "README.md").write_text(text)
 
 
+def _standalone_gptq(folder: Path, out: Path, calib, nsamples: int, seq_len: int, batch_size: int, seed: int, device: str, stack):
+    """`quantize --method gptq` on a dense folder: its calibration batches, and the GPTQ pass over it."""
+    from heapr_serve.calibrate.datasets import load_calibration
+    from heapr_serve.checkpoint.source import SourceCheckpoint
+    from heapr_serve.models import load_tokenizer, pick_device
+    from heapr_serve.prune.reconstruct import temporary_folder
+    from heapr_serve.quantize.after_pruning import QuantizeOptions, QuantizeRun, gptq_calibration
+    from heapr_serve.score import distributed
+
+    config = read_config(folder)
+    if is_pruned(folder):
+        raise HeaprError(f"{folder}: is pruned; GPTQ runs in the pruning run, over the dense source: `heapr-serve apply {folder} -o OUT "
+                         f"--ratio {config['heapr'].get('ratio')} --quantize SCHEME` (its saved scores, no new scoring), or --method rtn here")
+    if distributed.ranks_from_env().world > 1:
+        raise HeaprError("quantize --method gptq runs in one process; run it without torchrun")
+    family = family_for(config)
+    if family.expert_layout != "standard":
+        raise HeaprError(f"--method gptq is not supported for {config['model_type']} yet (expert biases); use --method rtn")
+    tokenizer = load_tokenizer(folder)
+    calibration = load_calibration(calib, tokenizer, nsamples, seq_len, seed, int(config["vocab_size"]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    source = SourceCheckpoint(folder)
+    run = QuantizeRun(QuantizeOptions("w4a16"), list(calibration.batches(batch_size, pad_id)), source.dtype, pick_device(device))
+
+    def calibrate(scheme, fmt, modules):  # its scratch folder lives until the quantized folder is written
+        scratch = Path(stack.enter_context(temporary_folder(out)))
+        with progress_bar() as progress:
+            return gptq_calibration(folder, family, None, run, None, scratch, progress)(scheme, fmt, modules)
+    return calibrate
+
+
 def quantize_command(
     folder: Path = typer.Argument(..., help="A dense or pruned checkpoint folder (bfloat16 / float32 safetensors)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for the quantized checkpoint."),
     scheme: str = typer.Option("w4a16", help=f"Quantization scheme: {', '.join(SCHEMES)}."),
-    group_size: Optional[int] = typer.Option(None, help="Group size along the input dimension (-1: per channel; default: the scheme's)."),
+    group_size: Optional[int] = typer.Option(None, help="Group size along the input dimension (-1: per channel; default: the scheme's where it divides every weight's input width, else the largest of 64, 32, 16, 8 that does)."),
     ignore: list[str] = typer.Option([], "--ignore", help="Regex of Linear module names to leave unquantized (repeatable); router gates and lm_head always are."),
     only_experts: bool = typer.Option(False, "--only-experts", help="Quantize only the routed experts (attention, dense MLPs and shared experts stay in the source dtype)."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
+    method: str = typer.Option("rtn", "--method", help="rtn (round to nearest) or gptq (calibrated: a forward pass over --calib, one decoder layer at a time)."),
+    calib: Optional[str] = typer.Option(None, help="--method gptq: calibration .txt/.jsonl file or folder (default: built-in text)."),
+    nsamples: int = typer.Option(64, min=1, help="--method gptq: number of calibration sequences."),
+    seq_len: int = typer.Option(256, min=2, help="--method gptq: tokens per calibration sequence."),
+    batch_size: int = typer.Option(8, min=1, help="--method gptq: sequences per forward pass."),
+    seed: int = typer.Option(0, help="--method gptq: seed for drawing calibration windows."),
+    device: str = typer.Option("auto", help="--method gptq: auto (a CUDA GPU when present), cpu, cuda, cuda:N."),
 ) -> None:
     """Quantize a dense or pruned checkpoint into the compressed-tensors format vLLM serves."""
     start = time.perf_counter()
@@ -183,7 +244,11 @@ def quantize_command(
             re.compile(pattern)
         except re.error as err:
             raise HeaprError(f"--ignore {pattern!r}: not a valid regular expression ({err})") from None
-    record = quantize_folder(folder, out, scheme, group_size, list(ignore), overwrite, only_experts)
+    if method not in ("rtn", "gptq"):
+        raise HeaprError(f"--method {method!r}: use rtn (round to nearest, the default) or gptq (calibrated)")
+    with contextlib.ExitStack() as stack:
+        calibrate = _standalone_gptq(folder, out, calib, nsamples, seq_len, batch_size, seed, device, stack) if method == "gptq" else None
+        record = quantize_folder(folder, out, scheme, group_size, list(ignore), overwrite, only_experts, calibrate=calibrate)
     saved = 1 - record["weight_bytes_after"] / max(record["weight_bytes_before"], 1)
     console.print(f"wrote {out}: {record['quantized_tensors']} Linear weights quantized to {scheme} "
                   f"({record['weight_bytes_before'] / 2**20:.2f} MiB -> {record['weight_bytes_after'] / 2**20:.2f} MiB, "

@@ -44,6 +44,13 @@ def quantize_weight(weight: torch.Tensor, scheme: QuantizationScheme, fmt: str) 
     """The compressed tensors of one Linear weight [out, in], keyed by their local names
     (`weight_packed`, `weight_scale`, `weight_shape`, `weight_zero_point` / `weight`, `weight_scale`)."""
     scale, zero_point = _qparams(weight, scheme)
+    return pack_weight(weight, scale, zero_point, scheme, fmt)
+
+
+def pack_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, scheme: QuantizationScheme,
+                fmt: str) -> dict[str, torch.Tensor]:
+    """compressed-tensors' tensors of `weight` rounded onto the grid of `scale` / `zero_point` (for
+    GPTQ, a weight already on that grid, so the rounding is exact)."""
     state = {"weight": weight, "weight_scale": scale}
     if not scheme.weights.symmetric:
         state["weight_zero_point"] = zero_point

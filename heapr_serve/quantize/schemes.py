@@ -40,6 +40,19 @@ class Scheme:
         return scheme
 
 
+    def fitting_group(self, in_dims: list[int], at_most: int | None = None) -> int | None:
+        """For a grouped scheme without --group-size: the preset's group if it divides every quantized
+        weight's input width (and is at most `at_most`), else the largest of 64, 32, 16, 8 that does,
+        else -1 (per channel); None for a scheme without groups."""
+        preset = preset_name_to_scheme(self.preset, ["Linear"]).weights
+        if preset.strategy != QuantizationStrategy.GROUP:
+            return None
+        for group in (preset.group_size, *[g for g in (64, 32, 16, 8) if g < preset.group_size]):
+            if all(d % group == 0 for d in in_dims) and (at_most is None or group <= at_most):
+                return group
+        return -1
+
+
 SCHEMES = {s.name: s for s in (
     Scheme("w4a16", "W4A16", CompressionFormat.pack_quantized.value,
            "int4 weights, symmetric, groups of 128 along the input; 16-bit activations (Marlin / WNA16 kernels)"),

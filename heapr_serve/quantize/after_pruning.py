@@ -63,9 +63,6 @@ class QuantizeOptions:
             raise HeaprError(f"--quant-group-size {group}: does not divide the experts' width {dense_width}; pass one that does (-1: per channel)")
         return QuantizeOptions(self.scheme, self.method, group), max(align, unit)
 
-    def record(self) -> dict:
-        return {"scheme": self.scheme, "method": self.method, "group_size": self.group_size}
-
 
 def _is_expert_down(m) -> bool:
     return m is not None and m["proj"] in ("down_proj", "w2")

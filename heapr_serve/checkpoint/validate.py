@@ -77,15 +77,17 @@ def validate_checkpoint(path: str | Path) -> PrunedCheckpoint:
     if "heapr" not in config:
         raise HeaprError(f"{config_file}: no `heapr` section, so this is not a pruned checkpoint")
     family = family_for(config)
+    archs = config.get("architectures") or []
+    if archs != [family.pruned_architecture]:
+        raise HeaprError(f"{config_file}: architectures is {archs}, but a pruned {family.model_type} folder declares "
+                         f"[{family.pruned_architecture!r}] (vLLM would read its ragged experts with the stock model, wrongly); "
+                         "re-create it with `heapr-serve compress` or HEAPrPruningModifier")
     widths = parse_widths(config, config_file)
     kept_whole = parse_kept_whole(config, config_file, widths)
     dense = int(config["heapr"].get("dense_width") or dense_expert_width(config))
     hidden = int(config["hidden_size"])
     spec = None
-    if config.get("quantization_config"):
-        if not config["heapr"].get("quantization"):
-            raise HeaprError(f"{config_file}: has a quantization_config that `heapr-serve quantize` did not write (no "
-                             "heapr.quantization); quantize the unquantized pruned folder with `heapr-serve quantize`")
+    if config.get("quantization_config"):  # heapr-serve quantize's or llm-compressor's: checked part by part below
         from heapr_serve.quantize.layout import QuantSpec
 
         spec = QuantSpec.from_config(config["quantization_config"], str(config_file))

@@ -34,7 +34,7 @@ from heapr_serve.progress import console, progress_bar
 from heapr_serve.prune.allocation import PruningPlan, check_allocation_options
 from heapr_serve.prune.distill import distill
 from heapr_serve.prune.heal import DEFAULT_E2E_STEPS, HealOptions, heal
-from heapr_serve.prune.methods import METHODS, expert_allocation, get_method, plan_for_method, uniform_allocation
+from heapr_serve.prune.methods import METHODS, expert_allocation, get_method, plan_for_method, plan_record, uniform_allocation
 from heapr_serve.prune.reconstruct import DEFAULT_DAMP, INPUTS, reconstruct, temporary_folder
 from heapr_serve.quantize.after_pruning import QuantizeOptions, QuantizeRun, quantize_pruned
 from heapr_serve.score import distributed
@@ -102,19 +102,9 @@ def prune_to_folder(source: Path, out: Path, stats: ExpertStats, ratio: float, s
     plan = plan_for_method(method, stats, source, ratio, scope, align, keep_unrouted, seed)
     source_params = count_source_params(source)
     heapr = {
-        "method": method,
-        "method_summary": get_method(method).summary,
+        **plan_record(plan, method, ratio, seed, keep_unrouted),
         "source_architectures": config.get("architectures", [family.architecture]),
         "source_model": stats.metadata.get("source_model", str(source)),
-        "dense_width": plan.dense_width,
-        "expert_widths": {str(layer): widths for layer, widths in plan.widths.items()},
-        "ratio": ratio,
-        "effective_ratio": round(plan.effective_ratio, 6),
-        "align": plan.align,
-        "scope": plan.scope,
-        **({"seed": seed} if method == "random" else {}),
-        "keep_unrouted": keep_unrouted,
-        "unrouted_experts": {str(layer): e for layer, e in plan.unrouted.items() if e},
         "calibration": stats.metadata.get("calibration", {}),
         "source_params": source_params,
     }

@@ -264,3 +264,20 @@ def plan_for_method(method: str, stats: ExpertStats, source: Path, ratio: float,
     dense_width = next(iter(stats.act_sq.values())).shape[1]
     target = Target(ratio, scope, align, keep_unrouted, unrouted, dense_width)
     return m.allocate(m.score(ScoreInputs(stats, Path(source), seed)), target)
+
+
+def plan_record(plan: PruningPlan, method: str, ratio: float, seed: int, keep_unrouted: bool) -> dict:
+    """The `heapr` config section's record of a plan (docs/checkpoint_format.md), whoever pruned."""
+    return {
+        "method": method,
+        "method_summary": get_method(method).summary,
+        "dense_width": plan.dense_width,
+        "expert_widths": {str(layer): widths for layer, widths in plan.widths.items()},
+        "ratio": ratio,
+        "effective_ratio": round(plan.effective_ratio, 6),
+        "align": plan.align,
+        "scope": plan.scope,
+        **({"seed": seed} if method == "random" else {}),
+        "keep_unrouted": keep_unrouted,
+        "unrouted_experts": {str(layer): e for layer, e in plan.unrouted.items() if e},
+    }

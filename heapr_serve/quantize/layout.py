@@ -72,8 +72,9 @@ class QuantSpec:
         if w is None or fmt not in FORMATS:
             raise HeaprError(f"{where}: quantization format {fmt} is not one `heapr-serve quantize` writes for routed experts; "
                              "re-quantize with `heapr-serve quantize`")
-        if _value(w.actorder) is not None:
-            raise HeaprError(f"{where}: activation reordering (actorder) is not supported for pruned experts; re-quantize with `heapr-serve quantize`")
+        if _value(w.actorder) not in (None, "static", "weight"):  # these two keep groups in column order (no g_idx)
+            raise HeaprError(f"{where}: activation reordering by group (actorder {_value(w.actorder)!r}, with g_idx) is not supported "
+                             "for pruned experts; use actorder 'static' or re-quantize with `heapr-serve quantize`")
         block = tuple(w.block_structure) if w.block_structure else None
         spec = cls(fmt, int(w.num_bits), _value(w.type), _value(w.strategy), w.group_size, block, bool(w.symmetric),
                    a is not None and _value(a.type) == "int" and bool(a.dynamic))

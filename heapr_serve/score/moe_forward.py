@@ -4,10 +4,12 @@ transformers' eager experts loop does one `index_add_` per expert and is slow to
 on CPU. Here tokens are sorted by expert once, gathered once, each expert runs on a contiguous slice,
 and the results are scattered back with one `index_add_` per layer (about ten times faster on CPU).
 
-The same function serves three callers: the dense model during calibration (with an observer that
-collects HEAPr statistics, heapr_serve.score.observers), training of the example model, and the
+The same function serves four callers: the dense model during calibration (with an observer that
+collects HEAPr statistics, heapr_serve.score.observers), training of the example model, the
 transformers loader of pruned checkpoints (model_patches.transformers), whose experts have different
-widths.
+widths, and llm-compressor's linearised experts (one module of Linear layers per expert) that
+`HEAPrPruningModifier` scores. Experts given as Linear modules are called as modules, so hooks on
+them (llm-compressor's GPTQ) see each expert's routed tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 from torch import nn
 
 # e -> (gate [I, H], up [I, H], down [H, I]) or, with biases (gpt-oss), (gate, up, down, gate_bias [I],
-# up_bias [I], down_bias [H]); None for a width-0 expert without biases
+# up_bias [I], down_bias [H]); None for a width-0 expert without biases. gate/up/down may instead be
+# the expert's nn.Linear modules (then called, biases included).
 ExpertWeights = Callable[[int], "tuple[torch.Tensor, ...] | None"]
 
 
@@ -67,11 +70,11 @@ def sorted_moe_forward(
             continue
         gate, up, down, *bias = weights
         xs = x[rows]
-        g, u = xs @ gate.t(), xs @ up.t()
+        g, u = _project(xs, gate), _project(xs, up)
         if bias:
             g, u = g + bias[0], u + bias[1]
         activation = glu(g, u) if glu is not None else act_fn(g) * u
-        expert_out = activation @ down.t()
+        expert_out = _project(activation, down)
         if bias:
             expert_out = expert_out + bias[2]
         if observe is not None:
@@ -82,6 +85,28 @@ def sorted_moe_forward(
         return out
     y = torch.cat(outputs) * route_weights[:start].unsqueeze(-1).to(hidden.dtype)
     return out.index_add_(0, token_of[:start], y.to(out.dtype))
+
+
+def _project(x: torch.Tensor, weight: "torch.Tensor | nn.Module") -> torch.Tensor:
+    return weight(x) if isinstance(weight, nn.Module) else x @ weight.t()
+
+
+def is_linearised(experts: nn.Module) -> bool:
+    """llm-compressor's linearised experts: `experts[e]` has gate_proj / up_proj / down_proj Linears."""
+    return (isinstance(experts, nn.ModuleList) and hasattr(experts, "num_experts") and len(experts) > 0
+            and all(isinstance(getattr(experts[0], p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj")))
+
+
+def linear_expert_weights(experts: nn.Module) -> ExpertWeights:
+    """The weights of linearised experts (a width-0 expert, as `HEAPrPruningModifier` leaves it, is None)."""
+
+    def weights(e: int):
+        expert = experts[e]
+        if not hasattr(expert, "gate_proj"):
+            return None
+        return expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight
+
+    return weights
 
 
 def fused_expert_weights(experts: nn.Module) -> ExpertWeights:
@@ -96,17 +121,20 @@ def fused_expert_weights(experts: nn.Module) -> ExpertWeights:
 
 
 def expert_parts(experts: nn.Module) -> "tuple[ExpertWeights, Callable | None, Callable | None]":
-    """(weights, act_fn, glu) of a transformers experts module: the standard fused layout, or gpt-oss's
-    (heapr_serve.score.gpt_oss: biases, interleaved gate/up, clamped SwiGLU)."""
+    """(weights, act_fn, glu) of a transformers experts module: the standard fused layout, gpt-oss's
+    (heapr_serve.score.gpt_oss: biases, interleaved gate/up, clamped SwiGLU), or llm-compressor's
+    linearised one."""
     from heapr_serve.score import gpt_oss
 
+    if is_linearised(experts):
+        return linear_expert_weights(experts), experts.act_fn, None
     if gpt_oss.is_gpt_oss_experts(experts):
         return gpt_oss.expert_weights(experts), None, gpt_oss.clamped_swiglu(experts.alpha, experts.limit)
     return fused_expert_weights(experts), experts.act_fn, None
 
 
 def expert_shape(experts: nn.Module) -> tuple[int, int, int]:
-    """(experts, hidden, dense width) of a fused experts module, whatever its layout."""
+    """(experts, hidden, dense width) of a dense experts module, whatever its layout."""
     weights, _, _ = expert_parts(experts)
     down = weights(0)[2]  # [H, I]
     return experts.num_experts, down.shape[0], down.shape[1]

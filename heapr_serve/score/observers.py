@@ -94,7 +94,7 @@ class HeaprObserver(ExpertObserver):
         self.stats = ExpertStats()
 
     def allocate(self, layer, experts) -> None:
-        (num_experts, _, width), device = expert_shape(experts), experts.down_proj.device
+        (num_experts, _, width), device = expert_shape(experts), next(experts.parameters()).device
         self.stats.act_sq[layer] = torch.zeros(num_experts, width, dtype=torch.float32, device=device)
         self.stats.grad_sq[layer] = torch.zeros(num_experts, width, dtype=torch.float32, device=device)
         self.stats.tokens[layer] = torch.zeros(num_experts, dtype=torch.int64, device=device)
@@ -157,7 +157,7 @@ class MethodStatsObserver(HeaprObserver):
     def allocate(self, layer, experts) -> None:
         super().allocate(layer, experts)
         self.stats.fisher[layer] = torch.zeros_like(self.stats.act_sq[layer])
-        self.reap[layer] = torch.zeros(experts.num_experts, dtype=torch.float64, device=experts.down_proj.device)
+        self.reap[layer] = torch.zeros(experts.num_experts, dtype=torch.float64, device=self.stats.act_sq[layer].device)
 
     def gradient_sums(self, layer, expert, a, g) -> None:
         super().gradient_sums(layer, expert, a, g)

@@ -67,9 +67,18 @@ class RaggedExperts(nn.Module):
             weights += (expert.gate_proj.bias, expert.up_proj.bias, expert.down_proj.bias)
         return weights
 
+    def linears(self, e: int):
+        """Expert e's gate/up/down Linear modules (None at width 0): the forward calls them as modules,
+        so hooks on them (llm-compressor's GPTQ) see the tokens routed to each expert."""
+        if self.widths[e] == 0:
+            return None
+        expert = getattr(self, str(e))
+        return expert.gate_proj, expert.up_proj, expert.down_proj
+
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        weights = self.weights if self.bias else self.linears
         return sorted_moe_forward(
-            hidden_states, top_k_index, top_k_weights, self.weights, self.act_fn, self.num_experts, glu=self.glu
+            hidden_states, top_k_index, top_k_weights, weights, self.act_fn, self.num_experts, glu=self.glu
         )
 
 

@@ -48,8 +48,8 @@ def check_supported(vllm_config, family: Family | None = None) -> None:
         raise HeaprError(f"{family.pruned_architecture}: vLLM-CPU runs this model's Gated DeltaNet layers in "
                          f"{family.vllm_cpu_dtype} only (stock vLLM-CPU fails on the dense model in {dtype} too); "
                          f"pass --dtype {family.vllm_cpu_dtype}")
-    heapr = getattr(vllm_config.model_config.hf_config, "heapr", None) or {}
-    if vllm_config.quant_config is not None and not heapr.get("quantization"):
+    quantized_on_disk = getattr(vllm_config.model_config.hf_config, "quantization_config", None)
+    if vllm_config.quant_config is not None and not quantized_on_disk:
         raise HeaprError(
             "pruned checkpoints are quantized offline, not with --quantization "
             f"({vllm_config.quant_config.get_name()}): drop the flag and run `heapr-serve quantize FOLDER -o OUT --scheme ...`"

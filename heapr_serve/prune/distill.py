@@ -18,7 +18,8 @@ from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family, moe_blocks
 from heapr_serve.progress import console
 from heapr_serve.prune.allocation import PruningPlan
-from heapr_serve.prune.heal import HealOptions, _apply, _Trainable
+from heapr_serve.prune.heal import HealOptions, _Trainable
+from heapr_serve.prune.updates import apply_kept_values
 from heapr_serve.prune.relative_adam import RelativeAdam
 from heapr_serve.prune.updates import LayerUpdates
 from heapr_serve.score.moe_forward import use_sorted_forward
@@ -52,7 +53,7 @@ def distill(load_model, family: Family, plan: PruningPlan, updates: LayerUpdates
     for layer, kept in plan.keep.items():
         block = blocks[layer]
         healed = {key: updates.get(layer, key) for key in _keys(kept)}
-        _apply(block, family, kept, {k: v for k, v in healed.items() if v is not None})
+        apply_kept_values(block, family, kept, {k: v for k, v in healed.items() if v is not None})
         trainables[layer] = _Trainable(block, family, kept, opts.router)
     params = [p for t in trainables.values() for p in t.parameters()]
     optimizer = RelativeAdam(params, opts.e2e_lr)

@@ -38,7 +38,7 @@ from heapr_serve.progress import console
 from heapr_serve.prune.allocation import PruningPlan
 from heapr_serve.prune.reconstruct import GramObserver, refit_down
 from heapr_serve.prune.relative_adam import RelativeAdam
-from heapr_serve.prune.updates import LayerUpdates
+from heapr_serve.prune.updates import LayerUpdates, apply_kept_values
 from heapr_serve.score import distributed
 from heapr_serve.score.moe_forward import sorted_moe_forward
 from heapr_serve.score.streamed import StreamedPass
@@ -314,7 +314,7 @@ def heal(source: Path, family: Family, plan: PruningPlan, batches: list, dtype: 
             return False  # nothing pruned here: the dense layer is its own optimum
         done = updates.load(layer, identity)
         if done is not None:
-            _apply(block, family, kept, done)
+            apply_kept_values(block, family, kept, done)
             updates.summary["layers"][str(layer)] = {"resumed": True}
             console.print(f"heal layer {layer}: resumed from {updates.file(layer)}")
             return True
@@ -351,29 +351,6 @@ def _refit_start(block, kept, gram, energy, damp: float) -> None:
         new, _, _ = refit_down(experts.down_proj[e], gram[e], k.to(gram.device), damp, energy[e])
         if new is not None:
             experts.down_proj[e].index_copy_(1, k.to(new.device), new.to(experts.down_proj.dtype))
-
-
-def _apply(block, family: Family, kept, tensors: dict[str, torch.Tensor]) -> None:
-    """Healed values into the resident block (resume, --heal-e2e's start): pruned neurons zero, kept
-    ones from `tensors` where it has them, else the block's own."""
-    experts = block.experts
-    width = experts.gate_up_proj.shape[1] // 2
-    with torch.no_grad():
-        for e, k in enumerate(kept):
-            k = k.to(experts.down_proj.device)
-            parts = [experts.gate_up_proj[e, :width].index_select(0, k), experts.gate_up_proj[e, width:].index_select(0, k),
-                     experts.down_proj[e].index_select(1, k)]
-            parts = [tensors[f"{e}.{name}"].to(old.dtype) if f"{e}.{name}" in tensors else old
-                     for name, old in zip(("gate", "up", "down"), parts)]
-            experts.gate_up_proj[e].zero_()
-            experts.down_proj[e].zero_()
-            if len(k):
-                experts.gate_up_proj[e, :width].index_copy_(0, k, parts[0])
-                experts.gate_up_proj[e, width:].index_copy_(0, k, parts[1])
-                experts.down_proj[e].index_copy_(1, k, parts[2])
-        if "router" in tensors:
-            weight = getattr(block, family.router).weight
-            weight.copy_(tensors["router"].to(weight.dtype))
 
 
 def _advance_dense(module, v, dense_stream: dict, layer: int) -> list[torch.Tensor]:

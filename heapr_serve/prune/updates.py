@@ -18,6 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from heapr_serve.families import Family
+
+
 @dataclass
 class LayerUpdates:
     folder: Path
@@ -56,3 +59,27 @@ class LayerUpdates:
                 return {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError):
             return None
+
+
+def apply_kept_values(block, family: Family, kept, tensors: dict[str, torch.Tensor]) -> None:
+    """A layer's new values into its resident dense block (--heal's resume, --heal-e2e's start, the GPTQ
+    pass): pruned neurons zero, kept ones from `tensors` (this module's keys) where it has them, else
+    the block's own."""
+    experts = block.experts
+    width = experts.gate_up_proj.shape[1] // 2
+    with torch.no_grad():
+        for e, k in enumerate(kept):
+            k = k.to(experts.down_proj.device)
+            parts = [experts.gate_up_proj[e, :width].index_select(0, k), experts.gate_up_proj[e, width:].index_select(0, k),
+                     experts.down_proj[e].index_select(1, k)]
+            parts = [tensors[f"{e}.{name}"].to(old.dtype) if f"{e}.{name}" in tensors else old
+                     for name, old in zip(("gate", "up", "down"), parts)]
+            experts.gate_up_proj[e].zero_()
+            experts.down_proj[e].zero_()
+            if len(k):
+                experts.gate_up_proj[e, :width].index_copy_(0, k, parts[0])
+                experts.gate_up_proj[e, width:].index_copy_(0, k, parts[1])
+                experts.down_proj[e].index_copy_(1, k, parts[2])
+        if "router" in tensors:
+            weight = getattr(block, family.router).weight
+            weight.copy_(tensors["router"].to(weight.dtype))

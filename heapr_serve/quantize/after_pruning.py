@@ -1,7 +1,7 @@
 """`compress --quantize SCHEME [--quant-method gptq|rtn]`: prune, then quantize, in one run.
 
 The pruned checkpoint is written to a scratch folder beside the output, then quantized into the
-output by `quantize`'s own writer (heapr_serve.quantize.command), so both paths write the same bytes
+output by `quantize`'s own writer (heapr_serve.quantize.folder), so both paths write the same bytes
 for round-to-nearest and the same checks run. With GPTQ (the default), the calibration batches that
 pruning already drew are run once more, layer by layer, through the pruned (and re-fitted or healed)
 model (heapr_serve.quantize.gptq_pass): the streamed memory bound holds.
@@ -18,7 +18,7 @@ import torch
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family
 from heapr_serve.prune.allocation import PruningPlan
-from heapr_serve.quantize.command import DEFAULT_IGNORE
+from heapr_serve.quantize.folder import DEFAULT_IGNORE, is_linear_weight, plan_tensors, quantize_folder
 from heapr_serve.quantize.rtn import alignment_unit
 from heapr_serve.quantize.schemes import SCHEMES, scheme_for
 
@@ -47,11 +47,10 @@ class QuantizeOptions:
         input width of every expert's down projection, so they must hold whole groups: with --align 1
         (the default) the widths are rounded to the group; a group that does not fit is refused."""
         from heapr_serve.checkpoint.format import PER_EXPERT_TENSOR
-        from heapr_serve.quantize.command import _is_linear_weight, plan_tensors
 
         spec = scheme_for(self.scheme)
         _, _, shapes = plan_tensors(source, [re.compile(p) for p in DEFAULT_IGNORE])
-        dims = {s[1] for n, s in shapes.items() if _is_linear_weight(n, s) and not _is_expert_down(PER_EXPERT_TENSOR.match(n))}
+        dims = {s[1] for n, s in shapes.items() if is_linear_weight(n, s) and not _is_expert_down(PER_EXPERT_TENSOR.match(n))}
         dims |= {hidden, dense_width} | ({align} if align > 1 else set())
         # at least 4 width steps per expert: a group as wide as the expert would make pruning drop whole experts
         group = self.group_size if self.group_size is not None else spec.fitting_group(sorted(dims), at_most=max(8, dense_width // 4))
@@ -82,7 +81,6 @@ class QuantizeRun:
 def quantize_pruned(pruned: Path, out: Path, overwrite: bool, run: QuantizeRun, source: Path, family: Family,
                     plan: PruningPlan, updates, scratch: Path, progress, carry: tuple[str, ...]) -> dict:
     """Quantize the pruned folder `pruned` into `out`; returns the quantization record."""
-    from heapr_serve.quantize.command import quantize_folder
 
     opts = run.opts
     calibrate = None

@@ -30,7 +30,7 @@ from torch import nn
 
 from heapr_serve.families import Family
 from heapr_serve.prune.allocation import PruningPlan
-from heapr_serve.prune.updates import LayerUpdates
+from heapr_serve.prune.updates import LayerUpdates, apply_kept_values
 from heapr_serve.quantize.gptq import gptq_weight
 from heapr_serve.quantize.rtn import pack_weight
 from heapr_serve.score import distributed
@@ -106,8 +106,6 @@ def gptq_pass(source: Path, family: Family, plan: PruningPlan | None, batches: l
     """GPTQ every Linear of the (pruned) model named in `modules` (transformers module names, routed
     experts as "model.layers.{l}.mlp.experts.{e}.gate_proj"); returns the store of compressed tensors,
     keyed per layer by module name and part ("model.layers.{l}.self_attn.q_proj.weight_packed")."""
-    from heapr_serve.prune.heal import _apply
-
     ranks = distributed.ranks_from_env()
     store = LayerUpdates(Path(folder), {"rounded_to_nearest": 0, "weights": 0})
     calibration = StreamedPass(source, dtype, device, activations_dir, on_step=on_layer)
@@ -124,7 +122,7 @@ def gptq_pass(source: Path, family: Family, plan: PruningPlan | None, batches: l
                     t = updates(layer, key)
                     if t is not None:
                         new[key] = t
-            _apply(block, family, kept, new)
+            apply_kept_values(block, family, kept, new)
         linears = _linears(module, modules, prefix)
         tensors: dict[str, torch.Tensor] = {}
         num_experts, hidden = _expert_dims(block)
@@ -206,16 +204,30 @@ def _quantize_experts(store, block, kept, observer: _Hessians, prefix: str, sche
 
 
 def computed_tensors(store: LayerUpdates, family: Family):
-    """For `quantize_folder(computed=...)`: a weight's compressed tensors by its on-disk name, or None."""
+    """For `quantize_folder(computed=...)`: a weight's compressed tensors by its on-disk name, or None.
+    Each layer's file is opened and its names indexed once (the writer asks weight by weight, in order)."""
     from safetensors import safe_open
+
+    opened: dict[int, tuple] = {}  # layer -> (open file, module -> its keys); only the current layer stays open
 
     def get(disk_name: str) -> dict[str, torch.Tensor] | None:
         module = family.module_tensor_name(disk_name)[: -len(".weight")]
         m = re.match(r"model\.layers\.(\d+)\.", module)
-        if m is None or not store.file(int(m[1])).is_file():
+        if m is None:
             return None
-        with safe_open(store.file(int(m[1])), "pt") as f:
-            parts = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.rsplit(".", 1)[0] == module}
+        layer = int(m[1])
+        if layer not in opened:
+            opened.clear()
+            if not store.file(layer).is_file():
+                opened[layer] = (None, {})
+            else:
+                f = safe_open(store.file(layer), "pt")
+                index: dict[str, list[str]] = {}
+                for key in f.keys():
+                    index.setdefault(key.rsplit(".", 1)[0], []).append(key)
+                opened[layer] = (f, index)
+        f, index = opened[layer]
+        parts = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in index.get(module, [])}
         return parts or None
 
     return get

@@ -190,6 +190,11 @@ def test_apply_refuses_every_bad_option(ws, data):
             ("--reconstruct-inputs", _choice("pruned", "dense")),
             ("--reconstruct-damp", st.one_of(st.floats(-1e9, 0).map(str), NOT_FLOAT)),
             ("--device", st.one_of(_choice("auto", "cpu", "cuda", "meta", "mps", "xpu"), st.just("cuda:3"))),
+            ("--heal-steps", st.one_of(BELOW_ONE, NOT_INT)),
+            ("--heal-lr", st.one_of(st.floats(-1e9, 0).map(str), st.floats(1.0, 1e9).map(str), NOT_FLOAT)),
+            ("--quantize", _choice("w4a16", "w4a16-asym", "w8a16", "w8a8", "fp8", "fp8-block")),
+            ("--quant-method", _choice("gptq", "rtn")),
+            ("--quant-group-size", st.one_of(st.integers(-10**6, -2).map(str), st.sampled_from(["0", "12", "100"]), NOT_INT)),
         ]),
     ))
     _refused(ws, ["apply", *case[1]], case[0] + ("|supported|" + case[1][-1] if case[0] == "--model" else ""))

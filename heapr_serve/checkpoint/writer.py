@@ -34,14 +34,15 @@ _TRAVELLING_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.j
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-def check_output_path(source: Path, out: Path, overwrite: bool, ratio: float = 0.0) -> None:
+def check_output_path(source: Path, out: Path, overwrite: bool, ratio: float = 0.0, copies: int = 1) -> None:
     """Refuse to clobber an existing folder unless asked, never write into the input, and check
-    before any work that the output can be created with room for it (heapr_serve.preflight)."""
+    before any work that the output can be created with room for it (heapr_serve.preflight); `copies`
+    2 when the pruned folder is written to scratch beside `out` first (`--quantize`)."""
     check_path_text("-o", out)
     out_abs, src_abs = out.resolve(), source.resolve()
     if out_abs == src_abs or src_abs in out_abs.parents or out_abs in src_abs.parents:
         raise HeaprError(f"-o {out}: the output must be outside the input model folder {source}; pick another path")
-    check_output("-o", out, kind="folder", overwrite=overwrite, need_bytes=estimated_output_bytes(source, ratio))
+    check_output("-o", out, kind="folder", overwrite=overwrite, need_bytes=copies * estimated_output_bytes(source, ratio))
 
 
 _BYTES_PER = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}

@@ -376,7 +376,7 @@ def compress_command(
     if activations_dir is not None and streamed is False:
         raise HeaprError("--activations-dir holds a streamed run's saved layer inputs; drop it or drop --no-streamed")
     source = resolve_model(model)
-    check_output_path(source, out, overwrite, ratio)
+    check_output_path(source, out, overwrite, ratio, copies=1 if quantizing is None else 2)  # --quantize: pruned scratch + output
     config = _check_source(source)
     _check_layout(config, _refits(method, reconstruct_), healing is not None)
     refits = _refits(method, reconstruct_) or healing is not None
@@ -491,7 +491,7 @@ def apply_command(
     if model is None and not recorded:
         raise HeaprError(f"{scores}: records no source model; pass --model DENSE_FOLDER")
     source = resolve_model(model or recorded)
-    check_output_path(source, out, overwrite, ratio)
+    check_output_path(source, out, overwrite, ratio, copies=1 if quantizing is None else 2)  # --quantize: pruned scratch + output
     config = _check_source(source)
     _check_layout(config, _refits(method, reconstruct_), healing is not None)
     if stats.metadata.get("model_type") not in (None, config["model_type"]):

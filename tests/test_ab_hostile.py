@@ -19,7 +19,8 @@ import pytest
 
 from heapr_serve.ab.http_server import server_config
 from heapr_serve.ab.metrics import read_counter_sum
-from heapr_serve.ab.proxy import ABProxy, ProxyConfig, _Exchange
+from heapr_serve.ab.exchange import Exchange
+from heapr_serve.ab.proxy import ABProxy, ProxyConfig
 from tests.helpers.openai_stub import ServerThread, free_port, start_stub, stop
 
 MAX_BODY = 10_000
@@ -209,5 +210,5 @@ def test_nothing_is_left_behind(env):
         time.sleep(0.05)
     time.sleep(0.2)  # the last exchange records itself just after its final byte went out
     gc.collect()
-    assert not [o for o in gc.get_objects() if type(o) is _Exchange]
+    assert not [o for o in gc.get_objects() if type(o) is Exchange]
     assert env["server"].thread.is_alive()

@@ -18,7 +18,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from heapr_serve.ab.proxy import MAX_HEAD_BYTES
+from heapr_serve.ab.wire import MAX_HEAD_BYTES
 
 
 

@@ -1,0 +1,110 @@
+"""`heapr-serve ab-proxy`: the command line of the A/B proxy (heapr_serve.ab.proxy): its flags,
+their one-line checks, and the server it runs."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from typing import Optional
+from urllib.parse import urlsplit
+
+import typer
+
+from heapr_serve.ab.proxy import ABProxy, ProxyConfig
+from heapr_serve.ab.wire import PROXY_KEY_HEADER
+from heapr_serve.errors import HeaprError
+
+
+def _check_url(flag: str, url: str) -> str:
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018  (ValueError for a port that is not a number in 0..65535)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise HeaprError(f"{flag} {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8000")
+    return url
+
+
+def validate_config(cfg: ProxyConfig) -> None:
+    """Reject bad flag values with one line naming the flag and the fix."""
+    _check_url("--a", cfg.a_url)
+    _check_url("--b", cfg.b_url)
+    if not 0.0 <= cfg.share_b <= 1.0:
+        raise HeaprError(f"--share-b must be between 0 and 1 (the fraction sent to B), got {cfg.share_b}")
+    for flag, value in (("--connect-timeout", cfg.connect_timeout), ("--timeout", cfg.timeout),
+                        ("--idle-timeout", cfg.idle_timeout), ("--client-timeout", cfg.client_timeout),
+                        ("--health-interval", cfg.health_interval)):
+        if not 0 < value < float("inf"):  # (NaN fails too)
+            raise HeaprError(f"{flag} must be a positive number of seconds, got {value}")
+    if cfg.max_connections is not None and cfg.max_connections < 1:
+        raise HeaprError("--max-connections must be at least 1")
+    if cfg.max_inflight < 1:
+        raise HeaprError("--max-inflight must be at least 1")
+    if cfg.max_body_bytes < 1:
+        raise HeaprError("--max-body-mb must be positive")
+
+
+def ab_proxy_command(
+    a: str = typer.Option(..., "--a", help="URL of arm A (the dense baseline), e.g. http://127.0.0.1:8001"),
+    b: str = typer.Option(..., "--b", help="URL of arm B (the pruned model), e.g. http://127.0.0.1:8002"),
+    share_b: float = typer.Option(0.1, "--share-b", help="Fraction of requests sent to B, 0..1."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    sticky_header: Optional[str] = typer.Option(
+        None, "--sticky-header", help="Assign by a hash of this request header (e.g. X-User-Id), "
+        "so a user always gets the same arm; requests without it are assigned at random."),
+    model_a: Optional[str] = typer.Option(None, "--model-a", help="Rewrite the request's `model` to "
+                                          "this when it goes to A (arms serving different names)."),
+    model_b: Optional[str] = typer.Option(None, "--model-b", help="Same for B."),
+    proxy_key: Optional[str] = typer.Option(
+        None, "--proxy-key", envvar="HEAPR_PROXY_KEY", help=f"Require this value in the "
+        f"{PROXY_KEY_HEADER} header (Authorization still passes through to the arms)."),
+    connect_timeout: float = typer.Option(5.0, "--connect-timeout", help="Seconds to connect to an arm."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds until an arm's answer starts "
+                                  "(a stream's first chunk, or a whole non-streaming answer); 504 after."),
+    idle_timeout: float = typer.Option(60.0, "--idle-timeout", help="Longest silence of an arm "
+                                       "within a stream (a stream that keeps producing is never cut)."),
+    client_timeout: float = typer.Option(30.0, "--client-timeout", help="Seconds a client may take "
+                                         "to send its request, and to take each response chunk."),
+    max_connections: Optional[int] = typer.Option(
+        None, "--max-connections", help="Connection pool size per arm (default: --max-inflight, so "
+        "neither arm's requests wait for a connection)."),
+    max_inflight: int = typer.Option(1024, "--max-inflight", help="Concurrent client requests "
+                                     "before the proxy answers 503."),
+    max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body accepted."),
+    no_failover: bool = typer.Option(False, "--no-failover", help="Answer 502/504 instead of "
+                                     "sending a failed request to the other arm."),
+    health_interval: float = typer.Option(2.0, "--health-interval", help="Seconds between /health checks."),
+    log_requests: bool = typer.Option(False, "--log-requests", help="One line per request (arm, "
+                                      "status, latency; never the prompt)."),
+) -> None:
+    """OpenAI-compatible reverse proxy that splits live traffic between A and B and exports metrics."""
+    import uvicorn
+
+    from heapr_serve.ab.http_server import server_config
+
+    if not 0 < max_body_mb < float("inf"):
+        raise HeaprError(f"--max-body-mb must be a positive number, got {max_body_mb}")
+    cfg = ProxyConfig(a_url=a, b_url=b, share_b=share_b, sticky_header=sticky_header,
+                      model_a=model_a, model_b=model_b, proxy_key=proxy_key or None,
+                      connect_timeout=connect_timeout, timeout=timeout, idle_timeout=idle_timeout,
+                      client_timeout=client_timeout, max_inflight=max_inflight,
+                      max_connections=max_connections, max_body_bytes=int(max_body_mb * (1 << 20)),
+                      failover=not no_failover, health_interval=health_interval,
+                      log_requests=log_requests)
+    validate_config(cfg)
+    if not 1 <= port <= 65535:
+        raise HeaprError(f"--port {port} is out of range; give 1..65535")
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise HeaprError(f"--host {host} --port {port}: cannot listen ({exc.strerror}); "
+                             "pick a free port") from None
+    proxy = ABProxy(cfg)
+    print(f"ab-proxy: listening on http://{host}:{port}  A={cfg.a_url}  B={cfg.b_url}  "
+          f"share_b={cfg.share_b:g}" + (f"  sticky={sticky_header}" if sticky_header else ""),
+          file=sys.stderr, flush=True)
+    config = server_config(proxy.app, host, port, cfg.client_timeout, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()

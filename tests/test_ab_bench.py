@@ -174,3 +174,21 @@ def test_bench_bad_prompt_file(tmp_path, monkeypatch, capsys, stubs):
         cli.main()
     assert exc.value.code == 2
     assert "line 2 is not JSON" in capsys.readouterr().err
+
+
+def test_failures_count_and_timeouts_are_censored_latency_samples():
+    """An arm that times out its slowest requests does not look faster: the timed-out ones enter TTFT
+    and E2E at the moment they were given up, and the error-rate ratio says B failed."""
+    from heapr_serve.ab.bench import Result, ratios, summarize
+
+    fast_ok = [Result(True, 1.0, ttft=0.1) for _ in range(8)]
+    a = summarize(fast_ok + [Result(True, 5.0, ttft=0.5), Result(True, 5.0, ttft=0.5)], 10.0)
+    b = summarize(fast_ok + [Result(False, 3.0, error="ReadTimeout: x", timed_out=True) for _ in range(2)], 10.0)
+    assert b["timeouts"] == 2 and b["error_rate"] == 0.2 and a["error_rate"] == 0.0
+    assert b["e2e_ms"]["p90"] > 1000.0  # the censored 3 s samples are in its tail, not dropped
+    assert b["ttft_ms"]["p99"] > 1000.0
+    r = ratios(a, b)
+    assert r["error_rate"] is None  # only B failed: no finite ratio, the report says "B only"
+    assert ratios(a, a)["error_rate"] == 1.0
+    from heapr_serve.ab.report import _error_ratio
+    assert _error_ratio({"a": a, "b": b, "b_over_a": r}) == "B only (20.0%)"

@@ -66,7 +66,7 @@ def test_exposition_has_every_family_per_arm_and_model():
     timer = StreamTimer(start=0.0)
     timer.feed_sse(_sse([{"choices": [{"text": "t"}]}]) * 3, now=0.05)
     m.observe("b", "pruned", timer, 0.2)
-    m.requests.labels("b", "pruned", "ok").inc()
+    m.requests.labels("b", "pruned", "ok", "b").inc()
     fams = {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}
     for name in ("heapr_ab_requests", "heapr_ab_assigned", "heapr_ab_ttft_seconds",
                  "heapr_ab_itl_seconds", "heapr_ab_tpot_seconds", "heapr_ab_e2e_latency_seconds",

@@ -288,7 +288,7 @@ def test_prompts_are_not_logged(setup, capfd):
 
 
 def test_failover_timeouts_and_unreachable_arm_at_start(capfd):
-    """B is unreachable at start, then comes up answering 503; a hanging arm gives 504s."""
+    """B is unreachable at start, then comes up answering 503 (passed through, never resent); a hanging arm gives 504s."""
     pdead, phang, pok = free_port(), free_port(), free_port()
     dead = f"http://127.0.0.1:{pdead}"  # nothing listens here, at first
     shang = start_stub(phang, "hang", ttft=0.0, token_delay=60.0)
@@ -309,10 +309,14 @@ def test_failover_timeouts_and_unreachable_arm_at_start(capfd):
             assert read_counter_sum(text, "heapr_ab_failovers_total", from_arm="b", to_arm="a",
                                     reason="down") == 5
             assert read_counter_sum(text, "heapr_ab_requests_total", arm="a", outcome="ok") == 5
+            assert read_counter_sum(text, "heapr_ab_requests_total", arm="a", assigned="b") == 5
+            # B's share served by A while B was down: counted, but never in A's latency (no ratio skews)
+            assert read_counter_sum(text, "heapr_ab_e2e_latency_seconds_count", arm="a") == 0
             assert read_counter_sum(text, "heapr_ab_upstream_up", arm="b") == 0
 
-            # 2) B comes up but answers 503: the health check sees it up, requests go to B, get
-            #    503, and fail over to A; with A gone too, a clear 502 right away
+            # 2) B comes up but answers 503: the health check sees it up, requests go to B and the
+            #    client gets B's 503 (a gateway may send one after forwarding: never resent to A);
+            #    with both gone, a clear 502 right away
             procs.append(start_stub(pdead, "broken", 0.0, 0.0, fail_status=503))
             deadline = time.monotonic() + 10
             while not httpx.get(url + "/health", timeout=5).json()["arms"]["b"]["up"]:
@@ -320,14 +324,18 @@ def test_failover_timeouts_and_unreachable_arm_at_start(capfd):
                 time.sleep(0.1)
             assert "arm b" in capfd.readouterr().err  # "back up"
             r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 2}, timeout=10)
-            assert r.status_code == 200 and r.headers["x-heapr-arm"] == "a"
-            assert read_counter_sum(_metrics(url), "heapr_ab_failovers_total", reason="http_503") == 1
+            assert r.status_code == 503 and r.headers["x-heapr-arm"] == "b"
+            text = _metrics(url)
+            assert read_counter_sum(text, "heapr_ab_failovers_total", from_arm="b") == 5  # the 5 while B was down
+            assert read_counter_sum(text, "heapr_ab_requests_total", arm="b", outcome="upstream_5xx") == 1
             stop(sok)
+            stop(procs.pop())
             r = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 2}, timeout=10)
             assert r.status_code == 502
             msg = r.json()["error"]["message"]
             assert "no arm could answer" in msg and "arm a ConnectError" in msg, msg
             assert httpx.get(url + "/health", timeout=5).status_code in (200, 503)
+        procs.append(start_stub(pdead, "broken", 0.0, 0.0, fail_status=503))  # B answering 503 again
 
         # 3) no failover: B's 503 is passed through as is; a hanging A gives 504 after --timeout
         #    (never before), and a stream that stalls after its first token an SSE error event
@@ -345,8 +353,13 @@ def test_failover_timeouts_and_unreachable_arm_at_start(capfd):
             last = [ln for ln in r.text.splitlines() if ln.startswith("data: ")][-1]
             err = json.loads(last[6:])["error"]
             assert err["code"] == 504 and "--idle-timeout" in err["message"], err
-            assert read_counter_sum(_metrics(url), "heapr_ab_requests_total", arm="a",
-                                    outcome="timeout") == 2
+            text = _metrics(url)
+            assert read_counter_sum(text, "heapr_ab_requests_total", arm="a", outcome="timeout") == 2
+            # both timeouts are censored latency samples at the moment they were given up (>= 1.5 s
+            # each): an arm cannot look fast by timing out its slowest requests
+            assert read_counter_sum(text, "heapr_ab_e2e_latency_seconds_count", arm="a") == 2
+            assert read_counter_sum(text, "heapr_ab_e2e_latency_seconds_sum", arm="a") >= 3.0
+            assert read_counter_sum(text, "heapr_ab_ttft_seconds_count", arm="a") == 2
         with proxy(f"http://127.0.0.1:{phang}", dead, share_b=1.0, failover=False) as srv:
             r = httpx.post(srv.url + "/v1/completions", json={"prompt": "p"}, timeout=10)
             assert r.status_code == 503 and r.headers["x-heapr-arm"] == "b"
@@ -484,3 +497,32 @@ def test_counters_add_up_per_model_and_overload_is_counted(tmp_path):
     finally:
         stop(sa)
         stop(sb)
+
+
+def test_model_label_follows_a_redeploy(capfd):
+    """An arm redeployed under another model name is counted under the new name from the next health
+    poll on: the label is re-read on every poll, not learnt once and kept."""
+    pa, pb = free_port(), free_port()
+    a, b = f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"
+    procs = [start_stub(pa, "dense-stub", 0.0, 0.001), start_stub(pb, "pruned-v1", 0.0, 0.001)]
+    try:
+        with proxy(a, b, share_b=1.0, health_interval=0.1) as srv:
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": "p", "max_tokens": 2}, timeout=10)
+            assert r.status_code == 200 and r.headers["x-heapr-arm"] == "b"
+            stop(procs.pop())
+            procs.append(start_stub(pb, "pruned-v2", 0.0, 0.001))  # the redeploy, same address
+            deadline = time.monotonic() + 10
+            while httpx.get(srv.url + "/health", timeout=5).json()["arms"]["b"]["model"] != "pruned-v2":
+                assert time.monotonic() < deadline, "the proxy never saw B's new model"
+                time.sleep(0.05)
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": "p", "max_tokens": 2}, timeout=10)
+            assert r.status_code == 200
+            text = _metrics(srv.url)
+            for model in ("pruned-v1", "pruned-v2"):
+                assert read_counter_sum(text, "heapr_ab_requests_total", arm="b", model=model, outcome="ok") == 1, model
+            assert read_counter_sum(text, "heapr_ab_upstream_up", arm="b", model="pruned-v1") == 0
+            assert read_counter_sum(text, "heapr_ab_upstream_up", arm="b", model="pruned-v2") == 1
+            assert "arm b" in (err := capfd.readouterr().err) and "now serves pruned-v2 (was pruned-v1)" in err, err
+    finally:
+        for p in procs:
+            stop(p)

@@ -77,6 +77,7 @@ class Result:
     output_tokens: int = 0
     prompt_tokens: int | None = None
     error: str | None = None
+    timed_out: bool = False  # gave up at --timeout: its latency is at least `e2e` (a censored sample)
 
 
 # --- prompts ---
@@ -171,8 +172,9 @@ async def one_request(client: httpx.AsyncClient, arm: Arm, body: dict, path: str
             async for chunk in resp.aiter_raw():
                 timer.feed_sse(chunk)
     except httpx.HTTPError as exc:
-        return Result(False, time.perf_counter() - t0,
-                      error=f"{exc.__class__.__name__}: {str(exc) or 'no detail'}"[:200])
+        return Result(False, time.perf_counter() - t0, ttft=timer.first_token_s,
+                      error=f"{exc.__class__.__name__}: {str(exc) or 'no detail'}"[:200],
+                      timed_out=isinstance(exc, httpx.TimeoutException))
     e2e = time.perf_counter() - t0
     if timer.error or not timer.done:
         return Result(False, e2e, error=timer.error or "stream ended without [DONE]")
@@ -209,7 +211,11 @@ def _pcts(values: list[float], scale: float = 1000.0) -> dict[str, float] | None
 
 
 def summarize(results: list[Result], duration: float) -> dict:
+    """Per-arm figures. Failures count in `error_rate`; a request that timed out also enters the
+    latency percentiles as a censored sample at the moment it was given up (its latency is at least
+    that), so an arm cannot look faster by timing out its slowest requests."""
     ok = [r for r in results if r.ok]
+    timed_out = [r for r in results if r.timed_out]
     out_tokens = sum(r.output_tokens for r in ok)
     prompts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
     errors: dict[str, int] = {}
@@ -218,10 +224,13 @@ def summarize(results: list[Result], duration: float) -> dict:
             errors[r.error or "error"] = errors.get(r.error or "error", 0) + 1
     return {
         "requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
+        "error_rate": (len(results) - len(ok)) / len(results) if results else None,
+        "timeouts": len(timed_out),
         "error_kinds": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5]),
         "duration_s": duration,
-        "ttft_ms": _pcts([r.ttft for r in ok]), "tpot_ms": _pcts([r.tpot for r in ok]),
-        "itl_ms": _pcts([g for r in ok for g in r.itl]), "e2e_ms": _pcts([r.e2e for r in ok]),
+        "ttft_ms": _pcts([r.ttft for r in ok] + [r.ttft if r.ttft is not None else r.e2e for r in timed_out]),
+        "tpot_ms": _pcts([r.tpot for r in ok]),
+        "itl_ms": _pcts([g for r in ok for g in r.itl]), "e2e_ms": _pcts([r.e2e for r in ok + timed_out]),
         "output_tokens": out_tokens,
         "mean_prompt_tokens": sum(prompts) / len(prompts) if prompts else None,
         "mean_output_tokens": out_tokens / len(ok) if ok else None,
@@ -247,6 +256,9 @@ def ratios(sa: dict, sb: dict) -> dict[str, float | None]:
             va, vb = (va or {}).get(sub), (vb or {}).get(sub)
         name = f"{key}_{sub}" if sub else key
         out[name] = vb / va if va and vb is not None else None
+    ea, eb = sa.get("error_rate"), sb.get("error_rate")
+    # B's error rate over A's: 1.0 when neither failed; None (shown as "B only") when only B did
+    out["error_rate"] = None if ea is None or eb is None else (1.0 if ea == eb == 0 else eb / ea if ea else None)
     return out
 
 
@@ -286,7 +298,7 @@ class Bench:
         if record:
             m = self.metrics
             if r.ok:
-                m.requests.labels(arm.name, arm.model, "ok").inc()
+                m.requests.labels(arm.name, arm.model, "ok", arm.name).inc()
                 m.e2e.labels(arm.name, arm.model).observe(r.e2e)
                 if r.ttft is not None:
                     m.ttft.labels(arm.name, arm.model).observe(r.ttft)
@@ -299,10 +311,13 @@ class Bench:
                 if r.prompt_tokens:
                     m.prompt_tokens.labels(arm.name, arm.model).inc(r.prompt_tokens)
             else:
-                outcome = "timeout" if "Timeout" in (r.error or "") else (
+                if r.timed_out:  # censored at the moment it was given up, as the proxy records them
+                    m.e2e.labels(arm.name, arm.model).observe(r.e2e)
+                    m.ttft.labels(arm.name, arm.model).observe(r.ttft if r.ttft is not None else r.e2e)
+                outcome = "timeout" if r.timed_out else (
                     "upstream_5xx" if (r.error or "").startswith("HTTP 5") else
                     "upstream_4xx" if (r.error or "").startswith("HTTP 4") else "unavailable")
-                m.requests.labels(arm.name, arm.model, outcome).inc()
+                m.requests.labels(arm.name, arm.model, outcome, arm.name).inc()
             self.progress.advance(self.task)
         return r
 

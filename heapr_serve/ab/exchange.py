@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from heapr_serve.ab.arm import Arm
 from heapr_serve.ab.metrics import StreamTimer
-from heapr_serve.ab.wire import ARM_HEADER, FAILOVER_STATUSES, HOP_BY_HOP, _describe, _error_body
+from heapr_serve.ab.wire import ARM_HEADER, HOP_BY_HOP, _describe, _error_body
 
 if TYPE_CHECKING:
     from heapr_serve.ab.proxy import ABProxy, Upstream
@@ -63,6 +63,7 @@ class Exchange(Response):
         self.timer: StreamTimer | None = None
         self.sent_at: float | None = None  # when the request was written to the serving arm
         self.ended: float | None = None  # when the arm's last byte arrived
+        self.gave_up: float | None = None  # when the proxy stopped waiting for the arm (--timeout, --idle-timeout)
         self.status = 0
         self.sse = False
         self.background = None
@@ -93,12 +94,17 @@ class Exchange(Response):
         if self.client_gone:
             self.outcome = "client_cancelled"
         model = self.models[self.served]
-        m.requests.labels(self.served, model, self.outcome).inc()
+        m.requests.labels(self.served, model, self.outcome, self.assigned).inc()
         e2e = None
         if self.sent_at is not None and self.ended is not None:
             e2e = self.ended - self.sent_at
-        if self.outcome == "ok" and self.timer is not None and e2e is not None:
+        # latency samples only from requests their own arm was assigned: failover traffic (another
+        # arm's share, sent while that one was down) is counted above but never enters a ratio
+        own = self.served == self.assigned
+        if own and self.outcome == "ok" and self.timer is not None and e2e is not None:
             m.observe(self.served, model, self.timer, e2e)
+        elif own and self.outcome == "timeout" and self.sent_at is not None and self.gave_up is not None:
+            m.observe_timeout(self.served, model, self.timer, self.gave_up - self.sent_at)
         if self.proxy.cfg.log_requests:
             ms = "-" if e2e is None else f"{e2e * 1000:.0f}"
             wait = "-" if self.sent_at is None else f"{(self.sent_at - self.received) * 1000:.0f}"
@@ -184,6 +190,7 @@ class Exchange(Response):
                 with anyio.fail_after(max(0.0, head_deadline - time.perf_counter())):
                     resp = await arm.client.send(req, stream=True)
             except TimeoutError:
+                self.gave_up = time.perf_counter()
                 if "sent" not in marks:
                     raise _Attempt("pool", f"timeout: arm {name} had no free connection within "
                                    f"--timeout {cfg.timeout:g}s (raise --max-connections)",
@@ -205,9 +212,8 @@ class Exchange(Response):
                     self.sent_at = marks["sent"]
                     self.proxy.metrics.queue_wait.labels(name, model).observe(
                         marks["sent"] - self.received)
-            if resp.status_code in FAILOVER_STATUSES and not last:
-                raise _Attempt(f"http_{resp.status_code}", f"http_{resp.status_code}: arm {name} "
-                               f"answered {resp.status_code}", retry=True)
+            # any answer, a 503 too, is the client's: a gateway in front of an arm may send a 503 after
+            # forwarding the request, so it does not prove the arm never saw it
             await self._stream(resp, arm, send, head_deadline)
         finally:
             in_flight.dec()
@@ -253,7 +259,7 @@ class Exchange(Response):
                     except StopAsyncIteration:
                         pass
                 if wait.cancelled_caught:
-                    self.outcome = "timeout"
+                    self.outcome, self.gave_up, self.timer = "timeout", time.perf_counter(), timer
                     what = (f"sent nothing within --timeout {cfg.timeout:g}s" if first else
                             f"stalled for --idle-timeout {cfg.idle_timeout:g}s")
                     await self._abort_stream(send, 504, f"arm {arm.name} {what}", sse)

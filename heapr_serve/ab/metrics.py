@@ -52,8 +52,9 @@ class ABMetrics:
         r = self.registry
         lab = ("arm", "model")
         self.requests = Counter("heapr_ab_requests", "Requests finished, by the arm that served them "
-                                "(or was assigned, when none could) and outcome.",
-                                (*lab, "outcome"), registry=r)
+                                "(or was assigned, when none could), outcome, and the arm the split "
+                                "assigned (another one when the request failed over).",
+                                (*lab, "outcome", "assigned"), registry=r)
         self.assigned = Counter("heapr_ab_assigned", "Requests assigned to each arm by the traffic split "
                                 "(before any failover).", lab, registry=r)
         self.failovers = Counter("heapr_ab_failovers", "Requests moved from one arm to the other.",
@@ -73,7 +74,9 @@ class ABMetrics:
         self.tpot = Histogram("heapr_ab_tpot_seconds", "Time per output token after the first, per "
                               "request.", lab, buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("heapr_ab_e2e_latency_seconds", "End-to-end latency of successful "
-                             "requests, from sending the request to the arm to its last byte.", lab, buckets=E2E_BUCKETS, registry=r)
+                             "requests, from sending the request to the arm to its last byte; a timed-out "
+                             "one at the moment it was given up (censored: at least that).", lab,
+                             buckets=E2E_BUCKETS, registry=r)
         self.output_tokens = Counter("heapr_ab_output_tokens", "Output tokens of successful requests.",
                                      lab, registry=r)
         self.prompt_tokens = Counter("heapr_ab_prompt_tokens", "Prompt tokens of successful requests "
@@ -88,7 +91,15 @@ class ABMetrics:
                     self.prompt_tokens, self.in_flight, self.up):
             fam.labels(arm, model)
         for outcome in OUTCOMES:
-            self.requests.labels(arm, model, outcome)
+            self.requests.labels(arm, model, outcome, arm)
+
+    def observe_timeout(self, arm: str, model: str, timer: "StreamTimer | None", waited_s: float) -> None:
+        """A request given up after `waited_s` from being sent: a censored sample of end-to-end latency
+        (and of TTFT when no token came), so an arm that times out its slowest requests does not look
+        faster than one that answers them slowly."""
+        self.e2e.labels(arm, model).observe(waited_s)
+        first = timer.first_token_s if timer is not None else None
+        self.ttft.labels(arm, model).observe(waited_s if first is None else first)
 
     def observe(self, arm: str, model: str, timer: "StreamTimer", e2e_s: float) -> None:
         """Record one successful request's latencies and tokens."""

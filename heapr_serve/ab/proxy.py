@@ -13,8 +13,8 @@ its own, heapr_ab_queue_wait_seconds) is never charged to an arm.
 
 Robustness is part of the job, because it sits in front of production: bodies are checked before
 they reach an arm (request_check.py) and clients are bounded in time (http_server.py); a request is
-failed over to the other arm only when it provably never reached the first (no byte of it written,
-or a 503 refusal), so nothing is generated twice; otherwise the client gets a clear 502/504 in
+failed over to the other arm only when it provably never reached the first (no byte of it written;
+not on a 503, which a gateway in front of an arm may send after forwarding), so nothing is generated twice; otherwise the client gets a clear 502/504 in
 OpenAI's error format, or an SSE error event if the stream already started; a stream that keeps
 producing is never cut, a stalled one is; a client that disconnects cancels the upstream request
 (the connection to vLLM is closed, which aborts the generation). Prompts and outputs are never
@@ -170,17 +170,24 @@ class ABProxy:
             await self.check_health(report=False)
 
     async def check_health(self, report: bool) -> None:
-        """Poll each arm's /health (and /v1/models once, to learn the model label)."""
+        """Poll each arm's /health, and its /v1/models for the model label: on every poll, so that a
+        label learned late (an arm down at start) or changed by a redeploy is current."""
         for arm in self.arms.values():
             try:
                 r = await arm.client.get("/health", timeout=min(2.0, self.cfg.timeout))
                 up, error = r.status_code == 200, "" if r.status_code == 200 else f"/health answered {r.status_code}"
             except httpx.HTTPError as exc:
                 up, error = False, _describe(exc)
-            if up and arm.model == "unknown":
+            if up and not arm.rewrite_model:
                 with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
                     r = await arm.client.get("/v1/models", timeout=min(2.0, self.cfg.timeout))
-                    arm.model = str(r.json()["data"][0]["id"])
+                    model = str(r.json()["data"][0]["id"])
+                    if model != arm.model:
+                        if arm.model != "unknown":
+                            print(f"ab-proxy: arm {arm.name} ({arm.url}) now serves {model} (was {arm.model}); "
+                                  "its metrics carry the new label", file=sys.stderr, flush=True)
+                            self.metrics.up.labels(arm.name, arm.model).set(0)
+                        arm.model = model
             # the change is said before it is published (no await in between), so whoever sees the
             # new state through /health also finds it in the log
             if (report and not up) or (not report and arm.up != up):

@@ -22,7 +22,7 @@ def markdown_report(report: dict) -> str:
                 else f"prompts from `{report['prompt_file']}`"),
              f"- command: `{report['command']}`", "",
              f"| {xname} | arm | TTFT p50 / p90 / p99 (ms) | TPOT p50 (ms) | ITL mean / p99 (ms) | "
-             "E2E p50 / p90 / p99 (ms) | out tok/s | req/s | errors |",
+             "E2E p50 / p90 / p99 (ms) | out tok/s | req/s | errors (timeouts) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for lv in report["levels"]:
         x = lv[mode]
@@ -35,15 +35,17 @@ def markdown_report(report: dict) -> str:
                 f"{_fmt((s['itl_ms'] or {}).get('mean'), 2)} / {_fmt((s['itl_ms'] or {}).get('p99'), 1)} | "
                 f"{_fmt(e.get('p50'))} / "
                 f"{_fmt(e.get('p90'))} / {_fmt(e.get('p99'))} | {_fmt(s['output_tokens_per_s'])} | "
-                f"{_fmt(s['requests_per_s'], 2)} | {s['errors']} |")
+                f"{_fmt(s['requests_per_s'], 2)} | {s['errors']} ({s.get('timeouts', 0)}) |")
         r = lv["b_over_a"]
         lines.append(
             f"| {x:g} | **B/A** | {_fmt(r['ttft_ms_p50'], 2)} / {_fmt(r['ttft_ms_p90'], 2)} / "
             f"{_fmt(r['ttft_ms_p99'], 2)} | {_fmt(r['tpot_ms_p50'], 2)} | {_fmt(r['itl_ms_mean'], 2)} / "
             f"{_fmt(r['itl_ms_p99'], 2)} | "
             f"{_fmt(r['e2e_ms_p50'], 2)} / {_fmt(r['e2e_ms_p90'], 2)} / {_fmt(r['e2e_ms_p99'], 2)} | "
-            f"{_fmt(r['output_tokens_per_s'], 2)} | {_fmt(r['requests_per_s'], 2)} | |")
-    lines += ["", "Servers' own vLLM metrics over the measured run (from their `/metrics`):", "",
+            f"{_fmt(r['output_tokens_per_s'], 2)} | {_fmt(r['requests_per_s'], 2)} | {_error_ratio(lv)} |")
+    lines += ["", "Error rates count every failed request; a request that timed out also enters TTFT and E2E "
+              "at the moment it was given up (a censored sample: its latency was at least that).",
+              "", "Servers' own vLLM metrics over the measured run (from their `/metrics`):", "",
               "| arm | generation tokens (vLLM) | output tokens (client) | prompt tokens (vLLM) | "
               "server TTFT / ITL / E2E mean (ms) | peak KV-cache usage | peak running | "
               "peak waiting | preemptions |",
@@ -62,6 +64,14 @@ def markdown_report(report: dict) -> str:
             f"{'-' if kv is None else f'{kv * 100:.2f}%'} | {_fmt(v.get('peak_requests_running'), 0)} | "
             f"{_fmt(v.get('peak_requests_waiting'), 0)} | {_fmt(v.get('preemptions_delta'), 0)} |")
     return "\n".join(lines) + "\n"
+
+
+def _error_ratio(level: dict) -> str:
+    """B's error rate over A's, or what stands for it when A had none."""
+    ratio, eb = level["b_over_a"].get("error_rate"), level["b"].get("error_rate")
+    if ratio is None and eb:
+        return f"B only ({eb:.1%})"
+    return _fmt(ratio, 2)
 
 
 def plot_report(report: dict, path: Path) -> bool:

@@ -13,10 +13,6 @@ ARM_HEADER = "x-heapr-arm"  # added to every proxied response: which arm answere
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
               "accept-encoding", PROXY_KEY_HEADER, ARM_HEADER}
-# An arm's answer that means it refused the request without processing it (RFC 9110: the server is
-# unable to handle it now), so the other arm may take it. Not 502/504: a gateway in front of an arm
-# sends those after forwarding the request, which may then be generating.
-FAILOVER_STATUSES = {503}
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 MAX_HEAD_BYTES = 16 * 1024  # a request's headers; what uvicorn (and so vLLM) takes by default
 

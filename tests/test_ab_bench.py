@@ -61,6 +61,7 @@ def test_bench_alternating_blocks(stubs, tmp_path, monkeypatch, capsys):
         # throughput (an order, not a size: a loaded machine adds to both)
         assert r["tpot_ms_p50"] < 1 and r["itl_ms_p50"] < 1 and r["e2e_ms_p50"] < 1, r
         assert r["output_tokens_per_s"] > 1, r
+        assert lv["b_over_a_interval"]["error_rate"] == [1.0, 1.0]  # neither arm failed
     # A's stub sleeps 20 ms between tokens: its TPOT cannot be less
     assert report["levels"][0]["a"]["tpot_ms"]["p50"] >= 20
     # the stubs' own /metrics (vLLM's names): the tokens they generated are the ones counted, and
@@ -73,6 +74,7 @@ def test_bench_alternating_blocks(stubs, tmp_path, monkeypatch, capsys):
 
     md = (out / "results.md").read_text()
     assert "| 4 | **B/A** |" in md and "TTFT p50 / p90 / p99 (ms)" in md
+    assert "B/A with 95% intervals" in md
     assert "heapr-serve bench --a" in md
     png = (out / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(png) < 200_000
@@ -192,3 +194,35 @@ def test_failures_count_and_timeouts_are_censored_latency_samples():
     assert ratios(a, a)["error_rate"] == 1.0
     from heapr_serve.ab.report import _error_ratio
     assert _error_ratio({"a": a, "b": b, "b_over_a": r}) == "B only (20.0%)"
+
+
+def test_intervals_see_a_real_difference_and_none_between_one_server_and_itself(stubs, tmp_path, monkeypatch):
+    """B's stub 4x faster per token: its ITL and E2E intervals lie below 1 ("B better"). Both arms the
+    same server: on each of 3 runs every B/A interval holds 1.0 ("no difference measured"), whatever
+    the ratio itself came out as."""
+    a, b = stubs
+    run_cli(monkeypatch, "bench", "--a", a, "--b", b, "--concurrency", "2", "--num-prompts", "24", "--input-len", "16",
+            "--output-len", "8", "--blocks", "4", "--settle", "0", "--out", str(tmp_path / "faster"))
+    level = json.loads((tmp_path / "faster" / "results.json").read_text())["levels"][0]
+    for key in ("itl_ms_mean", "e2e_ms_p50"):
+        lo, hi = level["b_over_a_interval"][key]
+        assert lo <= hi < 1, (key, lo, hi)
+    assert "B better" in (tmp_path / "faster" / "results.md").read_text()
+    port = free_port()
+    server = start_stub(port, "same-stub", ttft=0.01, token_delay=0.004)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for run in range(3):
+            out = tmp_path / f"same{run}"
+            run_cli(monkeypatch, "bench", "--a", url, "--b", url, "--concurrency", "2", "--num-prompts", "24",
+                    "--input-len", "16", "--output-len", "8", "--blocks", "4", "--settle", "0", "--seed", str(run),
+                    "--out", str(out))
+            level = json.loads((out / "results.json").read_text())["levels"][0]
+            intervals = level["b_over_a_interval"]
+            assert all(intervals[k] is not None for k in ("ttft_ms_p50", "itl_ms_mean", "e2e_ms_p50", "output_tokens_per_s"))
+            assert intervals["itl_ms_p99"] is None  # 168 gaps: too few beyond the p99 for a bootstrap to bound it
+            for name, interval in intervals.items():
+                assert interval is None or interval[0] <= 1.0 <= interval[1], (run, name, interval, level["b_over_a"][name])
+            assert "B better" not in (out / "results.md").read_text() and "B worse" not in (out / "results.md").read_text()
+    finally:
+        stop(server)

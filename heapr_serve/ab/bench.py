@@ -38,6 +38,7 @@ import typer
 from heapr_serve.ab.arm import Arm
 from heapr_serve.ab.report import markdown_report, plot_report
 from heapr_serve.ab.metrics import ABMetrics, StreamTimer, parse_vllm_metrics
+from heapr_serve.ab.intervals import Block, ratio_intervals
 from heapr_serve.errors import HeaprError
 from heapr_serve.preflight import check_output, staged_folder
 from heapr_serve.ab.local_vllm import LocalVllmServer
@@ -382,6 +383,7 @@ class Bench:
             gaps[0] = 0.0
         res = {"a": [], "b": []}
         dur = {"a": 0.0, "b": 0.0}
+        blocks: dict[str, list[Block]] = {"a": [], "b": []}  # for the ratios' intervals
         label = f"{'c' if plan.mode == 'concurrency' else 'rate'}={level:g}"
         nblocks = 1
         order: list[str] = []
@@ -391,6 +393,7 @@ class Bench:
             (ra, da), (rb, db) = await asyncio.gather(self._run_block(a, items, level, gaps),
                                                       self._run_block(b, items, level, gaps))
             res["a"], res["b"], dur["a"], dur["b"] = ra, rb, da, db
+            blocks = {"a": [Block(ra, da)], "b": [Block(rb, db)]}
         else:
             # every block needs at least `level` requests, or the level's concurrency is not reached
             per = 1 if plan.mode == "rate" else int(level)
@@ -410,9 +413,12 @@ class Bench:
                     r, d = await self._run_block(self.arms[name], chunk, level, cgaps)
                     res[name] += r
                     dur[name] += d
+                    blocks[name].append(Block(r, d))
         sa, sb = summarize(res["a"], dur["a"]), summarize(res["b"], dur["b"])
+        intervals = ratio_intervals(blocks["a"], blocks["b"], RATIO_KEYS, seed=plan.seed)
         return {plan.mode: level, "blocks": nblocks, "order": "".join(order).upper(),
-                "a": sa, "b": sb, "b_over_a": ratios(sa, sb)}
+                "block_seconds": {n: [round(blk.duration, 4) for blk in bs] for n, bs in blocks.items()},
+                "a": sa, "b": sb, "b_over_a": ratios(sa, sb), "b_over_a_interval": intervals}
 
 
 async def scrape_vllm(client: httpx.AsyncClient, arm: Arm,

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from heapr_serve.ab.intervals import verdict
+
+
+# the ratios the verdict table reads: (column, ratio key, lower is better)
+VERDICT_KEYS = [("TTFT p50", "ttft_ms_p50", True), ("ITL mean", "itl_ms_mean", True), ("E2E p50", "e2e_ms_p50", True),
+                ("E2E p99", "e2e_ms_p99", True), ("out tok/s", "output_tokens_per_s", False), ("error rate", "error_rate", True)]
+
 
 def _fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
@@ -43,6 +50,20 @@ def markdown_report(report: dict) -> str:
             f"{_fmt(r['itl_ms_p99'], 2)} | "
             f"{_fmt(r['e2e_ms_p50'], 2)} / {_fmt(r['e2e_ms_p90'], 2)} / {_fmt(r['e2e_ms_p99'], 2)} | "
             f"{_fmt(r['output_tokens_per_s'], 2)} | {_fmt(r['requests_per_s'], 2)} | {_error_ratio(lv)} |")
+    if any(lv.get("b_over_a_interval") for lv in report["levels"]):
+        lines += ["", "B/A with 95% intervals (paired over blocks, for all of a level's ratios together; one block: a "
+                  "paired bootstrap over prompts; an interval holding 1.0 means no difference was measured):", "",
+                  f"| {xname} | " + " | ".join(label for label, _, _ in VERDICT_KEYS) + " |",
+                  "|---|" + "---|" * len(VERDICT_KEYS)]
+        for lv in report["levels"]:
+            cells = []
+            for _, key, lower_is_better in VERDICT_KEYS:
+                ratio, interval = lv["b_over_a"].get(key), (lv.get("b_over_a_interval") or {}).get(key)
+                shown = "-" if ratio is None else f"{ratio:.2f}"
+                if interval is not None:
+                    shown += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+                cells.append(f"{shown} {verdict(ratio, interval, lower_is_better)}")
+            lines.append(f"| {lv[mode]:g} | " + " | ".join(cells) + " |")
     lines += ["", "Error rates count every failed request; a request that timed out also enters TTFT and E2E "
               "at the moment it was given up (a censored sample: its latency was at least that).",
               "", "Servers' own vLLM metrics over the measured run (from their `/metrics`):", "",
@@ -75,7 +96,8 @@ def _error_ratio(level: dict) -> str:
 
 
 def plot_report(report: dict, path: Path) -> bool:
-    """Latency and throughput against load, both arms, in one small PNG; False (nothing written) when
+    """Latency and throughput against load, both arms, and the B/A ratios with their intervals, in one
+    small PNG; False (nothing written) when
     matplotlib, the `plot` extra, is not installed."""
     try:
         import matplotlib
@@ -87,7 +109,7 @@ def plot_report(report: dict, path: Path) -> bool:
 
     mode = report["plan"]["mode"]
     xs = [lv[mode] for lv in report["levels"]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8.4, 3.2), dpi=100)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(12.0, 3.2), dpi=100)
     colors = {"a": "#4C72B0", "b": "#DD8452"}
     for arm in ("a", "b"):
         label = f"{arm.upper()} {report['arms'][arm]['model']}"
@@ -99,8 +121,20 @@ def plot_report(report: dict, path: Path) -> bool:
         ax1.plot(xs, get("ttft_ms"), "s--", color=colors[arm], alpha=0.7, label=f"{label} TTFT p50")
         ax2.plot(xs, [lv[arm]["output_tokens_per_s"] or float("nan") for lv in report["levels"]],
                  "o-", color=colors[arm], label=label)
+    for i, (label, key, _) in enumerate(VERDICT_KEYS[:5]):  # B/A ratios with their 95% intervals
+        ratio = [lv["b_over_a"].get(key) for lv in report["levels"]]
+        spans = [(lv.get("b_over_a_interval") or {}).get(key) for lv in report["levels"]]
+        shift = [x * (1 + 0.03 * (i - 2)) for x in xs]  # side by side at each load
+        lo = [max(0.0, r - sp[0]) if r is not None and sp else 0.0 for r, sp in zip(ratio, spans)]
+        hi = [max(0.0, sp[1] - r) if r is not None and sp else 0.0 for r, sp in zip(ratio, spans)]
+        ax3.errorbar(shift, [float("nan") if r is None else r for r in ratio], yerr=[lo, hi], fmt="o", capsize=3,
+                     label=label)
+    ax3.axhline(1.0, color="grey", lw=0.8)
+    ax3.set_ylabel("B / A")
+    ax3.set_title("B/A ratio, 95% interval", fontsize=10)
+    ax3.legend(fontsize=7)
     xl = "concurrency" if mode == "concurrency" else "request rate (req/s)"
-    for ax in (ax1, ax2):
+    for ax in (ax1, ax2, ax3):
         ax.set_xlabel(xl)
         if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 4:
             ax.set_xscale("log", base=2)

@@ -113,18 +113,8 @@ class Exchange(Response):
                   file=sys.stderr, flush=True)
 
     def _body_for(self, arm: Arm) -> bytes:
-        """The request body for `arm`: its `model` rewritten when --model-a/-b says so, or when
-        the client named the other arm's model (dense and pruned are usually served under
-        different names, and clients know one of them)."""
-        asked = self.payload.get("model")
-        target = arm.rewrite_model
-        if target is None:
-            other = self.proxy.arms["b" if arm.name == "a" else "a"]
-            if asked is not None and asked == other.model and arm.model not in (asked, "unknown"):
-                target = arm.model
-        if target and asked != target:
-            return json.dumps({**self.payload, "model": target}).encode()
-        return self.raw
+        target = self.proxy.model_for(arm, self.payload.get("model"))
+        return self.raw if target is None else json.dumps({**self.payload, "model": target}).encode()
 
     async def _run(self, send: Send) -> None:
         proxy, cfg = self.proxy, self.proxy.cfg

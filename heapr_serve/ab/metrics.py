@@ -38,6 +38,9 @@ QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
                  0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5)
 
+SHADOW_POSITION_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+SHADOW_GAP_BUCKETS = (0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10)  # (no negative bound: it would hide _sum)
+
 # Outcomes of one request, as counted in heapr_ab_requests_total. Every request the proxy accepts
 # (or the benchmark sends) is counted exactly once, so the counters add up to the traffic.
 OUTCOMES = ("ok", "upstream_4xx", "upstream_5xx", "unavailable", "timeout", "stream_error",
@@ -84,6 +87,16 @@ class ABMetrics:
         self.in_flight = Gauge("heapr_ab_in_flight", "Requests in flight to each arm.", lab, registry=r)
         self.up = Gauge("heapr_ab_upstream_up", "1 when the arm's /health answered at the last check.",
                         lab, registry=r)
+        # shadow comparisons (heapr_serve.ab.shadow), labelled by the primary arm (the one assigned)
+        self.shadow = Counter("heapr_ab_shadow", "Shadow comparisons of both arms' greedy answers to one request: "
+                              "match, differ, failed (an arm did not answer), dropped (over --shadow-max-inflight).",
+                              (*lab, "result"), registry=r)
+        self.shadow_first_diff = Histogram("heapr_ab_shadow_first_diff_tokens", "Token position where the two "
+                                           "arms' greedy answers first differ (differing pairs only).", lab,
+                                           buckets=SHADOW_POSITION_BUCKETS, registry=r)
+        self.shadow_gap = Histogram("heapr_ab_shadow_logprob_gap", "Log-likelihood gap of the primary's greedy "
+                                    "answer under the other arm: mean |log-prob difference| per token over their shared context.", lab,
+                                    buckets=SHADOW_GAP_BUCKETS, registry=r)
 
     def init_arm(self, arm: str, model: str) -> None:
         """Create every series of an arm at zero, so Prometheus's rate() sees the first requests."""
@@ -92,6 +105,8 @@ class ABMetrics:
             fam.labels(arm, model)
         for outcome in OUTCOMES:
             self.requests.labels(arm, model, outcome, arm)
+        for result in ("match", "differ", "failed", "dropped"):
+            self.shadow.labels(arm, model, result)
 
     def observe_timeout(self, arm: str, model: str, timer: "StreamTimer | None", waited_s: float) -> None:
         """A request given up after `waited_s` from being sent: a censored sample of end-to-end latency

@@ -46,6 +46,7 @@ from heapr_serve.ab.arm import Arm
 from heapr_serve.ab.exchange import Exchange
 from heapr_serve.ab.metrics import ABMetrics
 from heapr_serve.ab.request_check import BadRequest, parse_request
+from heapr_serve.ab.shadow import Shadow
 from heapr_serve.ab.wire import ARM_HEADER, GENERATION_PATHS, HOP_BY_HOP, MAX_HEAD_BYTES, PROXY_KEY_HEADER, _describe, _error
 
 
@@ -69,6 +70,9 @@ class ProxyConfig:
     health_interval: float = 2.0
     log_requests: bool = False
     seed: Optional[int] = None  # of the random split (tests replay a split with it)
+    shadow_rate: float = 0.0  # share of requests both arms also answer greedily, compared (shadow.py)
+    shadow_max_inflight: int = 8
+    shadow_max_tokens: int = 64
 
     def pool_size(self) -> int:
         """Connections per arm: enough for every admitted request unless set lower, so one arm's
@@ -100,6 +104,7 @@ class ABProxy:
             if arm.rewrite_model:
                 arm.model = arm.rewrite_model
         self.rng = random.Random(cfg.seed)
+        self.shadow = Shadow(self, cfg.shadow_rate, cfg.shadow_max_inflight, cfg.shadow_max_tokens, cfg.seed)
         self.active = 0  # generation requests being handled (the --max-inflight limit)
         self.starlette = Starlette(
             routes=[
@@ -157,6 +162,7 @@ class ABProxy:
         await self.check_health(report=True)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._health_loop)
+            self.shadow.tasks = tg
             try:
                 yield
             finally:
@@ -259,6 +265,17 @@ class ABProxy:
             u = self.rng.random()
         return "b" if u < self.cfg.share_b else "a"
 
+    def model_for(self, arm: Arm, asked) -> str | None:
+        """The `model` a request must name for `arm`, or None to send it as it is: --model-a/-b, or
+        this arm's model when the client named the other arm's (dense and pruned are usually served
+        under different names, and clients know one of them)."""
+        target = arm.rewrite_model
+        if target is None:
+            other = self.arms["b" if arm.name == "a" else "a"]
+            if asked is not None and asked == other.model and arm.model not in (asked, "unknown"):
+                target = arm.model
+        return target if target and asked != target else None
+
     def _forward_headers(self, request: Request) -> list[tuple[bytes, bytes]]:
         """The client's headers as raw bytes (any byte a client may send passes; repeated headers
         stay repeated), less hop-by-hop ones and the proxy's own."""
@@ -310,5 +327,6 @@ class ABProxy:
         arm = self.choose(request)
         models = {name: a.model for name, a in self.arms.items()}
         self.metrics.assigned.labels(arm, models[arm]).inc()
+        self.shadow.maybe_probe(request.url.path, payload, self._forward_headers(request), arm)
         return Exchange(self, request.url.path, payload, body, self._forward_headers(request),
                          arm, models, received)

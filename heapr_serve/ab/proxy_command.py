@@ -43,6 +43,12 @@ def validate_config(cfg: ProxyConfig) -> None:
         raise HeaprError("--max-inflight must be at least 1")
     if cfg.max_body_bytes < 1:
         raise HeaprError("--max-body-mb must be positive")
+    if not 0.0 <= cfg.shadow_rate <= 1.0:
+        raise HeaprError(f"--shadow-rate must be between 0 and 1 (the share of requests compared on both arms), got {cfg.shadow_rate}")
+    if cfg.shadow_max_inflight < 1:
+        raise HeaprError("--shadow-max-inflight must be at least 1")
+    if cfg.shadow_max_tokens < 1:
+        raise HeaprError("--shadow-max-tokens must be at least 1")
 
 
 def ab_proxy_command(
@@ -78,6 +84,11 @@ def ab_proxy_command(
     health_interval: float = typer.Option(2.0, "--health-interval", help="Seconds between /health checks."),
     log_requests: bool = typer.Option(False, "--log-requests", help="One line per request (arm, "
                                       "status, latency; never the prompt)."),
+    shadow_rate: float = typer.Option(0.0, "--shadow-rate", help="Share of requests that both arms also "
+                                      "answer greedily, to compare their outputs (the user gets the assigned arm's answer only)."),
+    shadow_max_inflight: int = typer.Option(8, "--shadow-max-inflight", help="Shadow comparisons at once; "
+                                            "more are dropped (and counted)."),
+    shadow_max_tokens: int = typer.Option(64, "--shadow-max-tokens", help="Tokens of each shadow answer."),
 ) -> None:
     """OpenAI-compatible reverse proxy that splits live traffic between A and B and exports metrics."""
     import uvicorn
@@ -92,7 +103,8 @@ def ab_proxy_command(
                       client_timeout=client_timeout, max_inflight=max_inflight,
                       max_connections=max_connections, max_body_bytes=int(max_body_mb * (1 << 20)),
                       failover=not no_failover, health_interval=health_interval,
-                      log_requests=log_requests)
+                      log_requests=log_requests, shadow_rate=shadow_rate,
+                      shadow_max_inflight=shadow_max_inflight, shadow_max_tokens=shadow_max_tokens)
     validate_config(cfg)
     if not 1 <= port <= 65535:
         raise HeaprError(f"--port {port} is out of range; give 1..65535")

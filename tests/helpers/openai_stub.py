@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 
 def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0,
-              models_off: bool = False) -> Starlette:
+              models_off: bool = False, diverge_after: int = -1) -> Starlette:
     """Starlette app serving /v1/completions, /v1/chat/completions, /v1/models, /health, /stats,
     /metrics. With `models_off`, /v1/models answers 503 until a POST to /admin/models-on (a test
     then knows exactly when a proxy can learn this arm's model name)."""
@@ -138,10 +138,24 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0,
                 if await request.is_disconnected():
                     stats["disconnected"] += 1
                     return Response(status_code=499)
-            text = "".join(f" tok{i}" for i in range(n_out))
+            # its greedy answer: tok0 tok1 ..., or from --diverge-after N on alt{N} alt{N+1} ...; each
+            # token at log-prob -0.1, the other spelling in its top 5 at -1.5
+            tokens = [f" {'alt' if 0 <= diverge_after <= i else 'tok'}{i}" for i in range(n_out)]
+            text = "".join(tokens)
             msg = ({"index": 0, "message": {"role": "assistant", "content": text},
                     "finish_reason": "length"} if chat else
                    {"index": 0, "text": text, "finish_reason": "length"})
+
+            def other(t: str) -> str:
+                return t.replace("tok", "alt") if "tok" in t else t.replace("alt", "tok")
+
+            if body.get("logprobs"):
+                if chat:
+                    msg["logprobs"] = {"content": [{"token": t, "logprob": -0.1, "top_logprobs": [
+                        {"token": t, "logprob": -0.1}, {"token": other(t), "logprob": -1.5}]} for t in tokens]}
+                else:
+                    msg["logprobs"] = {"tokens": tokens, "token_logprobs": [-0.1] * n_out,
+                                       "top_logprobs": [{t: -0.1, other(t): -1.5} for t in tokens]}
             stats["finished"] += 1
             served(arrival, n_prompt, n_out)
             return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
@@ -232,11 +246,11 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 
 def start_stub(port: int, model: str, ttft: float, token_delay: float, fail_status: int = 0,
-               log: Path | None = None, models_off: bool = False) -> subprocess.Popen:
+               log: Path | None = None, models_off: bool = False, diverge_after: int = -1) -> subprocess.Popen:
     """Run this file as a server on `port` and wait until it answers."""
     proc = spawn([sys.executable, __file__, "--port", str(port), "--model", model, "--ttft", str(ttft),
                   "--token-delay", str(token_delay), "--fail-status", str(fail_status)]
-                 + (["--models-off"] if models_off else []), log)
+                 + (["--models-off"] if models_off else []) + ["--diverge-after", str(diverge_after)], log)
     wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=30)
     return proc
 
@@ -347,8 +361,10 @@ def main() -> None:
     p.add_argument("--fail-status", type=int, default=0, help="answer every completion with this status")
     p.add_argument("--models-off", action="store_true", help="/v1/models answers 503 until a POST "
                    "to /admin/models-on")
+    p.add_argument("--diverge-after", type=int, default=-1, help="greedy tokens from this position on differ "
+                   "(alt{i} for tok{i}): a model that answers otherwise, for shadow comparisons")
     args = p.parse_args()
-    app = build_app(args.model, args.ttft, args.token_delay, args.fail_status, args.models_off)
+    app = build_app(args.model, args.ttft, args.token_delay, args.fail_status, args.models_off, args.diverge_after)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import PROJ_KINDS, Family
@@ -78,31 +78,60 @@ def staging_folder(out: Path, overwrite: bool):
         yield tmp
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                       torch.float8_e5m2: "F8_E5M2"}
+
+
 class _ShardWriter:
+    """Writes safetensors shards one tensor at a time: each tensor's bytes go to the shard's data file
+    as soon as it is added, and the shard is assembled (header, then the data copied in chunks) when
+    it is full. So the writer holds one tensor, never a shard: `safetensors.save_file` would hold the
+    shard's tensors and then a serialised copy of them (twice the shard size, which set compress's
+    peak memory on big models)."""
+
     def __init__(self, folder: Path, max_bytes: int):
         self.folder, self.max_bytes = folder, max_bytes
-        self.current: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, dict] = {}  # the open shard's header
         self.size = 0
+        self.data = None  # the open shard's data file
         self.files: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
         self.total_params = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if self.current and self.size + nbytes > self.max_bytes:
+        if self.entries and self.size + nbytes > self.max_bytes:
             self.flush()
-        self.current[name] = tensor.contiguous()
+        if self.data is None:
+            self.data = open(self.folder / f"part-{len(self.files):05d}.data", "wb")
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise HeaprError(f"tensor {name}: dtype {tensor.dtype} has no safetensors name")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            self.data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.entries[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.size, self.size + nbytes]}
         self.size += nbytes
         self.total_bytes += nbytes
         self.total_params += tensor.numel()
 
     def flush(self) -> None:
-        if not self.current:
+        if self.data is None:
             return
+        self.data.close()
+        data_file, self.data = Path(self.data.name), None
         name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.current, str(self.folder / name), metadata={"format": "pt"})
-        self.files.append((name, list(self.current)))
-        self.current, self.size = {}, 0
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(self.folder / name, "wb") as out, open(data_file, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 << 20)
+        data_file.unlink()
+        self.files.append((name, list(self.entries)))
+        self.entries, self.size = {}, 0
 
     def finish(self) -> None:
         """Give shards their usual names and write the index."""

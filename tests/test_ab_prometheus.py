@@ -75,7 +75,7 @@ def test_prometheus_scrapes_per_arm_quantiles_and_ratio(tmp_path):
     sb = start_stub(pb, "pruned-stub", ttft=0.03, token_delay=0.01)
     procs = [sa, sb]
     proxy = ABProxy(ProxyConfig(a_url=f"http://127.0.0.1:{pa}", b_url=f"http://127.0.0.1:{pb}",
-                                share_b=0.5, seed=0))  # (seeded: the same split every run)
+                                share_b=0.5, seed=0, shadow_rate=0.25))  # (seeded: the same split every run)
     try:
         with ServerThread(proxy.app, free_port()) as srv:
             # the shipped config, pointed at this test's proxy and scraping every second
@@ -129,6 +129,10 @@ def test_prometheus_scrapes_per_arm_quantiles_and_ratio(tmp_path):
                 res = _query(prom, expr.replace("$__rate_interval", "1m"))
                 if "heapr_ab_" in expr and "failovers" not in expr:
                     assert res, f"dashboard query returned nothing: {expr}"
+            # shadow comparisons reached Prometheus: the two stubs answer alike, so every pair matched
+            shadow = _query(prom, "sum by (result) (heapr_ab_shadow_total)")
+            counts = {s["metric"]["result"]: float(s["value"][1]) for s in shadow}
+            assert counts["match"] > 10 and counts["differ"] == counts["failed"] == 0, counts
     finally:
         for p in procs:
             stop(p)

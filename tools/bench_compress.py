@@ -287,6 +287,8 @@ def quantize_main(args) -> None:
                   f"--seq-len {args.seq_len} --batch-size {args.batch_size} --dtype {args.dtype}")
         runs = {"calibration pass alone": "streamed", "compress --streamed": f"compress {common}",
                 "compress --streamed --quantize w4a16 (GPTQ)": f"compress {common} --quantize w4a16"}
+        if args.skip_calibration_row:
+            runs.pop("calibration pass alone")
         for name, mode in runs.items():
             r = _run_child(mode, big, args, args.dtype)
             over = r["peak"] - r["baseline"]
@@ -311,6 +313,7 @@ def main() -> None:
     parser.add_argument("--reconstruct", action="store_true", help="measure what compress --reconstruct adds (see above)")
     parser.add_argument("--heal", action="store_true", help="measure what compress --heal adds (see above)")
     parser.add_argument("--quantize", action="store_true", help="measure compress --streamed --quantize's peak memory (see above)")
+    parser.add_argument("--skip-calibration-row", action="store_true", help="--quantize: only the two compress runs")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--big-layers", type=int, default=24)
     parser.add_argument("--big-hidden", type=int, default=1024)

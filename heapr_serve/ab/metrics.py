@@ -101,7 +101,7 @@ class ABMetrics:
     def init_arm(self, arm: str, model: str) -> None:
         """Create every series of an arm at zero, so Prometheus's rate() sees the first requests."""
         for fam in (self.assigned, self.queue_wait, self.ttft, self.itl, self.tpot, self.e2e, self.output_tokens,
-                    self.prompt_tokens, self.in_flight, self.up):
+                    self.prompt_tokens, self.in_flight, self.up, self.shadow_first_diff, self.shadow_gap):
             fam.labels(arm, model)
         for outcome in OUTCOMES:
             self.requests.labels(arm, model, outcome, arm)

@@ -325,9 +325,22 @@ def test_ab_proxy_refuses_before_listening(ws, data):
             ("--max-inflight", st.one_of(BELOW_ONE, NOT_INT)),
             ("--max-body-mb", st.one_of(NAN_OR_NONPOSITIVE, NOT_FLOAT)),
             ("--health-interval", st.one_of(NAN_OR_NONPOSITIVE, NOT_FLOAT)),
+            ("--shadow-rate", st.one_of(st.floats(1.0001, 1e9).map(str), st.floats(-1e9, -1e-9).map(str), NOT_FLOAT)),
+            ("--shadow-max-inflight", st.one_of(BELOW_ONE, NOT_INT)),
+            ("--shadow-max-tokens", st.one_of(BELOW_ONE, NOT_INT)),
+            ("--ramp", st.sampled_from(["0", "50,25", "5,500", "x", "25,25", "-5,100"])),
         ]),
+        # ramp flags that need --ramp, or do not fit with it
+        st.sampled_from([("--share-b", ["--ramp", "5,100", "--share-b", "0.2"]), ("--step-after", ["--ramp", "5,100", "--step-after", "0"]),
+                         ("--slo-latency-ratio", ["--ramp", "5,100", "--slo-latency-ratio", "-1"]),
+                         ("--slo-agreement", ["--ramp", "5,100", "--slo-agreement", "0.9"]),
+                         ("--ramp-state", ["--ramp-state", str(ws["root"] / "state.json")]),
+                         ("--ramp-state", ["--ramp", "5,100", "--ramp-state", str(ws["root"])])]),
     ))
     args = list(base)
+    if isinstance(value, list):
+        _refused(ws, ["ab-proxy", *args, *value], flag)
+        return
     if flag in args:
         args[args.index(flag) + 1] = value
     else:

@@ -105,6 +105,9 @@ class Exchange(Response):
             m.observe(self.served, model, self.timer, e2e)
         elif own and self.outcome == "timeout" and self.sent_at is not None and self.gave_up is not None:
             m.observe_timeout(self.served, model, self.timer, self.gave_up - self.sent_at)
+        ramp = self.proxy.ramp
+        if ramp is not None and own and self.outcome not in ("client_cancelled", "upstream_4xx"):  # (4xx: the client's)
+            ramp.record(self.served, self.outcome == "ok", e2e, None if self.timer is None else self.timer.first_token_s)
         if self.proxy.cfg.log_requests:
             ms = "-" if e2e is None else f"{e2e * 1000:.0f}"
             wait = "-" if self.sent_at is None else f"{(self.sent_at - self.received) * 1000:.0f}"

@@ -87,6 +87,11 @@ class ABMetrics:
         self.in_flight = Gauge("heapr_ab_in_flight", "Requests in flight to each arm.", lab, registry=r)
         self.up = Gauge("heapr_ab_upstream_up", "1 when the arm's /health answered at the last check.",
                         lab, registry=r)
+        # the guarded ramp (heapr_serve.ab.ramp)
+        self.ramp_share = Gauge("heapr_ab_ramp_share", "B's share of the traffic the ramp sets now (0 after a rollback).", registry=r)
+        self.ramp_step = Gauge("heapr_ab_ramp_step", "The ramp's current step (0-based index into --ramp).", registry=r)
+        self.ramp_state = Gauge("heapr_ab_ramp_state", "1 for the ramp's state: ramping, complete or rolled_back.",
+                                ("state",), registry=r)
         # shadow comparisons (heapr_serve.ab.shadow), labelled by the primary arm (the one assigned)
         self.shadow = Counter("heapr_ab_shadow", "Shadow comparisons of both arms' greedy answers to one request: "
                               "match, differ, failed (an arm did not answer), dropped (over --shadow-max-inflight).",

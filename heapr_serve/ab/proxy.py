@@ -30,6 +30,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import anyio
@@ -45,6 +46,7 @@ from starlette.types import Receive, Scope, Send
 from heapr_serve.ab.arm import Arm
 from heapr_serve.ab.exchange import Exchange
 from heapr_serve.ab.metrics import ABMetrics
+from heapr_serve.ab.ramp import Ramp, RampChecks
 from heapr_serve.ab.request_check import BadRequest, parse_request
 from heapr_serve.ab.shadow import Shadow
 from heapr_serve.ab.wire import ARM_HEADER, GENERATION_PATHS, HOP_BY_HOP, MAX_HEAD_BYTES, PROXY_KEY_HEADER, _describe, _error
@@ -73,6 +75,10 @@ class ProxyConfig:
     shadow_rate: float = 0.0  # share of requests both arms also answer greedily, compared (shadow.py)
     shadow_max_inflight: int = 8
     shadow_max_tokens: int = 64
+    ramp_steps: Optional[list] = None  # B's share in percent, step by step (ramp.py); replaces share_b
+    step_after: int = 200
+    ramp_state: Optional[str] = None
+    ramp_checks: RampChecks = field(default_factory=RampChecks)
 
     def pool_size(self) -> int:
         """Connections per arm: enough for every admitted request unless set lower, so one arm's
@@ -105,6 +111,8 @@ class ABProxy:
                 arm.model = arm.rewrite_model
         self.rng = random.Random(cfg.seed)
         self.shadow = Shadow(self, cfg.shadow_rate, cfg.shadow_max_inflight, cfg.shadow_max_tokens, cfg.seed)
+        self.ramp = None if not cfg.ramp_steps else Ramp(cfg.ramp_steps, cfg.step_after, cfg.ramp_checks,
+                                                         Path(cfg.ramp_state) if cfg.ramp_state else None, self.metrics)
         self.active = 0  # generation requests being handled (the --max-inflight limit)
         self.starlette = Starlette(
             routes=[
@@ -113,6 +121,7 @@ class ABProxy:
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+                Route("/ab/status", self.status, methods=["GET"]),
             ],
             exception_handlers={HTTPException: self._http_exception},
             lifespan=self._lifespan,
@@ -220,8 +229,16 @@ class ABProxy:
                 for a in self.arms.values()}
         n_up = sum(a.up for a in self.arms.values())
         status = "ok" if n_up == 2 else "degraded" if n_up == 1 else "down"
-        return JSONResponse({"status": status, "share_b": self.cfg.share_b, "arms": arms},
+        return JSONResponse({"status": status, "share_b": self.share_b(), "arms": arms},
                             status_code=200 if n_up else 503)
+
+    def share_b(self) -> float:
+        return self.ramp.share() if self.ramp is not None else self.cfg.share_b
+
+    async def status(self, _request: Request) -> Response:
+        """The split and, with --ramp, the ramp's state, step and the reason for its last change."""
+        ramp = self.ramp.status() if self.ramp is not None else {"state": "off"}
+        return JSONResponse({"share_b": self.share_b(), "ramp": ramp, "shadow_rate": self.cfg.shadow_rate})
 
     async def metrics_endpoint(self, _request: Request) -> Response:
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -263,7 +280,7 @@ class ABProxy:
                 u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
         if u is None:
             u = self.rng.random()
-        return "b" if u < self.cfg.share_b else "a"
+        return "b" if u < self.share_b() else "a"
 
     def model_for(self, arm: Arm, asked) -> str | None:
         """The `model` a request must name for `arm`, or None to send it as it is: --model-a/-b, or

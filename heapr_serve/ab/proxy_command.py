@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import socket
 import sys
+from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit
 
 import typer
 
 from heapr_serve.ab.proxy import ABProxy, ProxyConfig
+from heapr_serve.ab.ramp import RampChecks, parse_steps
 from heapr_serve.ab.wire import PROXY_KEY_HEADER
 from heapr_serve.errors import HeaprError
+from heapr_serve.preflight import check_output
 
 
 def _check_url(flag: str, url: str) -> str:
@@ -54,7 +57,7 @@ def validate_config(cfg: ProxyConfig) -> None:
 def ab_proxy_command(
     a: str = typer.Option(..., "--a", help="URL of arm A (the dense baseline), e.g. http://127.0.0.1:8001"),
     b: str = typer.Option(..., "--b", help="URL of arm B (the pruned model), e.g. http://127.0.0.1:8002"),
-    share_b: float = typer.Option(0.1, "--share-b", help="Fraction of requests sent to B, 0..1."),
+    share_b: Optional[float] = typer.Option(None, "--share-b", help="Fraction of requests sent to B, 0..1 (default 0.1)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     sticky_header: Optional[str] = typer.Option(
@@ -89,6 +92,14 @@ def ab_proxy_command(
     shadow_max_inflight: int = typer.Option(8, "--shadow-max-inflight", help="Shadow comparisons at once; "
                                             "more are dropped (and counted)."),
     shadow_max_tokens: int = typer.Option(64, "--shadow-max-tokens", help="Tokens of each shadow answer."),
+    ramp: Optional[str] = typer.Option(None, "--ramp", help="Guarded ramp of B's share, in percent, e.g. 5,25,50,100: "
+                                       "one step up each time B passes the --slo-* checks, 0 at once when one fails (replaces --share-b)."),
+    step_after: int = typer.Option(200, "--step-after", help="--ramp: B's requests in a window before its checks run."),
+    ramp_state: Optional[Path] = typer.Option(None, "--ramp-state", help="--ramp: state file (written atomically) a restarted proxy resumes from."),
+    slo_latency_ratio: float = typer.Option(1.25, "--slo-latency-ratio", help="--ramp: B's median E2E (and TTFT) at most this times A's."),
+    slo_error_rate: float = typer.Option(0.01, "--slo-error-rate", help="--ramp: B's error rate at most this above A's."),
+    slo_agreement: float = typer.Option(0.0, "--slo-agreement", help="--ramp with --shadow-rate: least share of identical greedy answers."),
+    slo_logprob_gap: Optional[float] = typer.Option(None, "--slo-logprob-gap", help="--ramp with --shadow-rate: largest mean log-likelihood gap per token (nats)."),
 ) -> None:
     """OpenAI-compatible reverse proxy that splits live traffic between A and B and exports metrics."""
     import uvicorn
@@ -97,15 +108,37 @@ def ab_proxy_command(
 
     if not 0 < max_body_mb < float("inf"):
         raise HeaprError(f"--max-body-mb must be a positive number, got {max_body_mb}")
-    cfg = ProxyConfig(a_url=a, b_url=b, share_b=share_b, sticky_header=sticky_header,
+    steps = None
+    if ramp is not None:
+        if share_b is not None:
+            raise HeaprError("--ramp sets B's share step by step; drop --share-b")
+        steps = parse_steps(ramp)
+        if step_after < 1:
+            raise HeaprError("--step-after must be at least 1")
+        for flag, value in (("--slo-latency-ratio", slo_latency_ratio), ("--slo-error-rate", slo_error_rate),
+                            ("--slo-agreement", slo_agreement), ("--slo-logprob-gap", slo_logprob_gap if slo_logprob_gap is not None else 0.0)):
+            if not 0 <= value < float("inf"):
+                raise HeaprError(f"{flag} must be a non-negative number, got {value}")
+        if (slo_agreement > 0 or slo_logprob_gap is not None) and shadow_rate == 0:
+            raise HeaprError("--slo-agreement and --slo-logprob-gap check shadow comparisons; add --shadow-rate (e.g. 0.05)")
+        if ramp_state is not None:
+            check_output("--ramp-state", ramp_state, kind="file", overwrite=True)
+    elif any(v is not None for v in (ramp_state, slo_logprob_gap)) or slo_agreement:
+        raise HeaprError("--ramp-state and --slo-* shape a ramp; add --ramp (e.g. 5,25,50,100)")
+    checks = RampChecks(slo_latency_ratio, slo_error_rate, slo_agreement,
+                        float("inf") if slo_logprob_gap is None else slo_logprob_gap)
+    cfg = ProxyConfig(a_url=a, b_url=b, share_b=0.1 if share_b is None else share_b, sticky_header=sticky_header,
                       model_a=model_a, model_b=model_b, proxy_key=proxy_key or None,
                       connect_timeout=connect_timeout, timeout=timeout, idle_timeout=idle_timeout,
                       client_timeout=client_timeout, max_inflight=max_inflight,
                       max_connections=max_connections, max_body_bytes=int(max_body_mb * (1 << 20)),
                       failover=not no_failover, health_interval=health_interval,
                       log_requests=log_requests, shadow_rate=shadow_rate,
-                      shadow_max_inflight=shadow_max_inflight, shadow_max_tokens=shadow_max_tokens)
+                      shadow_max_inflight=shadow_max_inflight, shadow_max_tokens=shadow_max_tokens,
+                      ramp_steps=steps, step_after=step_after, ramp_state=None if ramp_state is None else str(ramp_state),
+                      ramp_checks=checks)
     validate_config(cfg)
+    proxy = ABProxy(cfg)  # (a --ramp-state it cannot resume from is refused here, before listening)
     if not 1 <= port <= 65535:
         raise HeaprError(f"--port {port} is out of range; give 1..65535")
     with socket.socket() as s:
@@ -114,9 +147,9 @@ def ab_proxy_command(
         except OSError as exc:
             raise HeaprError(f"--host {host} --port {port}: cannot listen ({exc.strerror}); "
                              "pick a free port") from None
-    proxy = ABProxy(cfg)
     print(f"ab-proxy: listening on http://{host}:{port}  A={cfg.a_url}  B={cfg.b_url}  "
-          f"share_b={cfg.share_b:g}" + (f"  sticky={sticky_header}" if sticky_header else ""),
+          + (f"ramp={ramp} (now {proxy.share_b():g})" if ramp else f"share_b={cfg.share_b:g}")
+          + (f"  sticky={sticky_header}" if sticky_header else "") + (f"  shadow={shadow_rate:g}" if shadow_rate else ""),
           file=sys.stderr, flush=True)
     config = server_config(proxy.app, host, port, cfg.client_timeout, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()

@@ -92,6 +92,8 @@ class Shadow:
             m.shadow.labels(primary, model, "failed").inc()
             return
         m.shadow.labels(primary, model, "match" if result["match"] else "differ").inc()
+        if self.proxy.ramp is not None:
+            self.proxy.ramp.record_shadow(result["match"], result["logprob_gap"])
         if not result["match"] and result["first_diff"] is not None:
             m.shadow_first_diff.labels(primary, model).observe(result["first_diff"])
         if result["logprob_gap"] is not None:

@@ -1,0 +1,93 @@
+"""The guarded ramp of ab-proxy (`--ramp 5,25,50,100 --step-after N`), over real sockets in front of
+stub servers: a B as fast as A climbs every step to 100%; a slow B, a failing B, or a B whose greedy
+answers differ (shadow comparisons) is rolled back to 0 at the first window, with a reason naming the
+failed check; the state survives a restart of the proxy through its state file."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from heapr_serve.ab.metrics import read_counter_sum
+from heapr_serve.ab.ramp import RampChecks
+from tests.helpers.openai_stub import free_port, start_stub, stop
+from tests.test_ab_proxy import _metrics, proxy
+
+
+@pytest.fixture(scope="module")
+def arms():
+    ports = {n: free_port() for n in ("a", "same", "slow", "failing", "diverging")}
+    procs = [start_stub(ports["a"], "dense-stub", 0.0, 0.002), start_stub(ports["same"], "pruned-stub", 0.0, 0.002),
+             start_stub(ports["slow"], "slow-stub", 0.05, 0.02), start_stub(ports["failing"], "failing-stub", 0.0, 0.0, fail_status=500),
+             start_stub(ports["diverging"], "diverging-stub", 0.0, 0.002, diverge_after=1)]
+    yield {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
+    for p in procs:
+        stop(p)
+
+
+def _drive(url: str, n: int) -> None:
+    with httpx.Client(timeout=10) as c:
+        for _ in range(n):
+            c.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 4})
+
+
+def _status(url: str) -> dict:
+    return httpx.get(url + "/ab/status", timeout=5).json()["ramp"]
+
+
+def test_a_good_arm_climbs_every_step(arms, tmp_path):
+    state = tmp_path / "ramp.json"
+    with proxy(arms["a"], arms["same"], ramp_steps=[25, 50, 100], step_after=8, ramp_state=str(state), seed=3,
+               ramp_checks=RampChecks(latency_ratio=3.0)) as srv:
+        assert _status(srv.url)["share_b"] == 0.25
+        _drive(srv.url, 150)
+        status = _status(srv.url)
+        assert status["state"] == "complete" and status["share_b"] == 1.0, status
+        text = _metrics(srv.url)
+        assert read_counter_sum(text, "heapr_ab_ramp_share") == 1.0
+        assert read_counter_sum(text, "heapr_ab_ramp_state", state="complete") == 1
+    assert json.loads(state.read_text())["state"] == "complete"
+
+
+@pytest.mark.parametrize("b, checks, shadow, says", [
+    ("slow", RampChecks(latency_ratio=1.5), 0.0, "latency: B's median"),
+    ("failing", RampChecks(), 0.0, "error rate"),
+    ("diverging", RampChecks(latency_ratio=3.0, agreement=0.9), 1.0, "agreement: 0% of"),
+])
+def test_a_bad_arm_is_rolled_back_with_the_failed_check(arms, tmp_path, b, checks, shadow, says):
+    state = tmp_path / "ramp.json"
+    with proxy(arms["a"], arms[b], ramp_steps=[50, 100], step_after=6, ramp_state=str(state), seed=3,
+               ramp_checks=checks, shadow_rate=shadow) as srv:
+        _drive(srv.url, 60)
+        status = _status(srv.url)
+        assert status["state"] == "rolled_back" and status["share_b"] == 0.0, status
+        assert says in status["last_change"]["reason"], status
+        assert read_counter_sum(_metrics(srv.url), "heapr_ab_ramp_state", state="rolled_back") == 1
+        before = read_counter_sum(_metrics(srv.url), "heapr_ab_assigned_total", arm="b")
+        _drive(srv.url, 10)
+        assert read_counter_sum(_metrics(srv.url), "heapr_ab_assigned_total", arm="b") == before  # B gets nothing now
+    # a restart resumes from the state file: still rolled back, with the reason
+    with proxy(arms["a"], arms[b], ramp_steps=[50, 100], step_after=6, ramp_state=str(state), seed=3, ramp_checks=checks) as srv:
+        status = _status(srv.url)
+        assert status["state"] == "rolled_back" and status["share_b"] == 0.0 and says in status["last_change"]["reason"]
+
+
+def test_the_command_runs_a_ramp_with_shadow_comparisons(arms, tmp_path):
+    """The real `heapr-serve ab-proxy --ramp ... --shadow-rate ...` command: it listens, says so, and
+    /ab/status shows the ramp's first step."""
+    from tests.helpers.openai_stub import heapr_serve_exe, spawn, wait_http
+
+    port = free_port()
+    proc = spawn([heapr_serve_exe(), "ab-proxy", "--a", arms["a"], "--b", arms["same"], "--port", str(port), "--ramp", "5,100",
+                  "--step-after", "50", "--shadow-rate", "0.5", "--ramp-state", str(tmp_path / "state.json")], tmp_path / "proxy.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", proc, timeout=30)
+        status = httpx.get(url + "/ab/status", timeout=5).json()
+        assert status["share_b"] == 0.05 and status["shadow_rate"] == 0.5 and status["ramp"]["state"] == "ramping", status
+        assert httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": 2}, timeout=10).status_code == 200
+    finally:
+        stop(proc)
+    assert "ramp=5,100 (now 0.05)" in (tmp_path / "proxy.log").read_text()

@@ -42,7 +42,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-class _RawSafetensors:
+class RawSafetensors:
     """Reads safetensors tensors with plain file reads into fresh tensors, not through a memory map:
     mapped file pages count as this process's resident memory while the file is open, which would
     double a streamed layer's footprint. Same format, same one-line errors."""
@@ -50,7 +50,7 @@ class _RawSafetensors:
     def __init__(self, path: Path):
         self.path = path
 
-    def __enter__(self) -> "_RawSafetensors":
+    def __enter__(self) -> "RawSafetensors":
         try:
             self.f = open(self.path, "rb")
             size = int.from_bytes(self.f.read(8), "little")
@@ -296,7 +296,7 @@ class SourceCheckpoint:
             raise HeaprError(f"{self.path / self.files.get(name, '?')}: {kind} tensor {name} has no {scale_name}; the checkpoint is incomplete")
         if self.files[scale_name] == self.files.get(name):
             return f.get_tensor(scale_name)
-        with open_safetensors(self.path / self.files[scale_name]) as g:
+        with RawSafetensors(self.path / self.files[scale_name]) as g:
             return g.get_tensor(scale_name)
 
     # -- filling modules -----------------------------------------------------------------------------
@@ -346,7 +346,7 @@ class SourceCheckpoint:
                 for place, name in parts:
                     file = self.files[name]
                     if file not in handles:
-                        handles[file] = files.enter_context(_RawSafetensors(self.path / file))
+                        handles[file] = files.enter_context(RawSafetensors(self.path / file))
                     value = self.get(handles[file], name, dequant_dtype=place.dtype)
                     if tuple(value.shape) != tuple(place.shape):
                         raise HeaprError(f"{self.path}: {name} has shape {list(value.shape)}, the model expects {list(place.shape)} for {prefix + key}")

@@ -23,7 +23,7 @@ from heapr_serve.preflight import check_output, check_path_text, staged_folder
 from heapr_serve.checkpoint.format import (FORMAT_VERSION, FUSED_EXPERTS_TENSOR, GPT_OSS_EXPERTS_TENSOR, MTP_REASON, MXFP4_TENSOR,
                                            PER_EXPERT_TENSOR, SCALE_SUFFIX, dense_expert_width, num_routed_experts, open_safetensors, safetensors_files,
                                            tensor_layer)
-from heapr_serve.checkpoint.source import SourceCheckpoint
+from heapr_serve.checkpoint.source import RawSafetensors, SourceCheckpoint
 from heapr_serve.progress import console
 
 # Files that travel with the weights; anything else in the source (its model card, training notes,
@@ -263,7 +263,7 @@ def write_pruned_checkpoint(source: Path, folder: Path, family: Family, keep: di
         names_by_file.setdefault(file, []).append(name)
     dequantised = 0
     for file in sorted(names_by_file):
-        with open_safetensors(source / file) as f:
+        with RawSafetensors(source / file) as f:  # plain reads: mapped pages would count as resident memory
             for name in sorted(names_by_file[file]):
                 read_as = src.read_name(name)  # None for scales; an MXFP4 stack's blocks by the stack's name
                 dropped = drop_mtp and (tensor_layer(name) in extra or (mtp_module and name.startswith("mtp.")))

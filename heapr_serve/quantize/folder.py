@@ -20,6 +20,7 @@ import torch
 from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
 from heapr_serve.checkpoint.format import PER_EXPERT_TENSOR, is_pruned, open_safetensors, read_config, safetensors_files
+from heapr_serve.checkpoint.source import RawSafetensors
 from heapr_serve.checkpoint.writer import _TRAVELLING_FILES, DEFAULT_SHARD_BYTES, _ShardWriter, check_output_path
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import family_for
@@ -126,7 +127,7 @@ def quantize_folder(source: Path, out: Path, scheme_name: str, group_size: int |
         for name, file in files.items():
             by_file.setdefault(file, []).append(name)
         for file in sorted(by_file):
-            with open_safetensors(source / file) as f:
+            with RawSafetensors(source / file) as f:  # plain reads: mapped pages would count as resident memory
                 for name in sorted(by_file[file]):
                     tensor = f.get_tensor(name)
                     if name in quantized:

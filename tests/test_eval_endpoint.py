@@ -25,7 +25,7 @@ needs_vllm = pytest.mark.skipif(find_spec("vllm") is None or find_spec("lm_eval"
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    extra = ["--dtype", "float32", "--max-model-len", "1024"]
+    extra = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]  # (eager: half the start-up; the compiled path is test_vllm_serve_cli.py's)
     # a fixed KV cache, not a share of memory: what else the machine holds must not decide the start
     with LocalVllmServer(tiny_models["qwen3_moe"], served_name="dense", extra=extra, log=log, through_serve=True,
                          env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as srv:

@@ -27,6 +27,8 @@ from tests.test_vllm_serving import FP32_TOL, MAX_TOKENS, _entries, _prompt_ids,
 pytest.importorskip("vllm")
 
 ZENTORCH = ROOT / ".venv" / "zentorch"
+LLMC_PYTHON = ROOT / ".venv-llmc" / "bin" / "python"
+HAS_LLMC = LLMC_PYTHON.is_file() and any((ROOT / ".venv-llmc").glob(".heapr-setup-*"))
 
 
 def _is_zen() -> bool:
@@ -61,12 +63,38 @@ def pair(tmp_path_factory, tiny_tokenizer):
     return root, dense, pruned
 
 
-def test_w4a16_pruned_is_exact_against_the_dequantized_model(pair):
+@pytest.fixture(scope="module")
+def w4a16_engines(pair):
+    """Every W4A16 folder of this module served in ONE engine subprocess (its start-up paid once): the
+    random pruned model quantized by `quantize` (float32), and the GPTQ folders (bfloat16)."""
+    import subprocess
+
     root, dense, pruned = pair
-    q = _quantize(pruned, root / "pruned-w4a16", "--scheme", "w4a16", "--group-size", "32", "--only-experts")
+    folders = {"rtn": _quantize(pruned, root / "pruned-w4a16", "--scheme", "w4a16", "--group-size", "32", "--only-experts")}
+    runs = [_run(folders["rtn"], "float32")]
+    if (EXAMPLE_MODEL / "config.json").is_file():
+        folders["gptq"] = root / "gptq"
+        code, _, err = run_cli("compress", EXAMPLE_MODEL, "-o", folders["gptq"], "--ratio", "0.25", "--nsamples", "32",
+                               "--seq-len", "128", "--quantize", "w4a16")
+        assert code == 0, err[-3000:]
+        if HAS_LLMC:
+            folders["llmcompressor"] = root / "llmc"
+            proc = subprocess.run([str(LLMC_PYTHON), "-m", "tools.llmcompressor_oneshot", str(EXAMPLE_MODEL), "-o",
+                                   str(folders["llmcompressor"]), "--ratio", "0.25", "--group-size", "16", "--nsamples", "32",
+                                   "--seq-len", "128"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        runs += [_run(folders[k], "bfloat16") for k in folders if k != "rtn"]
+    results, log = run_engines(runs, _engine_dir(root, "engine-w4"), timeout=900)
+    return folders, dict(zip(folders, results)), log
+
+
+def test_w4a16_pruned_is_exact_against_the_dequantized_model(pair, w4a16_engines):
+    root, dense, pruned = pair
+    folders, results, log = w4a16_engines
+    q = folders["rtn"]
     dense_q = _quantize(dense, root / "dense-w4a16", "--scheme", "w4a16", "--group-size", "32", "--only-experts")
     reference = dequantized_copy(q, root / "pruned-w4a16-float")
-    (result,), log = run_engines([_run(q, "float32")], _engine_dir(root, "engine-w4"), timeout=600)
+    result = results["rtn"]
     assert "error" not in result, result.get("error")
     assert "pack-quantized group), backend dequant" in log
     worst = 0.0
@@ -136,30 +164,17 @@ def test_w8a8_pruned_matches_stock_vllm_on_the_zero_padded_dense_equivalent(pair
           f"{diverged} divergences; quantization itself moves them by {statistics.median(quant_devs):.3f} (median)")
 
 
-LLMC_PYTHON = ROOT / ".venv-llmc" / "bin" / "python"
-HAS_LLMC = LLMC_PYTHON.is_file() and any((ROOT / ".venv-llmc").glob(".heapr-setup-*"))
-
 
 @pytest.mark.skipif(not (EXAMPLE_MODEL / "config.json").is_file(), reason="the bundled example model is absent")
-def test_gptq_folders_serve_as_their_dequantized_models(tmp_path):
+def test_gptq_folders_serve_as_their_dequantized_models(w4a16_engines, tmp_path):
     """GPTQ values through the real engine: the bundled model pruned 25% and quantized w4a16 by
     `compress --quantize` (our GPTQ), and, where .venv-llmc exists, by llm-compressor's oneshot with
     HEAPrPruningModifier + GPTQModifier. Both quantize attention too, which vLLM-CPU's WNA16 linear
     runs in bfloat16 only, so every greedy token and top-5 logprob is checked, teacher-forced, against
     transformers on the dequantized float32 model within bfloat16's own tolerance there."""
-    import subprocess
-
-    folders = {"gptq": tmp_path / "gptq"}
-    code, _, err = run_cli("compress", EXAMPLE_MODEL, "-o", folders["gptq"], "--ratio", "0.25", "--nsamples", "32",
-                           "--seq-len", "128", "--quantize", "w4a16")
-    assert code == 0, err[-3000:]
-    if HAS_LLMC:
-        folders["llmcompressor"] = tmp_path / "llmc"
-        proc = subprocess.run([str(LLMC_PYTHON), "-m", "tools.llmcompressor_oneshot", str(EXAMPLE_MODEL), "-o", str(folders["llmcompressor"]),
-                               "--ratio", "0.25", "--group-size", "16", "--nsamples", "32", "--seq-len", "128"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    results, log = run_engines([_run(f, "bfloat16") for f in folders.values()], _engine_dir(tmp_path, "engine"), timeout=900)
+    all_folders, all_results, log = w4a16_engines
+    folders = {k: v for k, v in all_folders.items() if k != "rtn"}
+    results = [all_results[k] for k in folders]
     assert "pack-quantized group), backend" in log
     for (name, folder), result in zip(folders.items(), results):
         assert "error" not in result, (name, result.get("error"))

@@ -52,6 +52,9 @@ from heapr_serve.ab.shadow import Shadow
 from heapr_serve.ab.wire import ARM_HEADER, GENERATION_PATHS, HOP_BY_HOP, MAX_HEAD_BYTES, PROXY_KEY_HEADER, _describe, _error
 
 
+MODEL_REFRESH_POLLS = 5  # health polls between re-reads of an arm's model label
+
+
 @dataclass
 class ProxyConfig:
     a_url: str
@@ -114,6 +117,7 @@ class ABProxy:
         self.ramp = None if not cfg.ramp_steps else Ramp(cfg.ramp_steps, cfg.step_after, cfg.ramp_checks,
                                                          Path(cfg.ramp_state) if cfg.ramp_state else None, self.metrics)
         self.active = 0  # generation requests being handled (the --max-inflight limit)
+        self.polls = 0  # health checks so far
         self.starlette = Starlette(
             routes=[
                 Route("/v1/completions", self.completions, methods=["POST"]),
@@ -185,15 +189,18 @@ class ABProxy:
             await self.check_health(report=False)
 
     async def check_health(self, report: bool) -> None:
-        """Poll each arm's /health, and its /v1/models for the model label: on every poll, so that a
-        label learned late (an arm down at start) or changed by a redeploy is current."""
+        """Poll each arm's /health, and its /v1/models for the model label: while it is unknown, when
+        the arm comes back up, and every MODEL_REFRESH_POLLS polls, so that a label learned late (an
+        arm down at start) or changed by a redeploy is current, without a second request on every poll."""
+        self.polls += 1
         for arm in self.arms.values():
             try:
                 r = await arm.client.get("/health", timeout=min(2.0, self.cfg.timeout))
                 up, error = r.status_code == 200, "" if r.status_code == 200 else f"/health answered {r.status_code}"
             except httpx.HTTPError as exc:
                 up, error = False, _describe(exc)
-            if up and not arm.rewrite_model:
+            refresh = arm.model == "unknown" or not arm.up or self.polls % MODEL_REFRESH_POLLS == 0
+            if up and refresh and not arm.rewrite_model:
                 with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
                     r = await arm.client.get("/v1/models", timeout=min(2.0, self.cfg.timeout))
                     model = str(r.json()["data"][0]["id"])

@@ -196,10 +196,57 @@ def test_failures_count_and_timeouts_are_censored_latency_samples():
     assert _error_ratio({"a": a, "b": b, "b_over_a": r}) == "B only (20.0%)"
 
 
+def _simulated_blocks(rng, slowdown: float, blocks: int = 4, n: int = 6):
+    """One bench level's ABBA blocks from a model of the noise a live run has: a drift shared by the
+    two arms' blocks k (they run next to each other in time) and per-request jitter of every latency."""
+    from heapr_serve.ab.bench import Result
+    from heapr_serve.ab.intervals import Block
+
+    out = {"a": [], "b": []}
+    for _ in range(blocks):
+        drift = rng.lognormal(0, 0.05)
+        for arm, factor in (("a", 1.0), ("b", slowdown)):
+            results = []
+            for _ in range(n):
+                ttft = 0.012 * drift * rng.lognormal(0, 0.1)
+                itl = list(0.004 * drift * factor * rng.lognormal(0, 0.1, 7))
+                results.append(Result(ok=True, e2e=ttft + sum(itl), ttft=ttft, tpot=sum(itl) / 7, itl=itl,
+                                      output_tokens=8))
+            out[arm].append(Block(results, duration=sum(r.e2e for r in results) / 2))
+    return out
+
+
+def test_intervals_are_wrong_at_most_as_often_as_they_say():
+    """The statistics on their own, on simulated runs (deterministic): two arms with the same latency
+    distribution get some interval that misses 1.0 in at most ~5% of runs (all of a level's ratios
+    together, Bonferroni), and an arm 25% slower per token is told apart in almost every run."""
+    import numpy as np
+
+    from heapr_serve.ab.bench import RATIO_KEYS
+    from heapr_serve.ab.intervals import ratio_intervals
+
+    rng = np.random.default_rng(0)
+    runs = 200
+    wrong = 0
+    for _ in range(runs):
+        blocks = _simulated_blocks(rng, 1.0)
+        intervals = ratio_intervals(blocks["a"], blocks["b"], RATIO_KEYS)
+        wrong += any(iv is not None and not iv[0] <= 1.0 <= iv[1] for iv in intervals.values())
+    assert wrong <= 0.08 * runs, wrong
+    seen = 0
+    for _ in range(50):
+        blocks = _simulated_blocks(rng, 1.25)
+        lo, hi = ratio_intervals(blocks["a"], blocks["b"], RATIO_KEYS)["itl_ms_mean"]
+        seen += lo > 1.0
+    assert seen >= 45, seen
+
+
 def test_intervals_see_a_real_difference_and_none_between_one_server_and_itself(stubs, tmp_path, monkeypatch):
     """B's stub 4x faster per token: its ITL and E2E intervals lie below 1 ("B better"). Both arms the
     same server: on each of 3 runs every B/A interval holds 1.0 ("no difference measured"), whatever
-    the ratio itself came out as."""
+    the ratio itself came out as. At the default 95% three runs of fourteen ratios would all hold 1.0
+    only ~6 times in 7 even with perfect statistics (the test above checks that rate), so these runs
+    ask for 99.9%: a suite that fails by design is no use to anyone."""
     a, b = stubs
     run_cli(monkeypatch, "bench", "--a", a, "--b", b, "--concurrency", "2", "--num-prompts", "24", "--input-len", "16",
             "--output-len", "8", "--blocks", "4", "--settle", "0", "--out", str(tmp_path / "faster"))
@@ -216,13 +263,17 @@ def test_intervals_see_a_real_difference_and_none_between_one_server_and_itself(
             out = tmp_path / f"same{run}"
             run_cli(monkeypatch, "bench", "--a", url, "--b", url, "--concurrency", "2", "--num-prompts", "24",
                     "--input-len", "16", "--output-len", "8", "--blocks", "4", "--settle", "0", "--seed", str(run),
-                    "--out", str(out))
-            level = json.loads((out / "results.json").read_text())["levels"][0]
+                    "--confidence", "0.999", "--out", str(out))
+            report = json.loads((out / "results.json").read_text())
+            assert report["confidence"] == 0.999
+            level = report["levels"][0]
             intervals = level["b_over_a_interval"]
             assert all(intervals[k] is not None for k in ("ttft_ms_p50", "itl_ms_mean", "e2e_ms_p50", "output_tokens_per_s"))
             assert intervals["itl_ms_p99"] is None  # 168 gaps: too few beyond the p99 for a bootstrap to bound it
             for name, interval in intervals.items():
                 assert interval is None or interval[0] <= 1.0 <= interval[1], (run, name, interval, level["b_over_a"][name])
-            assert "B better" not in (out / "results.md").read_text() and "B worse" not in (out / "results.md").read_text()
+            md = (out / "results.md").read_text()
+            assert "B/A with 99.9% intervals" in md
+            assert "B better" not in md and "B worse" not in md
     finally:
         stop(server)

@@ -281,6 +281,7 @@ class Plan:
     warmup: int
     seed: int
     settle: float = 0.0  # idle seconds before each alternate block
+    confidence: float = 0.95  # of each level's intervals, all of them together
 
 
 class Bench:
@@ -415,7 +416,7 @@ class Bench:
                     dur[name] += d
                     blocks[name].append(Block(r, d))
         sa, sb = summarize(res["a"], dur["a"]), summarize(res["b"], dur["b"])
-        intervals = ratio_intervals(blocks["a"], blocks["b"], RATIO_KEYS, seed=plan.seed)
+        intervals = ratio_intervals(blocks["a"], blocks["b"], RATIO_KEYS, level=plan.confidence, seed=plan.seed)
         return {plan.mode: level, "blocks": nblocks, "order": "".join(order).upper(),
                 "block_seconds": {n: [round(blk.duration, 4) for blk in bs] for n, bs in blocks.items()},
                 "a": sa, "b": sb, "b_over_a": ratios(sa, sb), "b_over_a_interval": intervals}
@@ -620,6 +621,9 @@ def bench_command(
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Also serve the "
                                                "heapr_ab_* metrics on this port while running."),
     seed: int = typer.Option(0, "--seed", help="Seed for synthetic prompts and arrivals."),
+    confidence: float = typer.Option(0.95, "--confidence", min=0.5, max=0.9999, help="Confidence of each level's "
+                                     "B/A intervals, all of them together (a level with six ratios and 0.95 is "
+                                     "wrong about one of them at most 5% of the time)."),
 ) -> None:
     """Benchmark dense (A) against pruned (B) on the same prompts; writes JSON, Markdown and a plot."""
     if request_rate:
@@ -651,7 +655,7 @@ def bench_command(
     plan = Plan(mode=mode, levels=levels, num_prompts=num_prompts, schedule=schedule,
                 blocks=blocks, max_concurrency=max_concurrency, endpoint=endpoint,
                 output_len=output_len, input_len=input_len, ignore_eos=ignore_eos,
-                warmup=warmup, seed=seed, settle=settle)
+                warmup=warmup, seed=seed, settle=settle, confidence=confidence)
     arms = {"a": BenchArm("a", url_a, model_a or "", source=a), "b": BenchArm("b", url_b, model_b or "", source=b)}
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     metrics = ABMetrics()
@@ -723,7 +727,7 @@ def _write_reports(folder: Path, arms, plan: Plan, prompts, metrics: ABMetrics, 
     command = "heapr-serve " + " ".join(_quote(x) for x in sys.argv[1:])
 
     report = {
-        "tool": "heapr-serve bench", "command": command, "schedule": describe_schedule(plan),
+        "tool": "heapr-serve bench", "command": command, "schedule": describe_schedule(plan), "confidence": plan.confidence,
         "plan": asdict(plan),
         "arms": {n: {"source": arm.source, "url": arm.url, "model": arm.model,
                      "served_here": arm.served_here} for n, arm in arms.items()},

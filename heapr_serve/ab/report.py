@@ -51,7 +51,8 @@ def markdown_report(report: dict) -> str:
             f"{_fmt(r['e2e_ms_p50'], 2)} / {_fmt(r['e2e_ms_p90'], 2)} / {_fmt(r['e2e_ms_p99'], 2)} | "
             f"{_fmt(r['output_tokens_per_s'], 2)} | {_fmt(r['requests_per_s'], 2)} | {_error_ratio(lv)} |")
     if any(lv.get("b_over_a_interval") for lv in report["levels"]):
-        lines += ["", "B/A with 95% intervals (paired over blocks, for all of a level's ratios together; one block: a "
+        pct = f"{report.get('confidence', 0.95) * 100:g}%"
+        lines += ["", f"B/A with {pct} intervals (paired over blocks, for all of a level's ratios together; one block: a "
                   "paired bootstrap over prompts; an interval holding 1.0 means no difference was measured):", "",
                   f"| {xname} | " + " | ".join(label for label, _, _ in VERDICT_KEYS) + " |",
                   "|---|" + "---|" * len(VERDICT_KEYS)]
@@ -131,7 +132,7 @@ def plot_report(report: dict, path: Path) -> bool:
                      label=label)
     ax3.axhline(1.0, color="grey", lw=0.8)
     ax3.set_ylabel("B / A")
-    ax3.set_title("B/A ratio, 95% interval", fontsize=10)
+    ax3.set_title(f"B/A ratio, {report.get('confidence', 0.95) * 100:g}% interval", fontsize=10)
     ax3.legend(fontsize=7)
     xl = "concurrency" if mode == "concurrency" else "request rate (req/s)"
     for ax in (ax1, ax2, ax3):

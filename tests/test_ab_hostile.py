@@ -4,7 +4,9 @@ Every malformed, binary, empty, pathologically nested, wrongly typed or oversize
 repeated headers, clients that send slowly or stop reading, and clients that vanish mid-request get
 a 4xx or a clean close: never a 5xx, never a crash, never anything sent to an arm, and never an
 effect on the well-behaved requests around them. One stub serves as both arms; the proxy runs
-in this process under the server configuration of the command, with --client-timeout 1 s.
+in this process under the server configuration of the command, with --client-timeout 1 s. All of it
+twice: without shadow comparisons and with every request shadowed (`--shadow-rate 1`), where a good
+request also brings its two probes to the arms, and a bad one still brings nothing.
 """
 
 from __future__ import annotations
@@ -26,24 +28,30 @@ from tests.helpers.openai_stub import ServerThread, free_port, start_stub, stop
 MAX_BODY = 10_000
 
 
-@pytest.fixture(scope="module")
-def env():
+@pytest.fixture(scope="module", params=[0.0, 1.0], ids=["no shadow", "all shadowed"])
+def env(request):
     port = free_port()
     stub = start_stub(port, "stub", ttft=0.0, token_delay=0.01)
     upstream = f"http://127.0.0.1:{port}"
     cfg = ProxyConfig(a_url=upstream, b_url=upstream, share_b=0.5, max_body_bytes=MAX_BODY,
-                      client_timeout=1.0)
+                      client_timeout=1.0, shadow_rate=request.param)
     ab = ABProxy(cfg)
     pport = free_port()
     srv = ServerThread(ab.app, pport, server_config(ab.app, "127.0.0.1", pport, cfg.client_timeout))
     try:
         with srv:
-            yield {"url": srv.url, "port": pport, "upstream": upstream, "server": srv}
+            yield {"url": srv.url, "port": pport, "upstream": upstream, "server": srv, "proxy": ab,
+                   "per_request": 3 if request.param else 1}  # requests an arm sees per good request
     finally:
         stop(stub)
 
 
 def _started(env) -> int:
+    """Requests the arm has started, once no shadow probe is still on its way."""
+    deadline = time.monotonic() + 10
+    while env["proxy"].shadow.inflight:
+        assert time.monotonic() < deadline, "shadow probes still in flight"
+        time.sleep(0.05)
     return httpx.get(env["upstream"] + "/stats", timeout=5).json()["started"]
 
 
@@ -195,7 +203,8 @@ def test_slow_and_vanishing_clients_do_not_hold_the_proxy(env):
     text = httpx.get(env["url"] + "/metrics", timeout=5).text
     assert read_counter_sum(text, "heapr_ab_rejected_total", reason="slow_client") >= 1
     assert read_counter_sum(text, "heapr_ab_rejected_total", reason="client_gone") >= 1
-    assert _started(env) == started + 2  # the reset stream and the one good request, nothing else
+    # the reset stream and the one good request (each with its two probes when shadowed), nothing else
+    assert _started(env) == started + 2 * env["per_request"]
     _ok(env)
 
 
@@ -211,4 +220,9 @@ def test_nothing_is_left_behind(env):
     time.sleep(0.2)  # the last exchange records itself just after its final byte went out
     gc.collect()
     assert not [o for o in gc.get_objects() if type(o) is Exchange]
+    assert env["proxy"].shadow.inflight == 0
+    if env["per_request"] > 1:  # shadowed: every good request was compared, none failed
+        text = httpx.get(env["url"] + "/metrics", timeout=5).text
+        assert read_counter_sum(text, "heapr_ab_shadow_total", result="match") >= 5
+        assert read_counter_sum(text, "heapr_ab_shadow_total", result="failed") == 0
     assert env["server"].thread.is_alive()

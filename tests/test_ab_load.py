@@ -9,6 +9,11 @@ with SIGKILL. Every request must be answered or get a clear error (an HTTP 502/5
 error body, or an SSE error event for a stream that B was serving when it died), and the proxy's
 per-arm counters must add up to the requests sent. (That no request leaves state behind is checked
 in-process, in tests/test_ab_hostile.py.)
+
+Both tests run twice: without and with shadow comparisons (`--shadow-rate 0.25`): shadowing may add
+probes to the arms, never a user-visible error, a request to the user's counters or latency
+histograms, or a wait for one of the users' connections. The last test times users' requests through
+two proxies in front of the same arms, one shadowing and one not, in alternating blocks.
 """
 
 from __future__ import annotations
@@ -78,24 +83,49 @@ async def drive(url: str, n: int, concurrency: int = CONCURRENCY, on_done=None) 
     return results
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("abload")
-    pa, pb, pp = free_port(), free_port(), free_port()
-    sa = start_stub(pa, "dense-stub", ttft=0.03, token_delay=0.01)
-    sb = start_stub(pb, "pruned-stub", ttft=0.03, token_delay=0.01)
+SHADOW = ["--shadow-rate", "0.25", "--shadow-max-inflight", "4"]
+
+
+def _proxy(tmp, pa: int, pb: int, extra: list[str], name: str = "proxy"):
+    pp = free_port()
     proxy = spawn([heapr_serve_exe(), "ab-proxy", "--a", f"http://127.0.0.1:{pa}",
                    "--b", f"http://127.0.0.1:{pb}", "--share-b", "0.1", "--port", str(pp),
                    "--timeout", str(PROXY_TIMEOUT), "--connect-timeout", "2",
-                   "--max-connections", str(POOL), "--health-interval", "0.5"], tmp / "proxy.log")
+                   "--max-connections", str(POOL), "--health-interval", "0.5", *extra], tmp / f"{name}.log")
     url = f"http://127.0.0.1:{pp}"
+    wait_http(url + "/health", proxy, timeout=120)
+    return proxy, url
+
+
+@pytest.fixture(scope="module", params=["no shadow", "shadow"])
+def rig(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("abload")
+    pa, pb = free_port(), free_port()
+    sa = start_stub(pa, "dense-stub", ttft=0.03, token_delay=0.01)
+    sb = start_stub(pb, "pruned-stub", ttft=0.03, token_delay=0.01)
+    shadow = request.param == "shadow"
+    procs = [sa, sb]
     try:
-        wait_http(url + "/health", proxy, timeout=120)
+        proxy, url = _proxy(tmp, pa, pb, SHADOW if shadow else [])
+        procs.append(proxy)
         yield {"url": url, "proxy": proxy, "a": f"http://127.0.0.1:{pa}",
-               "b": f"http://127.0.0.1:{pb}", "sb": sb}
+               "b": f"http://127.0.0.1:{pb}", "sb": sb, "shadow": shadow}
     finally:
-        for p in (proxy, sa, sb):
+        for p in procs:
             stop(p)
+
+
+def _shadow_settled(url: str) -> dict[str, float]:
+    """The proxy's shadow counters by result, once no probe is in flight (they stop changing)."""
+    last = None
+    for _ in range(100):
+        text = httpx.get(url + "/metrics", timeout=5).text
+        now = {r: read_counter_sum(text, "heapr_ab_shadow_total", result=r) for r in ("match", "differ", "failed", "dropped")}
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.3)
+    raise AssertionError(f"shadow probes still in flight: {last}")
 
 
 def _mean(text: str, name: str, **labels: str) -> tuple[float, float]:
@@ -106,6 +136,12 @@ def _mean(text: str, name: str, **labels: str) -> tuple[float, float]:
 def test_unequal_shares_measure_each_arm_as_it_measures_itself(rig):
     results = asyncio.run(drive(rig["url"], 160, concurrency=24))
     assert {r["kind"] for r in results} == {"ok"}
+    probes = 0.0  # shadow probes each arm answered besides the users' requests
+    if rig["shadow"]:
+        shadow = _shadow_settled(rig["url"])
+        print(f"\nshadow comparisons: {shadow}", end="")
+        assert shadow["match"] >= 10 and shadow["differ"] == shadow["failed"] == 0, shadow  # same stubs: same answers
+        probes = shadow["match"]
     proxy_text = httpx.get(rig["url"] + "/metrics", timeout=5).text
     waits = {}
     for arm in "ab":
@@ -116,8 +152,8 @@ def test_unequal_shares_measure_each_arm_as_it_measures_itself(rig):
             reported, n_own = _mean(own, theirs)
             print(f"\narm {arm} {ours}: proxy {measured * 1000:.1f} ms, arm itself "
                   f"{reported * 1000:.1f} ms (n={n:.0f})", end="")
-            if ours == "heapr_ab_e2e_latency_seconds":
-                assert n == n_own, (arm, ours, n, n_own)  # every request, both sides
+            if ours == "heapr_ab_e2e_latency_seconds":  # every request, both sides, + the (unstreamed) probes
+                assert n == sum(r["arm"] == arm for r in results) and n + probes == n_own, (arm, ours, n, n_own, probes)
             else:
                 assert n == n_own, (arm, ours, n, n_own)  # streamed requests, both sides
             assert reported <= measured + 1e-3  # the arm's interval lies inside the proxy's
@@ -173,3 +209,38 @@ def test_500_requests_arm_killed_mid_run(rig):
     assert read_counter_sum(text, "heapr_ab_upstream_up", arm="b") == 0
     assert read_counter_sum(text, "heapr_ab_in_flight") == 0
     assert rig["proxy"].poll() is None
+    if rig["shadow"]:
+        shadow = _shadow_settled(url)
+        print(f"shadow comparisons: {shadow}")
+        assert shadow["match"] > 0 and shadow["failed"] > 0  # probes to the dead arm fail, counted, not retried
+
+
+def test_shadowing_costs_users_only_its_share_of_the_arms(tmp_path):
+    """Users' requests through a shadowing proxy and a plain one, in front of the same arms, in
+    alternating blocks: the same answers, and end-to-end latency within the share of work the probes
+    add to the arms (0.25 of requests probe both arms: at most +50% of the arms' work on these stubs,
+    whose answers are timers, so far less in practice; bounded at 1.35x)."""
+    pa, pb = free_port(), free_port()
+    procs = [start_stub(pa, "dense-stub", ttft=0.03, token_delay=0.01),
+             start_stub(pb, "pruned-stub", ttft=0.03, token_delay=0.01)]
+    try:
+        plain, url_plain = _proxy(tmp_path, pa, pb, [], "plain")
+        procs.append(plain)
+        shadowing, url_shadow = _proxy(tmp_path, pa, pb, SHADOW, "shadowing")
+        procs.append(shadowing)
+        means = {"plain": [], "shadow": []}
+        for block in range(4):
+            order = (("plain", url_plain), ("shadow", url_shadow)) if block % 2 == 0 else (("shadow", url_shadow), ("plain", url_plain))
+            for name, url in order:
+                results = asyncio.run(drive(url, 36, concurrency=12))
+                assert {r["kind"] for r in results} == {"ok"}, (name, {r["kind"] for r in results})
+                means[name].append(sum(r["s"] for r in results) / len(results))
+        shadow = _shadow_settled(url_shadow)
+        ratio = sorted(s / p for s, p in zip(means["shadow"], means["plain"]))[len(means["plain"]) // 2]
+        print(f"\nmean user E2E per block, ms: plain {[round(x * 1000) for x in means['plain']]}, "
+              f"shadowing {[round(x * 1000) for x in means['shadow']]}; median ratio {ratio:.3f}; shadow {shadow}")
+        assert shadow["match"] >= 30, shadow
+        assert ratio <= 1.35, ratio
+    finally:
+        for p in procs:
+            stop(p)

@@ -172,6 +172,8 @@ class ABProxy:
         for arm in self.arms.values():
             arm.client = httpx.AsyncClient(base_url=arm.url, timeout=timeout, limits=limits,
                                            follow_redirects=False, trust_env=False)
+        if cfg.shadow_rate:
+            self.shadow.open_clients(timeout)
         await self.check_health(report=True)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._health_loop)
@@ -182,6 +184,7 @@ class ABProxy:
                 tg.cancel_scope.cancel()
         for arm in self.arms.values():
             await arm.client.aclose()
+        await self.shadow.close_clients()
 
     async def _health_loop(self) -> None:
         while True:

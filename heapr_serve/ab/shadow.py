@@ -5,7 +5,9 @@ prompt and parameters, greedy, not streamed, at most `--shadow-max-tokens` token
 log-probabilities of each token. The user's request is proxied exactly as without shadowing; the
 probes are extra requests of the proxy's own, run beside it, bounded by their own limit
 (`--shadow-max-inflight`; over it a probe is dropped, first, and counted), never retried, and never
-part of the user-facing latency metrics. Greedy probes, not the user's sampled answer, because two
+part of the user-facing latency metrics. They go over connections of their own (one pool per arm, of
+`--shadow-max-inflight` connections), so a probe never holds one of the `--max-connections` a user's
+request would wait for: what shadowing costs users is only its share of the servers' work. Greedy probes, not the user's sampled answer, because two
 samples of one model differ too: only greedy outputs say whether the two arms compute the same.
 
 Compared, the arm the request was assigned to being the primary: whether the two greedy outputs are
@@ -35,10 +37,23 @@ class Shadow:
         self.rng = random.Random(None if seed is None else seed + 1)
         self.inflight = 0
         self.tasks = None  # the proxy's task group, set when it starts
+        self.clients: dict[str, httpx.AsyncClient] = {}  # per arm, apart from the users' pools
+
+    def open_clients(self, timeout: httpx.Timeout) -> None:
+        limits = httpx.Limits(max_connections=self.max_inflight, max_keepalive_connections=self.max_inflight,
+                              keepalive_expiry=30)
+        for name, arm in self.proxy.arms.items():
+            self.clients[name] = httpx.AsyncClient(base_url=arm.url, timeout=timeout, limits=limits,
+                                                   follow_redirects=False, trust_env=False)
+
+    async def close_clients(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+        self.clients = {}
 
     def maybe_probe(self, path: str, payload: dict, headers: list, primary: str) -> None:
         """Sample this request for a shadow comparison, and start it (or count it dropped)."""
-        if not self.rate or self.tasks is None or self.rng.random() >= self.rate:
+        if not self.rate or self.tasks is None or not self.clients or self.rng.random() >= self.rate:
             return
         m, arm = self.proxy.metrics, self.proxy.arms[primary]
         if self.inflight >= self.max_inflight:
@@ -61,7 +76,7 @@ class Shadow:
         return json.dumps(body).encode()
 
     async def _ask(self, arm, path: str, payload: dict, headers: list) -> dict:
-        r = await arm.client.post(path, content=self._probe_body(arm, path, payload), headers=headers,
+        r = await self.clients[arm.name].post(path, content=self._probe_body(arm, path, payload), headers=headers,
                                   timeout=httpx.Timeout(self.proxy.cfg.timeout, connect=self.proxy.cfg.connect_timeout))
         if r.status_code != 200:
             raise ValueError(f"arm {arm.name} answered {r.status_code}")

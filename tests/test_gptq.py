@@ -91,6 +91,24 @@ def test_streamed_gptq_writes_the_same_tensors(pruned, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=float(a[k].abs().max()) * 2**-7 if a[k].is_floating_point() else 0)
 
 
+def test_hessians_summed_one_expert_at_a_time_give_the_same_tensors(pruned, tmp_path, monkeypatch):
+    """The routed experts' Hessians are summed in chunks that fit a tenth of the layer (the streamed
+    memory bound); the chunking must not change a single value: one expert per chunk (a pass over
+    the layer's inputs for each) writes exactly what the default chunks wrote."""
+    import heapr_serve.quantize.gptq_pass as gptq_pass
+
+    _, folders = pruned
+    chunks = []
+    real = gptq_pass.experts_per_chunk
+    monkeypatch.setattr(gptq_pass, "HESSIAN_SHARE", 1e-12)
+    monkeypatch.setattr(gptq_pass, "experts_per_chunk", lambda *a, **k: chunks.append(real(*a, **k)) or chunks[-1])
+    code, _, err = run_cli("compress", EXAMPLE_MODEL, "-o", tmp_path / "c", "--ratio", "0.25", *CALIB, "--quantize", "w4a16")
+    assert code == 0, err[-3000:]
+    assert chunks and set(chunks) == {1}
+    a, b = (load_file(next(f.glob("model*.safetensors"))) for f in (folders["gptq"], tmp_path / "c"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_apply_quantize_equals_compress_quantize(pruned, tmp_path):
     _, folders = pruned
     code, _, err = run_cli("apply", folders["bf16"], "-o", tmp_path / "a", "--ratio", "0.25", "--quantize", "w4a16")

@@ -13,8 +13,12 @@ computes, as llm-compressor's sequential pipeline does. Each layer's compressed 
 at once (heapr_serve.prune.updates' LayerUpdates, keyed by transformers module name). Under torchrun
 the Hessians are summed across ranks and every rank quantizes alike.
 
-The routed experts' Hessians (E x H x H float32) are summed in chunks of experts that fit
-HESSIAN_BUDGET, one pass over the layer's inputs per chunk.
+The routed experts' Hessians (E x H x H float32: for a 64-expert layer of hidden 1024, 256 MiB, as much
+as half the layer) are summed in chunks of experts, one pass over the layer's inputs per chunk, so that
+the Hessians held at once stay within a tenth of the layer's own weights (HESSIAN_SHARE, at most
+HESSIAN_BUDGET): `--streamed` keeps its memory bound with GPTQ. Each expert's Hessians are dropped as
+soon as it is quantized. The attention and shared-expert weights are quantized after the last chunk,
+so every chunk sees the same layer inputs and the result does not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -37,7 +41,18 @@ from heapr_serve.score import distributed
 from heapr_serve.score.observers import ExpertObserver
 from heapr_serve.score.streamed import StreamedPass
 
-HESSIAN_BUDGET = 2 * 1024**3  # bytes of routed-expert Hessians summed at once
+HESSIAN_BUDGET = 2 * 1024**3  # bytes of routed-expert Hessians summed at once, at most
+HESSIAN_SHARE = 0.1  # ... and at most this share of the decoder layer's weight bytes
+
+
+def experts_per_chunk(module: nn.Module, num_experts: int, hidden: int, width: int, budget: int | None = None) -> int:
+    """Routed experts whose Hessians (gate/up H x H, down width x width, float32) are summed at once."""
+    if not num_experts:
+        return 1
+    if budget is None:
+        layer_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        budget = min(HESSIAN_BUDGET, int(HESSIAN_SHARE * layer_bytes))
+    return max(1, min(num_experts, budget // (4 * (hidden * hidden + width * width))))
 
 
 class _Hessians(ExpertObserver):
@@ -102,7 +117,7 @@ def _linears(module: nn.Module, modules: set[str], prefix: str) -> dict[str, nn.
 
 def gptq_pass(source: Path, family: Family, plan: PruningPlan | None, batches: list, dtype: torch.dtype,
               device: torch.device, folder: Path, scheme: QuantizationScheme, fmt: str, modules: set[str],
-              updates=None, activations_dir: Path | None = None, on_layer=None) -> LayerUpdates:
+              updates=None, activations_dir: Path | None = None, on_layer=None, chunk_budget: int | None = None) -> LayerUpdates:
     """GPTQ every Linear of the (pruned) model named in `modules` (transformers module names, routed
     experts as "model.layers.{l}.mlp.experts.{e}.gate_proj"); returns the store of compressed tensors,
     keyed per layer by module name and part ("model.layers.{l}.self_attn.q_proj.weight_packed")."""
@@ -126,8 +141,10 @@ def gptq_pass(source: Path, family: Family, plan: PruningPlan | None, batches: l
         linears = _linears(module, modules, prefix)
         tensors: dict[str, torch.Tensor] = {}
         num_experts, hidden = _expert_dims(block)
-        chunk = max(1, HESSIAN_BUDGET // max(1, hidden * hidden * 4)) if num_experts else 1
+        width = block.experts.gate_up_proj.shape[1] // 2 if num_experts else 0
+        chunk = experts_per_chunk(module, num_experts, hidden, width, chunk_budget)
         starts = list(range(0, num_experts, chunk)) or [0]
+        linear_hessians: dict[str, torch.Tensor] = {}
         for i, start in enumerate(starts):
             observer = _Hessians(linears if i == 0 else {}, range(start, min(start + chunk, num_experts)), kept, hidden, device)
             try:
@@ -137,12 +154,12 @@ def gptq_pass(source: Path, family: Family, plan: PruningPlan | None, batches: l
             sums = {**{f"l.{n}": h for n, h in observer.linear.items()}, **{f"gu.{e}": h for e, h in observer.gate_up.items()},
                     **{f"d.{e}": h for e, h in observer.down.items()}}
             distributed.all_reduce_sums(ranks, sums, device)
-            if i == 0:
-                for name, m in linears.items():
-                    tensors.update(_quantize(store, f"{prefix}{name}", m.weight, observer.linear.get(name), scheme, fmt, source_dtype))
+            linear_hessians.update(observer.linear)
             if block is not None:
                 tensors.update(_quantize_experts(store, block, kept, observer, prefix, scheme, fmt, source_dtype, modules))
             del observer, sums
+        for name, m in linears.items():  # last: each chunk above saw the layer's inputs as they came
+            tensors.update(_quantize(store, f"{prefix}{name}", m.weight, linear_hessians.pop(name, None), scheme, fmt, source_dtype))
         store.put(layer, tensors)
         return True
 
@@ -184,6 +201,10 @@ def _quantize_experts(store, block, kept, observer: _Hessians, prefix: str, sche
     width = experts.gate_up_proj.shape[1] // 2
     out = {}
     for e in observer.experts:
+        if len(kept[e] if kept is not None else range(width)) == 0:
+            observer.gate_up.pop(e, None)
+            observer.down.pop(e, None)
+            continue
         k = (kept[e] if kept is not None else torch.arange(width)).to(experts.down_proj.device)
         if len(k) == 0:
             continue
@@ -191,8 +212,8 @@ def _quantize_experts(store, block, kept, observer: _Hessians, prefix: str, sche
         gate = experts.gate_up_proj[e, :width].index_select(0, k).clone()
         up = experts.gate_up_proj[e, width:].index_select(0, k).clone()
         down = experts.down_proj[e].index_select(1, k).clone()
-        h = observer.gate_up[e]
-        for proj, w, hess in (("gate_proj", gate, h), ("up_proj", up, h), ("down_proj", down, observer.down.get(e))):
+        h = observer.gate_up.pop(e)  # dropped once this expert is done: the chunk's peak, not the layer's
+        for proj, w, hess in (("gate_proj", gate, h), ("up_proj", up, h), ("down_proj", down, observer.down.pop(e, None))):
             if f"{base}{proj}" not in modules:
                 continue
             out.update(_quantize(store, f"{base}{proj}", w, hess, scheme, fmt, source_dtype))

@@ -578,3 +578,32 @@ if __name__ == "__main__":
         _run_interpreted(int(sys.argv[2]))
     else:
         sys.exit("usage: TRITON_INTERPRET=1 python tests/test_ragged_moe_triton.py --interpreted SEED")
+
+
+def test_kernel_choice_is_said_and_only_a_missing_import_means_absent(monkeypatch):
+    """`ragged_op_status` says why the ragged CUDA kernel is usable or not; a kernel module that
+    fails in any other way than a missing import is an error to see, not a silent fall back."""
+    import importlib.abc
+
+    import model_patches.vllm.kernels.ragged_moe_triton  # noqa: F401  (registers the op)
+    from model_patches.vllm.layer import ragged_op_status
+
+    ok, why = ragged_op_status()
+    assert ok and "heapr::ragged_fused_moe" in why
+
+    class Broken(importlib.abc.MetaPathFinder):
+        def __init__(self, exc):
+            self.exc = exc
+
+        def find_spec(self, name, path=None, target=None):
+            if name == "model_patches.vllm.kernels.ragged_moe_triton":
+                raise self.exc
+            return None
+
+    monkeypatch.delitem(sys.modules, "model_patches.vllm.kernels.ragged_moe_triton")
+    monkeypatch.setattr(sys, "meta_path", [Broken(ImportError("no module named triton")), *sys.meta_path])
+    ok, why = ragged_op_status()
+    assert not ok and "does not import" in why and "triton" in why
+    sys.meta_path[0] = Broken(RuntimeError("a bug in the kernel module"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        ragged_op_status()

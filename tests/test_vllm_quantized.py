@@ -96,7 +96,7 @@ def test_w4a16_pruned_is_exact_against_the_dequantized_model(pair, w4a16_engines
     reference = dequantized_copy(q, root / "pruned-w4a16-float")
     result = results["rtn"]
     assert "error" not in result, result.get("error")
-    assert "pack-quantized group), backend dequant" in log
+    assert "pack-quantized group), backend dequant (the scheme is not zentorch's" in log  # which kernel, and why
     worst = 0.0
     prompts = _prompt_ids(q)
     refs = [_reference(reference, p, t) for p, t in zip(prompts, result["tokens"])]

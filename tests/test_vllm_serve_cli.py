@@ -126,3 +126,4 @@ def test_serve_openai_endpoints(folders, tmp_path):
         check_openai_api(server.url, which, folder)
     err = (tmp_path / "server.log").read_text()
     assert "heapr-serve: serving" in err and "pruned qwen3_moe" in err
+    assert "heapr-serve: routed experts (silu): backend cpu (the CPU engine" in err  # which kernel, and why

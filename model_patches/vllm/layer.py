@@ -68,13 +68,25 @@ def _cpu_isa(dtype: torch.dtype) -> str:
     return "vec"
 
 
-def _ragged_op_available() -> bool:
+def ragged_op_status() -> tuple[bool, str]:
+    """(usable, why) of the ragged CUDA kernel. Only a missing import means "absent": any other error
+    of the kernel module is a bug that must be seen, not a silent fall back to slower buckets."""
     try:
         import model_patches.vllm.kernels.ragged_moe_triton as ragged
+    except ImportError as exc:
+        return False, f"the ragged kernel does not import ({exc})"
+    if not ragged.HAS_TRITON:
+        return False, "Triton is not installed"
+    if not hasattr(torch.ops.heapr, "ragged_fused_moe"):
+        return False, "the heapr::ragged_fused_moe op is not registered"
+    return True, "Triton and the heapr::ragged_fused_moe op are available"
 
-        return bool(ragged.HAS_TRITON) and hasattr(torch.ops.heapr, "ragged_fused_moe")
-    except Exception:  # the GPU kernel is optional; stock Triton buckets are the fallback
-        return False
+
+def say_backend(what: str, backend: str, why: str) -> None:
+    """Once per layer type (vLLM's info_once keys on the message): which kernel runs, and why."""
+    from vllm.logger import init_logger
+
+    init_logger("vllm.heapr_serve").info_once("heapr-serve: %s: backend %s (%s)", what, backend, why)
 
 
 class HeaprMoEMethodBase(FusedMoEMethodBase):
@@ -112,16 +124,21 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
         if self.bias and not current_platform.is_cpu():
             raise HeaprError("pruned experts with biases (gpt-oss) are served on the CPU engine for now; the CUDA "
                              "kernels of the ragged layer have no expert biases yet")
+        why = "chosen by the caller"
         if backend is None:
+            ragged_ok, ragged_why = ragged_op_status() if current_platform.is_cuda() else (False, "not a CUDA platform")
             if current_platform.is_cpu():
-                backend = "cpu"
+                backend, why = "cpu", "the CPU engine: vLLM's CPU fused-MoE kernels per width bucket"
             elif len(set(self.widths)) == 1:
-                backend = "triton_buckets"  # unpruned (or uniformly pruned) layer: one stock fused_experts call
-            elif current_platform.is_cuda() and moe.activation.value == "silu" and _ragged_op_available():
-                backend = "ragged"
+                backend, why = "triton_buckets", "all experts one width: one stock fused_experts call"
+            elif moe.activation.value != "silu":
+                backend, why = "triton_buckets", f"activation {moe.activation.value}: the ragged kernel computes SiLU-and-mul only"
+            elif ragged_ok:
+                backend, why = "ragged", ragged_why
             else:
-                backend = "triton_buckets"
+                backend, why = "triton_buckets", ragged_why
         self.backend = backend
+        say_backend(f"routed experts ({moe.activation.value}{', biases' if self.bias else ''})", backend, why)
         # CPU grouped GEMM tiles the intermediate dim by 32; stock Triton buckets run any width, but
         # one call per distinct width would be up to E calls per layer, so they share 16-wide tiles
         self.tile = 32 if backend == "cpu" else 16 if backend == "triton_buckets" else 1

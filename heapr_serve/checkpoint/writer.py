@@ -84,6 +84,11 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
                        torch.float8_e5m2: "F8_E5M2"}
 
 
+# safetensors' dtype order (its Rust `Dtype` enum): a shard holds its tensors widest dtype first
+_DTYPE_RANK = {name: i for i, name in enumerate(["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
+                                                  "I32", "U32", "F32", "F64", "I64", "U64"])}
+
+
 class _ShardWriter:
     """Writes safetensors shards one tensor at a time: each tensor's bytes go to the shard's data file
     as soon as it is added, and the shard is assembled (header, then the data copied in chunks) when
@@ -123,12 +128,27 @@ class _ShardWriter:
         self.data.close()
         data_file, self.data = Path(self.data.name), None
         name = f"part-{len(self.files):05d}.safetensors"
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        # safetensors' own layout (widest dtype first, then by name), so the shard is byte for byte what
+        # `save_file` would have written
+        order = sorted(self.entries, key=lambda n: (-_DTYPE_RANK[self.entries[n]["dtype"]], n))
+        entries, offset = {}, 0
+        for n in order:
+            start, end = self.entries[n]["data_offsets"]
+            entries[n] = {**self.entries[n], "data_offsets": [offset, offset + end - start]}
+            offset += end - start
+        header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         with open(self.folder / name, "wb") as out, open(data_file, "rb") as data:
             out.write(struct.pack("<Q", len(header)))
             out.write(header)
-            shutil.copyfileobj(data, out, 16 << 20)
+            for n in order:
+                start, end = self.entries[n]["data_offsets"]
+                data.seek(start)
+                left = end - start
+                while left:
+                    chunk = data.read(min(left, 16 << 20))
+                    out.write(chunk)
+                    left -= len(chunk)
         data_file.unlink()
         self.files.append((name, list(self.entries)))
         self.entries, self.size = {}, 0

@@ -39,7 +39,7 @@ from heapr_serve.quantize.gptq import gptq_weight
 from heapr_serve.quantize.rtn import pack_weight
 from heapr_serve.score import distributed
 from heapr_serve.score.observers import ExpertObserver
-from heapr_serve.score.streamed import StreamedPass
+from heapr_serve.score.streamed import StreamedPass, release_host_memory
 
 HESSIAN_BUDGET = 2 * 1024**3  # bytes of routed-expert Hessians summed at once, at most
 HESSIAN_SHARE = 0.1  # ... and at most this share of the decoder layer's weight bytes
@@ -158,6 +158,7 @@ def gptq_pass(source: Path, family: Family, plan: PruningPlan | None, batches: l
             if block is not None:
                 tensors.update(_quantize_experts(store, block, kept, observer, prefix, scheme, fmt, source_dtype, modules))
             del observer, sums
+            release_host_memory()  # the chunk's freed buffers back to the OS, not left between the kept outputs
         for name, m in linears.items():  # last: each chunk above saw the layer's inputs as they came
             tensors.update(_quantize(store, f"{prefix}{name}", m.weight, linear_hessians.pop(name, None), scheme, fmt, source_dtype))
         store.put(layer, tensors)

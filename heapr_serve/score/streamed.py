@@ -103,10 +103,10 @@ def _unload(module: nn.Module) -> None:
     """Back to the meta device; freed host memory is handed back to the OS at once (glibc keeps freed
     blocks below its mmap threshold otherwise, and the next layer would come on top of them)."""
     module.to("meta")
-    _release_host_memory()
+    release_host_memory()
 
 
-def _release_host_memory() -> None:
+def release_host_memory() -> None:
     global _LIBC
     if _LIBC is None:
         try:

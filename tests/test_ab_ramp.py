@@ -91,3 +91,27 @@ def test_the_command_runs_a_ramp_with_shadow_comparisons(arms, tmp_path):
     finally:
         stop(proc)
     assert "ramp=5,100 (now 0.05)" in (tmp_path / "proxy.log").read_text()
+
+
+def test_status_reports_the_windows_ratios_with_intervals(arms):
+    """/ab/status is the proxy's report: the window's B/A median latencies with 95% intervals and a
+    reading. A slow B is "B slower" with its whole interval above 1; the statistics on their own
+    (deterministic): one latency sample against itself holds 1.0, and agreement gets a Wilson interval."""
+    from heapr_serve.ab.ramp import _Window, window_ratios
+
+    with proxy(arms["a"], arms["slow"], ramp_steps=[50, 100], step_after=10_000, seed=3,
+               ramp_checks=RampChecks(latency_ratio=100.0)) as srv:
+        _drive(srv.url, 40)
+        ratios = _status(srv.url)["window"]["ratios"]
+        e2e = ratios["e2e_p50"]
+        assert e2e["reading"] == "B slower" and e2e["interval"][0] > 1.0 and e2e["ratio"] > 2, ratios
+    w = _Window()
+    sample = [0.1 + 0.01 * ((i * 7) % 11) for i in range(40)]
+    w.e2e = {"a": sample, "b": list(reversed(sample))}
+    w.shadow_pairs, w.shadow_matches = 20, 15
+    r = window_ratios(w)
+    assert r["e2e_p50"]["reading"] == "no difference measured" and r["e2e_p50"]["interval"][0] <= 1.0 <= r["e2e_p50"]["interval"][1]
+    lo, hi = r["shadow_agreement"]["interval"]
+    assert lo < 0.75 < hi and r["shadow_agreement"]["share"] == 0.75
+    w.e2e = {"a": sample[:3], "b": sample[:3]}
+    assert window_ratios(w)["e2e_p50"]["reading"] == "too few requests for an interval"

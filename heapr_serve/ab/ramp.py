@@ -15,6 +15,10 @@ All pass: the next step, and a new window. One fails: the share goes to 0 at onc
 window: once B's failures alone exceed the error budget of a whole window, it rolls back. The state
 is a metric (`heapr_ab_ramp_*`), a JSON document (`GET /ab/status`), and, with `--ramp-state FILE`,
 a file written atomically on every change, from which a restarted proxy resumes.
+
+`/ab/status` is also the proxy's report of the window's ratios, each with its 95% interval (`window_ratios`):
+B/A median end-to-end latency and TTFT (a bootstrap over each arm's requests: live traffic is not paired),
+and the shadow agreement (a Wilson interval); "no difference measured" where the interval holds 1.0.
 """
 
 from __future__ import annotations
@@ -30,6 +34,43 @@ from pathlib import Path
 from heapr_serve.errors import HeaprError
 
 MIN_A = 5  # A's requests in a window, at least, for a ratio
+DRAWS = 1000
+
+
+def _median_ratio_interval(a: list[float], b: list[float], seed: int = 0) -> tuple[float, tuple[float, float] | None]:
+    """B/A of the medians and its 95% percentile-bootstrap interval (each arm resampled on its own)."""
+    import numpy as np
+
+    ratio = statistics.median(b) / max(statistics.median(a), 1e-9)
+    if len(a) < MIN_A or len(b) < MIN_A:
+        return ratio, None
+    rng = np.random.default_rng(seed)
+    xa, xb = np.asarray(a), np.asarray(b)
+    ma = np.median(xa[rng.integers(0, len(xa), (DRAWS, len(xa)))], axis=1)
+    mb = np.median(xb[rng.integers(0, len(xb), (DRAWS, len(xb)))], axis=1)
+    lo, hi = np.percentile(mb / np.maximum(ma, 1e-9), [2.5, 97.5])
+    return ratio, (float(lo), float(hi))
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def window_ratios(w: "_Window") -> dict:
+    """The window's B/A ratios with 95% intervals, and each one's reading."""
+    out = {}
+    for key, values in (("e2e_p50", w.e2e), ("ttft_p50", w.ttft)):
+        if values["a"] and values["b"]:
+            ratio, interval = _median_ratio_interval(values["a"], values["b"])
+            verdict = ("too few requests for an interval" if interval is None else "no difference measured"
+                       if interval[0] <= 1.0 <= interval[1] else "B faster" if interval[1] < 1.0 else "B slower")
+            out[key] = {"ratio": ratio, "interval": interval, "reading": verdict, "requests": {"a": len(values["a"]), "b": len(values["b"])}}
+    if w.shadow_pairs:
+        out["shadow_agreement"] = {"share": w.shadow_matches / w.shadow_pairs, "interval": _wilson(w.shadow_matches, w.shadow_pairs),
+                                   "pairs": w.shadow_pairs}
+    return out
 
 
 @dataclass
@@ -150,7 +191,8 @@ class Ramp:
         return {"state": self.state, "step": self.step, "steps": self.steps, "share_b": self.share(),
                 "step_after": self.step_after, "checks": {k: (None if v == float("inf") else v) for k, v in asdict(self.checks).items()},
                 "last_change": {"reason": self.reason, "at": self.changed_at},
-                "window": {"requests": dict(w.requests), "errors": dict(w.errors), "shadow_pairs": w.shadow_pairs}}
+                "window": {"requests": dict(w.requests), "errors": dict(w.errors), "shadow_pairs": w.shadow_pairs,
+                           "ratios": window_ratios(w)}}
 
     def _publish(self) -> None:
         if self.metrics is not None:

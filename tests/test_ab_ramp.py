@@ -1,7 +1,7 @@
 """The guarded ramp of ab-proxy (`--ramp 5,25,50,100 --step-after N`), over real sockets in front of
 stub servers: a B as fast as A climbs every step to 100%; a slow B, a failing B, or a B whose greedy
 answers differ (shadow comparisons) is rolled back to 0 at the first window, with a reason naming the
-failed check; the state survives a restart of the proxy through its state file."""
+failed check, and a B that slows down mid-run after it climbed a step; the state survives a restart of the proxy through its state file."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from tests.test_ab_proxy import _metrics, proxy
 
 @pytest.fixture(scope="module")
 def arms():
-    ports = {n: free_port() for n in ("a", "same", "slow", "failing", "diverging")}
+    ports = {n: free_port() for n in ("a", "same", "slow", "failing", "diverging", "slowing")}
     procs = [start_stub(ports["a"], "dense-stub", 0.0, 0.002), start_stub(ports["same"], "pruned-stub", 0.0, 0.002),
              start_stub(ports["slow"], "slow-stub", 0.05, 0.02), start_stub(ports["failing"], "failing-stub", 0.0, 0.0, fail_status=500),
-             start_stub(ports["diverging"], "diverging-stub", 0.0, 0.002, diverge_after=1)]
+             start_stub(ports["diverging"], "diverging-stub", 0.0, 0.002, diverge_after=1),
+             start_stub(ports["slowing"], "slowing-stub", 0.0, 0.002, slow_after=12)]
     yield {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
     for p in procs:
         stop(p)
@@ -72,6 +73,24 @@ def test_a_bad_arm_is_rolled_back_with_the_failed_check(arms, tmp_path, b, check
     with proxy(arms["a"], arms[b], ramp_steps=[50, 100], step_after=6, ramp_state=str(state), seed=3, ramp_checks=checks) as srv:
         status = _status(srv.url)
         assert status["state"] == "rolled_back" and status["share_b"] == 0.0 and says in status["last_change"]["reason"]
+
+
+def test_an_arm_that_slows_down_mid_run_is_rolled_back_after_climbing(arms, tmp_path):
+    """B answers as fast as A for its first 12 requests, then ten times slower (a server that slows
+    down mid-run): it passes the first step, and the next window rolls it back to 0, naming latency."""
+    with proxy(arms["a"], arms["slowing"], ramp_steps=[25, 50, 100], step_after=8, seed=3,
+               ramp_checks=RampChecks(latency_ratio=3.0)) as srv:
+        seen = []
+        with httpx.Client(timeout=10) as c:
+            for _ in range(200):
+                c.post(srv.url + "/v1/completions", json={"prompt": "p", "max_tokens": 4})
+                status = _status(srv.url)
+                if not seen or seen[-1] != (status["state"], status["step"]):
+                    seen.append((status["state"], status["step"]))
+                if status["state"] == "rolled_back":
+                    break
+        assert seen[:2] == [("ramping", 0), ("ramping", 1)] and seen[-1] == ("rolled_back", 1), seen
+        assert status["share_b"] == 0.0 and "latency: B's median" in status["last_change"]["reason"], status
 
 
 def test_the_command_runs_a_ramp_with_shadow_comparisons(arms, tmp_path):

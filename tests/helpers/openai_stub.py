@@ -37,10 +37,11 @@ from starlette.routing import Route
 
 
 def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0,
-              models_off: bool = False, diverge_after: int = -1) -> Starlette:
+              models_off: bool = False, diverge_after: int = -1, slow_after: int = -1) -> Starlette:
     """Starlette app serving /v1/completions, /v1/chat/completions, /v1/models, /health, /stats,
     /metrics. With `models_off`, /v1/models answers 503 until a POST to /admin/models-on (a test
-    then knows exactly when a proxy can learn this arm's model name)."""
+    then knows exactly when a proxy can learn this arm's model name). With `slow_after` N, from its
+    N-th completion on it is ten times slower (a server that slows down mid-run)."""
     # what the last request carried, so a test can check what a proxy forwarded
     stats = {"started": 0, "finished": 0, "disconnected": 0, "last_model": None,
              "last_authorization": None, "last_headers": []}
@@ -86,6 +87,8 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0,
                 prompt = " ".join(map(str, prompt))
         n_prompt = max(1, len(str(prompt).split()))
         n_out = int(body.get("max_tokens") or 16)
+        slow = 10.0 if 0 <= slow_after <= stats["started"] else 1.0
+        t_first, t_token = ttft * slow, token_delay * slow
         stream = bool(body.get("stream"))
         usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
         rid = f"cmpl-{stats['started']}"
@@ -107,10 +110,10 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0,
                              "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "finish_reason": None}]}
                     yield f"data: {json.dumps(first)}\n\n"
-                await asyncio.sleep(ttft)
+                await asyncio.sleep(t_first)
                 for i in range(n_out):
                     if i:
-                        await asyncio.sleep(token_delay)
+                        await asyncio.sleep(t_token)
                     finish = "length" if i == n_out - 1 else None
                     ev = {"id": rid, "object": obj, "created": created, "model": model,
                           "choices": [choice(f" tok{i}", finish)]}
@@ -132,7 +135,7 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0,
             # like vLLM: headers and body together at the end; a client that hangs up meanwhile
             # is noticed (vLLM then aborts the request)
             stats["started"] += 1
-            end = time.monotonic() + ttft + token_delay * max(0, n_out - 1)
+            end = time.monotonic() + t_first + t_token * max(0, n_out - 1)
             while time.monotonic() < end:
                 await asyncio.sleep(min(0.02, max(0.0, end - time.monotonic())))
                 if await request.is_disconnected():
@@ -246,11 +249,11 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 
 def start_stub(port: int, model: str, ttft: float, token_delay: float, fail_status: int = 0,
-               log: Path | None = None, models_off: bool = False, diverge_after: int = -1) -> subprocess.Popen:
+               log: Path | None = None, models_off: bool = False, diverge_after: int = -1, slow_after: int = -1) -> subprocess.Popen:
     """Run this file as a server on `port` and wait until it answers."""
     proc = spawn([sys.executable, __file__, "--port", str(port), "--model", model, "--ttft", str(ttft),
                   "--token-delay", str(token_delay), "--fail-status", str(fail_status)]
-                 + (["--models-off"] if models_off else []) + ["--diverge-after", str(diverge_after)], log)
+                 + (["--models-off"] if models_off else []) + ["--diverge-after", str(diverge_after), "--slow-after", str(slow_after)], log)
     wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=30)
     return proc
 
@@ -363,8 +366,10 @@ def main() -> None:
                    "to /admin/models-on")
     p.add_argument("--diverge-after", type=int, default=-1, help="greedy tokens from this position on differ "
                    "(alt{i} for tok{i}): a model that answers otherwise, for shadow comparisons")
+    p.add_argument("--slow-after", type=int, default=-1, help="from this completion on, ten times slower")
     args = p.parse_args()
-    app = build_app(args.model, args.ttft, args.token_delay, args.fail_status, args.models_off, args.diverge_after)
+    app = build_app(args.model, args.ttft, args.token_delay, args.fail_status, args.models_off, args.diverge_after,
+                    args.slow_after)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

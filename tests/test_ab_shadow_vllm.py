@@ -1,21 +1,19 @@
 """Shadow mode over two real vLLM servers: the bundled model dense (A) and pruned 25% (B), each served
 in float32 on the CPU. For the same prompts, the proxy's shadow comparisons report exactly what
-greedy decoding of the two checkpoints in transformers gives: the same number of identical answers
-and the same first differing tokens."""
+`heapr-serve eval --greedy` (greedy decoding of the two checkpoints in transformers) gives: the same
+number of identical answers and the same first differing tokens."""
 
 from __future__ import annotations
 
+import json
 import time
 from importlib.util import find_spec
 
 import httpx
 import pytest
-import torch
-
 from conftest import EXAMPLE_MODEL, run_cli
 from heapr_serve.ab.local_vllm import LocalVllmServer
 from heapr_serve.ab.metrics import read_counter_sum
-from heapr_serve.models import load_model, load_tokenizer
 from tests.test_ab_proxy import _metrics, proxy
 
 pytestmark = pytest.mark.skipif(find_spec("vllm") is None or not (EXAMPLE_MODEL / "config.json").is_file(),
@@ -23,17 +21,6 @@ pytestmark = pytest.mark.skipif(find_spec("vllm") is None or not (EXAMPLE_MODEL 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "import numpy as np",
            "The quick brown fox", "In this tutorial we will", "class Stack:", "for i in range("]
 TOKENS = 12
-
-
-def _greedy(folder, tokenizer, prompt: str) -> list[int]:
-    model = _greedy.models.setdefault(str(folder), load_model(folder, torch.float32, torch.device("cpu")))
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
-    return out[0, ids.shape[1]:].tolist()
-
-
-_greedy.models = {}
 
 
 def test_shadow_agreement_matches_greedy_decoding_of_both_checkpoints(tmp_path):
@@ -64,16 +51,14 @@ def test_shadow_agreement_matches_greedy_decoding_of_both_checkpoints(tmp_path):
     finally:
         for s in servers:
             s.stop()
-    tok = load_tokenizer(EXAMPLE_MODEL)
-    matches, first_diffs = 0, []
-    for prompt in PROMPTS:
-        a, b = _greedy(EXAMPLE_MODEL, tok, prompt), _greedy(pruned, tok, prompt)
-        if a == b:
-            matches += 1
-        else:
-            first_diffs.append(next(i for i, (x, y) in enumerate(zip(a, b)) if x != y))
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    code, _, err = run_cli("eval", EXAMPLE_MODEL, pruned, "--greedy", tmp_path / "prompts.txt", "--greedy-tokens", str(TOKENS),
+                           "--max-tokens", "256", "--json", tmp_path / "eval.json")
+    assert code == 0, err[-2000:]
+    row = json.loads((tmp_path / "eval.json").read_text())["greedy_agreement"][0]
+    matches, first_diffs = row["identical"], [f for f in row["first_diff"] if f is not None]
     shadow_matches = read_counter_sum(text, "heapr_ab_shadow_total", result="match")
-    print(f"shadow: {shadow_matches:.0f}/{len(PROMPTS)} identical greedy answers; transformers: {matches}/{len(PROMPTS)}, "
+    print(f"shadow: {shadow_matches:.0f}/{len(PROMPTS)} identical greedy answers; eval --greedy: {matches}/{len(PROMPTS)}, "
           f"first differences at {first_diffs}")
     assert shadow_matches == matches
     assert read_counter_sum(text, "heapr_ab_shadow_first_diff_tokens_sum") == sum(first_diffs)

@@ -16,7 +16,7 @@ from heapr_serve.eval.perplexity import eval_tokens, perplexity
 from heapr_serve.eval.lm_eval_tasks.task_data import FILES
 from heapr_serve.models import load_model, load_tokenizer
 
-from conftest import run_cli
+from conftest import EXAMPLE_MODEL, run_cli
 from tests.helpers.openai_api import check_openai_api
 
 needs_vllm = pytest.mark.skipif(find_spec("vllm") is None or find_spec("lm_eval") is None, reason="needs vllm and lm-eval")
@@ -88,11 +88,14 @@ def test_endpoint_matches_transformers(server, tiny_models, tmp_path, capsys):
         ([], ["nothing to evaluate"]),
         (["--endpoint", "http://127.0.0.1:{port}"], ["--endpoint", "no answer", "heapr-serve serve"]),
         (["--endpoint", "http://127.0.0.1:{port}", "--tasks", " , "], ["--tasks"]),
+        (["{model}", "--greedy", "{model}/config.json"], ["--greedy", "at least two checkpoint"]),
+        (["{model}", "{model}", "--greedy", "/nonexistent/prompts.txt"], ["--greedy", "no such file"]),
+        (["{model}", "{model}", "--greedy", "{model}/config.json", "--greedy-tokens", "0"], ["--greedy-tokens"]),
     ],
 )
 def test_eval_bad_input_is_one_line(args, needles, capsys):
     port = str(free_port())
-    code, _, err = run_cli("eval", *[a.replace("{port}", port) for a in args], capsys=capsys)
+    code, _, err = run_cli("eval", *[a.replace("{port}", port).replace("{model}", str(EXAMPLE_MODEL)) for a in args], capsys=capsys)
     assert code == 2, err
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err

@@ -110,6 +110,9 @@ def eval_command(
     max_tokens: int = typer.Option(None, help="Score at most this many held-out tokens."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (transformers)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (transformers)."),
+    greedy: Optional[Path] = typer.Option(None, "--greedy", help="Prompt file (.txt, one per line): greedy answers of each "
+                                          "checkpoint compared token for token with the first checkpoint's."),
+    greedy_tokens: int = typer.Option(16, "--greedy-tokens", min=1, help="Tokens each greedy answer has (EOS ignored)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every number to this JSON file."),
 ) -> None:
     """Held-out perplexity (transformers and/or a served endpoint) and lm-eval tasks against the endpoint."""
@@ -128,11 +131,24 @@ def eval_command(
     torch_dtype, torch_device = pick_dtype(dtype), pick_device(device)
     paths = [resolve_model(str(p)) for p in checkpoints or []]
     _check_paths(paths, endpoint, tokenizer, text, seq_len, json_out)
+    prompts = None
+    if greedy is not None:
+        from heapr_serve.eval.agreement import read_prompts
+
+        if len(paths) < 2:
+            raise HeaprError("--greedy compares checkpoints with the first one: pass at least two checkpoint folders")
+        prompts = read_prompts(greedy)
     if tokenizer is None and paths:
         tokenizer = str(paths[0])
     table = perplexity_table(paths, text, seq_len, batch_size, max_tokens, torch_dtype, torch_device, endpoint, tokenizer)
     console.print(table)
     report = {"perplexity": [{"checkpoint": p, "parameters": n, "perplexity": ppl} for p, n, ppl in table.rows_data]}
+    if prompts is not None:
+        from heapr_serve.eval.agreement import agreement_table, greedy_agreement
+
+        rows = greedy_agreement(paths, prompts, greedy_tokens, Path(tokenizer), torch_dtype, torch_device)
+        console.print(agreement_table(rows))
+        report["greedy_agreement"] = rows
     if tasks is not None:
         results = run_lm_eval_endpoint(endpoint, tasks, tokenizer, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
         console.print(lm_eval_table(results, f"lm-eval through {endpoint}"))

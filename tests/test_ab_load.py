@@ -232,14 +232,14 @@ def test_shadowing_costs_users_only_its_share_of_the_arms(tmp_path):
         for block in range(4):
             order = (("plain", url_plain), ("shadow", url_shadow)) if block % 2 == 0 else (("shadow", url_shadow), ("plain", url_plain))
             for name, url in order:
-                results = asyncio.run(drive(url, 36, concurrency=12))
+                results = asyncio.run(drive(url, 24, concurrency=12))
                 assert {r["kind"] for r in results} == {"ok"}, (name, {r["kind"] for r in results})
                 means[name].append(sum(r["s"] for r in results) / len(results))
         shadow = _shadow_settled(url_shadow)
         ratio = sorted(s / p for s, p in zip(means["shadow"], means["plain"]))[len(means["plain"]) // 2]
         print(f"\nmean user E2E per block, ms: plain {[round(x * 1000) for x in means['plain']]}, "
               f"shadowing {[round(x * 1000) for x in means['shadow']]}; median ratio {ratio:.3f}; shadow {shadow}")
-        assert shadow["match"] >= 30, shadow
+        assert shadow["match"] >= 10, shadow  # ~24 expected (a quarter of 96)
         assert ratio <= 1.35, ratio
     finally:
         for p in procs:

@@ -115,6 +115,21 @@ def routing(T, E, topk, hidden, dtype, device, seed):
 # --------------------------------------------------------------------------------------------------
 
 
+def capture_graph(fn):
+    """(CUDA graph of `fn`, its output tensor): warmed up on a side stream first, as vLLM captures."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class Timer:
     """Median GPU time of fn: CUDA graph replay (or plain call), L2 flushed before each run."""
 
@@ -129,17 +144,7 @@ class Timer:
 
         for _ in range(3):  # compile + warm up outside any capture
             fn()
-        run = fn
-        if self.graphs:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            run = graph.replay
+        run = capture_graph(fn)[0].replay if self.graphs else fn
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
         for s, e in zip(starts, ends):

@@ -83,17 +83,12 @@ def _float64_reference(rmt, x, packed, ids, wts):
 
 
 def _graph_replay(fn):
-    """Capture `fn` in a CUDA graph (warmed up on a side stream, as vLLM does) and replay it once."""
+    """Capture `fn` in a CUDA graph and replay it once; its output."""
     import torch
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    from tools.bench_kernel_gpu import capture_graph
+
+    graph, out = capture_graph(fn)
     graph.replay()
     torch.cuda.synchronize()
     return out

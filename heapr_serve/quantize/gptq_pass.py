@@ -117,7 +117,7 @@ def _linears(module: nn.Module, modules: set[str], prefix: str) -> dict[str, nn.
 
 def gptq_pass(source: Path, family: Family, plan: PruningPlan | None, batches: list, dtype: torch.dtype,
               device: torch.device, folder: Path, scheme: QuantizationScheme, fmt: str, modules: set[str],
-              updates=None, activations_dir: Path | None = None, on_layer=None, chunk_budget: int | None = None) -> LayerUpdates:
+              updates=None, activations_dir: Path | None = None, on_layer=None) -> LayerUpdates:
     """GPTQ every Linear of the (pruned) model named in `modules` (transformers module names, routed
     experts as "model.layers.{l}.mlp.experts.{e}.gate_proj"); returns the store of compressed tensors,
     keyed per layer by module name and part ("model.layers.{l}.self_attn.q_proj.weight_packed")."""
@@ -142,7 +142,7 @@ def gptq_pass(source: Path, family: Family, plan: PruningPlan | None, batches: l
         tensors: dict[str, torch.Tensor] = {}
         num_experts, hidden = _expert_dims(block)
         width = block.experts.gate_up_proj.shape[1] // 2 if num_experts else 0
-        chunk = experts_per_chunk(module, num_experts, hidden, width, chunk_budget)
+        chunk = experts_per_chunk(module, num_experts, hidden, width)
         starts = list(range(0, num_experts, chunk)) or [0]
         linear_hessians: dict[str, torch.Tensor] = {}
         for i, start in enumerate(starts):
@@ -207,8 +207,6 @@ def _quantize_experts(store, block, kept, observer: _Hessians, prefix: str, sche
             observer.down.pop(e, None)
             continue
         k = (kept[e] if kept is not None else torch.arange(width)).to(experts.down_proj.device)
-        if len(k) == 0:
-            continue
         base = f"{prefix}mlp.experts.{e}."
         gate = experts.gate_up_proj[e, :width].index_select(0, k).clone()
         up = experts.gate_up_proj[e, width:].index_select(0, k).clone()

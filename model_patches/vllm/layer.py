@@ -128,7 +128,7 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
         if backend is None:
             ragged_ok, ragged_why = ragged_op_status() if current_platform.is_cuda() else (False, "not a CUDA platform")
             if current_platform.is_cpu():
-                backend, why = "cpu", "the CPU engine: vLLM's CPU fused-MoE kernels per width bucket"
+                backend, why = "cpu", "the CPU engine; its layout is chosen per layer from the widths"
             elif len(set(self.widths)) == 1:
                 backend, why = "triton_buckets", "all experts one width: one stock fused_experts call"
             elif moe.activation.value != "silu":

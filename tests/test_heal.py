@@ -248,3 +248,37 @@ def test_relative_adam_steps_as_torch_adam_with_a_group_per_tensor():
         assert (a - s).abs().max() > 1e-3  # it moved
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert [int(s) for s in optimizer.steps] == [40, 40, 35]
+
+
+def test_least_squares_start_is_fitted_on_the_training_sequences_alone():
+    """With --reconstruct --heal, the held-out sequences must not enter the re-fit's Gram sums: a start
+    fitted on them makes the held-out error in-sample, and no step on the training tokens then beats it."""
+    from heapr_serve.prune.heal import _BlockRecorder
+    from heapr_serve.score.moe_forward import use_sorted_forward
+
+    model = AutoModelForCausalLM.from_pretrained(EXAMPLE_MODEL, dtype=torch.float32)
+    use_sorted_forward(model)
+    block = model.model.layers[0].mlp
+    x = torch.randn(3, 8, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 6:] = 0  # padding counts nowhere either
+
+    def grams(rows: slice, held_from: int) -> tuple[torch.Tensor, _BlockRecorder]:
+        recorder = _BlockRecorder(block, gram=True, held_from=held_from)
+        recorder.attach({0: block})
+        try:
+            with torch.no_grad():
+                recorder.begin_batch(mask[rows])
+                block(x[rows])
+        finally:
+            recorder.detach()
+        return recorder.gram[0], recorder
+
+    with_held, recorder = grams(slice(0, 3), held_from=2)
+    assert len(recorder.inputs) == 3  # every sequence is still recorded (the held-out ones evaluate)
+    assert [len(t) for t in recorder.inputs] == [8, 6, 8]
+    training_only, _ = grams(slice(0, 2), held_from=10)
+    everything, _ = grams(slice(0, 3), held_from=10)
+    scale = float(with_held.abs().max())  # float32 activations of other batch shapes: equal to rounding
+    assert torch.allclose(with_held, training_only, rtol=0, atol=1e-5 * scale)
+    assert not torch.allclose(with_held, everything, rtol=0, atol=1e-2 * scale)

@@ -89,9 +89,9 @@ class _BlockRecorder(GramObserver):
     """The MoE block's input and output rows of every real token, per sequence (and, for
     `--reconstruct --heal`, the experts' Gram sums that the least-squares start needs)."""
 
-    def __init__(self, block: nn.Module, gram: bool):
+    def __init__(self, block: nn.Module, gram: bool, held_from: int):
         super().__init__()
-        self.block, self.gram_wanted = block, gram
+        self.block, self.gram_wanted, self.held_from = block, gram, held_from
         self.inputs: list[torch.Tensor] = []  # one [n_real, H] per sequence, calibration dtype, host
         self.outputs: list[torch.Tensor] = []
         self._hook = None
@@ -108,8 +108,12 @@ class _BlockRecorder(GramObserver):
             self._hook = None
 
     def begin_batch(self, attention_mask) -> None:
-        super().begin_batch(attention_mask)
+        """The Gram sums skip held-out sequences: a least-squares start fitted on them would make the
+        held-out error an in-sample one, which no step on the training tokens could then improve."""
         self._mask = attention_mask.bool()
+        first = len(self.inputs)  # sequences recorded so far: this batch's rows follow them
+        held = torch.arange(first, first + attention_mask.shape[0], device=attention_mask.device) >= self.held_from
+        super().begin_batch(attention_mask * ~held.unsqueeze(-1))
 
     def allocate(self, layer, experts) -> None:
         if self.gram_wanted:
@@ -276,17 +280,21 @@ def heal_layer(block: nn.Module, trainable: _Trainable, train: tuple[torch.Tenso
     return {"held_out_before": before, "held_out_after": best, "steps": steps}
 
 
-def _split(recorder: _BlockRecorder, holdout: float, max_tokens: int):
-    """Whole sequences held out (tokens of one sequence are alike), the last share of them, and no
-    more than `max_tokens` tokens of them: evaluating them is then a fixed cost, not one that grows
-    with the calibration set (the rest trains)."""
-    n = len(recorder.inputs)
+def holdout_cut(lengths: list[int], holdout: float, max_tokens: int) -> int:
+    """The first held-out sequence: whole sequences are held out (tokens of one sequence are alike),
+    the last share of them, and no more than `max_tokens` tokens of them, so evaluating them is a
+    fixed cost, not one that grows with the calibration set (the sequences before the cut train)."""
+    n = len(lengths)
     held = max(1, round(holdout * n)) if n > 1 else 0
-    tokens = torch.tensor([len(t) for t in recorder.inputs[n - held:]]).flip(0).cumsum(0)
+    tokens = torch.tensor(lengths[n - held:], dtype=torch.int64).flip(0).cumsum(0)
     held = max(1, int((tokens <= max_tokens).sum())) if held else 0
-    cut = n - held
-    if cut == 0:
+    if n - held == 0:
         raise HeaprError("--heal needs at least two calibration sequences per rank (one held out); raise --nsamples")
+    return n - held
+
+
+def _split(recorder: _BlockRecorder):
+    cut = recorder.held_from
     train = (torch.cat(recorder.inputs[:cut]), torch.cat(recorder.outputs[:cut]))
     return train, (recorder.inputs[cut:], recorder.outputs[cut:])
 
@@ -318,14 +326,16 @@ def heal(source: Path, family: Family, plan: PruningPlan, batches: list, dtype: 
             updates.summary["layers"][str(layer)] = {"resumed": True}
             console.print(f"heal layer {layer}: resumed from {updates.file(layer)}")
             return True
-        recorder = _BlockRecorder(block, gram=reconstruct_damp is not None)
+        lengths = [int(row.sum()) for b in range(v.batches) for row in v.masks[b]]
+        cut = holdout_cut(lengths, opts.holdout, max(1, MAX_HOLDOUT_TOKENS // ranks.world))
+        recorder = _BlockRecorder(block, gram=reconstruct_damp is not None, held_from=cut)
         v.run(recorder)
         if dense_next is not None:
             _add_drift(recorder, v, dense_next)
         if reconstruct_damp is not None:
             distributed.all_reduce_sums(ranks, {f"gram.{layer}": recorder.gram[layer], f"energy.{layer}": recorder.energy[layer]}, device)
             _refit_start(block, kept, recorder.gram.pop(layer), recorder.energy.pop(layer).tolist(), reconstruct_damp)
-        train, held = _split(recorder, opts.holdout, max(1, MAX_HOLDOUT_TOKENS // ranks.world))
+        train, held = _split(recorder)
         del recorder
         trainable = _Trainable(block, family, kept, opts.router)
         with torch.enable_grad():

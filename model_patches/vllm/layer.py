@@ -72,10 +72,11 @@ def ragged_op_status() -> tuple[bool, str]:
     """(usable, why) of the ragged CUDA kernel. Only a missing import means "absent": any other error
     of the kernel module is a bug that must be seen, not a silent fall back to slower buckets."""
     try:
-        import model_patches.vllm.kernels.ragged_moe_triton as ragged
+        import model_patches.vllm.kernels.ragged_moe_triton  # noqa: F401  (registers heapr::ragged_fused_moe)
+        from model_patches.vllm.kernels import ragged_jit
     except ImportError as exc:
         return False, f"the ragged kernel does not import ({exc})"
-    if not ragged.HAS_TRITON:
+    if not ragged_jit.HAS_TRITON:
         return False, "Triton is not installed"
     if not hasattr(torch.ops.heapr, "ragged_fused_moe"):
         return False, "the heapr::ragged_fused_moe op is not registered"
@@ -266,7 +267,7 @@ class HeaprRaggedMoEMethod(HeaprMoEMethodBase):
                 layer.register_buffer("heapr_bucket_of", self.bucket_of.to(torch.int32), persistent=False)
                 layer.register_buffer("heapr_local_of", self.local_of.to(torch.int32), persistent=False)
         elif self.backend == "ragged":
-            from model_patches.vllm.kernels.ragged_moe_triton import pack_ragged_experts
+            from model_patches.vllm.kernels.ragged_layout import pack_ragged_experts
 
             packed = pack_ragged_experts(self._bucket_experts(layer), hidden_size=layer.hidden_size)
             self._drop_buckets(layer)

@@ -616,7 +616,7 @@ def test_kernel_choice_is_said_and_only_a_missing_import_means_absent(monkeypatc
     import importlib.abc
 
     import model_patches.vllm.kernels.ragged_moe_triton  # noqa: F401  (registers the op)
-    from model_patches.vllm.layer import ragged_op_status
+    from model_patches.vllm.cuda_ragged import ragged_op_status
 
     ok, why = ragged_op_status()
     assert ok and "heapr::ragged_fused_moe" in why

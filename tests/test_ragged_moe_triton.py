@@ -88,7 +88,7 @@ def rel_err(out, ref):
 
 
 def _interpreted_cases(fresh_seed):
-    from model_patches.vllm.kernels.ragged_moe_triton import RaggedMoeConfig as C
+    from model_patches.vllm.kernels.ragged_config import RaggedMoeConfig as C
 
     small = C(block_m=16, gu_block_n=16, gu_block_k=32, gu_warps=1, gu_stages=1,
               dn_block_n=32, dn_block_k=16, dn_warps=1, dn_stages=1, group_m=1, combine_block=32)
@@ -160,7 +160,7 @@ def _interpreted_cases(fresh_seed):
     return cases
 
 
-def _check_triton_alignment(rmt, fresh_seed):
+def _check_triton_alignment(align, fresh_seed):
     """The one-program Triton alignment must give exactly the torch alignment's output."""
     g = torch.Generator().manual_seed(fresh_seed)
     mismatches, n_cases = [], 0
@@ -175,8 +175,8 @@ def _check_triton_alignment(rmt, fresh_seed):
                 ids = ids.to(torch.int32 if n_cases % 2 else torch.int64)
                 if n_cases % 3 == 0:  # empty slots (expert_map's -1)
                     ids[torch.rand(ids.shape, generator=g) < 0.25] = -1
-                a = rmt.align_tokens(ids, widths, bm)
-                b = rmt.align_tokens_triton(ids, widths, bm)
+                a = align.align_tokens(ids, widths, bm)
+                b = align.align_tokens_triton(ids, widths, bm)
                 n_cases += 1
                 if not (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])):
                     mismatches.append(dict(E=E, T=T, k=k, block_m=bm, widths=widths.tolist()))
@@ -187,9 +187,11 @@ def _check_triton_alignment(rmt, fresh_seed):
 def _run_interpreted(fresh_seed):
     assert os.environ.get("TRITON_INTERPRET") == "1", "the child must run under TRITON_INTERPRET=1"
     import model_patches.vllm.kernels.ragged_moe_triton as rmt
-    from model_patches.vllm.kernels.ragged_moe_triton import pack_ragged_experts, ragged_fused_moe
+    from model_patches.vllm.kernels import ragged_align
+    from model_patches.vllm.kernels.ragged_layout import pack_ragged_experts
+    from model_patches.vllm.kernels.ragged_moe_triton import ragged_fused_moe
 
-    _check_triton_alignment(rmt, fresh_seed)
+    _check_triton_alignment(ragged_align, fresh_seed)
     for k, case in enumerate(_interpreted_cases(fresh_seed)):
         dtype = getattr(torch, case["dtype"])
         experts, hidden, ids, weights = make_case(case["widths"], case["H"], case["T"], case["topk"],
@@ -272,23 +274,23 @@ def test_kernel_matches_float64_reference(interpreted_results, name):
         assert r["rel_err"] <= BOUNDS[r["dtype"]], r
 
 
-def test_heuristic_regimes_are_the_ones_tested(rmt):
+def test_heuristic_regimes_are_the_ones_tested(config):
     """The heuristic cases above really run the four tile regimes (block_m 16 twice, 32, 128)."""
-    pick = lambda T: rmt.choose_config(T, 2, 4, 128, 128)  # noqa: E731  (topk 2, 4 experts)
-    op_case = rmt.choose_config(6, 3, 8, 128, 64)  # custom_op case: 2.25 pairs per expert
+    pick = lambda T: config.choose_config(T, 2, 4, 128, 128)  # noqa: E731  (topk 2, 4 experts)
+    op_case = config.choose_config(6, 3, 8, 128, 64)  # custom_op case: 2.25 pairs per expert
     assert op_case.block_m == 16 and op_case.gu_block_n == 32
     assert pick(24).block_m == 16 and pick(24).gu_block_n == 64
     assert pick(64).block_m == 32
     assert pick(96).block_m == 128 and pick(96).dn_block_n == 256
 
 
-def test_fit_to_shared_memory(rmt):
-    big = rmt.choose_config(8192, 8, 128, 2048, 768)  # 128x256x64 down tiles, 4 stages = 192 KB
-    assert rmt.fit_to_shared_memory(big, 2, 227 * 1024) == big  # H100 / H200: unchanged
-    a100 = rmt.fit_to_shared_memory(big, 2, 163 * 1024)
+def test_fit_to_shared_memory(config):
+    big = config.choose_config(8192, 8, 128, 2048, 768)  # 128x256x64 down tiles, 4 stages = 192 KB
+    assert config.fit_to_shared_memory(big, 2, 227 * 1024) == big  # H100 / H200: unchanged
+    a100 = config.fit_to_shared_memory(big, 2, 163 * 1024)
     assert a100.dn_stages == 3 and a100.gu_stages == big.gu_stages  # gate/up needs 128 KB only
     assert (a100.block_m, a100.dn_block_n, a100.dn_block_k) == (128, 256, 64)  # tiles kept
-    assert rmt.fit_to_shared_memory(big, 2, 1).dn_stages == 1
+    assert config.fit_to_shared_memory(big, 2, 1).dn_stages == 1
 
 
 def _compile_sm90(fn, arg_types, constexprs, num_warps, num_stages):
@@ -318,25 +320,25 @@ def _compile_sm90(fn, arg_types, constexprs, num_warps, num_stages):
 
 
 @pytest.mark.parametrize("tokens", [1, 4096])
-def test_kernels_compile_for_h100(rmt, tokens):
+def test_kernels_compile_for_h100(jit, config, tokens):
     """The interpreter does not compile anything; this does, for sm_90, with the decode and the
     large-batch tile regimes on DeepSeek-V3's shape: no compile error, staged tiles within an H100's
     227 KB of shared memory, tensor-core instructions (wgmma for the 128-row tiles) and cp.async
     pipelining present. (All four regimes on both layer shapes were checked the same way, with
     no register spills, when this was written.)"""
-    if not rmt.HAS_TRITON:
+    if not jit.HAS_TRITON:
         pytest.skip("no triton")
-    cfg = rmt.choose_config(tokens, 8, 256, 7168, 2048)
+    cfg = config.choose_config(tokens, 8, 256, 7168, 2048)
     common = dict(sorted_ids_ptr="*i32", block_expert_ptr="*i32", widths_ptr="*i32",
                   num_pairs="i32", num_m="i32", num_n="i32")
     gu = _compile_sm90(
-        rmt._ragged_gate_up_kernel,
+        jit.ragged_gate_up_kernel,
         dict(common, x_ptr="*bf16", w13_ptr="*bf16", inter_ptr="*bf16", w13_off_ptr="*i64",
              K="i32/16", topk="i32", stride_xm="i32/16", stride_wn="i32/16", stride_im="i32/16"),
         dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.gu_block_n, BLOCK_K=cfg.gu_block_k,
              GROUP_M=cfg.group_m, EVEN_K=True, INTERP_BF16=False), cfg.gu_warps, cfg.gu_stages)
     dn = _compile_sm90(
-        rmt._ragged_down_kernel,
+        jit.ragged_down_kernel,
         dict(common, inter_ptr="*bf16", w2t_ptr="*bf16", buf_ptr="*bf16", topk_w_ptr="*fp32",
              w2_off_ptr="*i64", N="i32/16", stride_im="i32/16", stride_wk="i32/16",
              stride_bm="i32/16"),
@@ -348,11 +350,11 @@ def test_kernels_compile_for_h100(rmt, tokens):
         assert ("wgmma" in ptx) if cfg.block_m >= 64 else ("mma.sync" in ptx)
         assert "cp.async" in ptx
     if tokens == 1:  # the small kernels once
-        _compile_sm90(rmt._combine_kernel,
+        _compile_sm90(jit.combine_kernel,
                       dict(buf_ptr="*bf16", out_ptr="*bf16", topk_ids_ptr="*i32", widths_ptr="*i32",
                            N="i32/16", topk="i32", stride_bm="i32/16", stride_om="i32/16"),
                       dict(BLOCK=1024, INTERP_BF16=False), 4, 1)
-        _compile_sm90(rmt._align_small_kernel,
+        _compile_sm90(jit.align_small_kernel,
                       dict(ids_ptr="*i32", widths_ptr="*i32", sorted_ids_ptr="*i32",
                            block_expert_ptr="*i32", n="i32", E="i32", max_blocks="i32"),
                       dict(BLOCK_M=16, E_P2=256, CHUNK=64), 4, 1)
@@ -403,15 +405,43 @@ def test_interpreted_cases_cover_the_edges(interpreted_results):
 
 @pytest.fixture(scope="module")
 def rmt():
-    import model_patches.vllm.kernels.ragged_moe_triton as mod
+    import model_patches.vllm.kernels.ragged_moe_triton as mod  # also registers heapr::ragged_fused_moe
 
     return mod
 
 
-def test_pack_layout_and_offsets(rmt):
+@pytest.fixture(scope="module")
+def layout():
+    import model_patches.vllm.kernels.ragged_layout as mod
+
+    return mod
+
+
+@pytest.fixture(scope="module")
+def align():
+    import model_patches.vllm.kernels.ragged_align as mod
+
+    return mod
+
+
+@pytest.fixture(scope="module")
+def config():
+    import model_patches.vllm.kernels.ragged_config as mod
+
+    return mod
+
+
+@pytest.fixture(scope="module")
+def jit():
+    import model_patches.vllm.kernels.ragged_jit as mod
+
+    return mod
+
+
+def test_pack_layout_and_offsets(layout):
     widths = [3, 0, 5, 1]
     experts, *_ = make_case(widths, H=8, T=1, topk=1, dtype=torch.float32, seed=0)
-    p = rmt.pack_ragged_experts(experts)
+    p = layout.pack_ragged_experts(experts)
     assert p.widths.tolist() == widths and p.widths.dtype == torch.int32
     assert p.w13_offsets.tolist() == [0, 6, 6, 16] and p.w2_offsets.tolist() == [0, 3, 3, 8]
     assert p.w13_offsets.dtype == torch.int64 and p.w2_offsets.dtype == torch.int64
@@ -427,29 +457,29 @@ def test_pack_layout_and_offsets(rmt):
         assert torch.equal(p.w2t[o2:o2 + i_e], down.t())
 
 
-def test_pack_rejects_bad_shapes(rmt):
+def test_pack_rejects_bad_shapes(layout):
     g = torch.zeros(4, 8)
     with pytest.raises(ValueError, match="expert 1"):
-        rmt.pack_ragged_experts([(g, g, torch.zeros(8, 4)), (g, g, torch.zeros(8, 3))])
+        layout.pack_ragged_experts([(g, g, torch.zeros(8, 4)), (g, g, torch.zeros(8, 3))])
     with pytest.raises(ValueError, match="expert 0"):
-        rmt.pack_ragged_experts([(g, None, None)])
+        layout.pack_ragged_experts([(g, None, None)])
     with pytest.raises(ValueError, match="hidden_size"):
-        rmt.pack_ragged_experts([None, None])
-    p = rmt.pack_ragged_experts([None, (torch.zeros(0, 8),) * 2 + (torch.zeros(8, 0),)],
-                                hidden_size=8)
+        layout.pack_ragged_experts([None, None])
+    p = layout.pack_ragged_experts([None, (torch.zeros(0, 8),) * 2 + (torch.zeros(8, 0),)],
+                                   hidden_size=8)
     assert p.widths.tolist() == [0, 0] and p.w13.shape == (0, 8) and p.max_width == 0
 
 
 @pytest.mark.parametrize("block_m", [1, 4, 16])
-def test_align_tokens_invariants(rmt, block_m):
+def test_align_tokens_invariants(align, block_m):
     g = torch.Generator().manual_seed(block_m)
     widths = torch.tensor([0, 3, 0, 7, 2, 9, 0, 1], dtype=torch.int32)
     E = widths.numel()
     for T, k in [(1, 1), (1, 8), (13, 2), (40, 3), (64, 8)]:
         ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k]
-        sorted_ids, block_expert = rmt.align_tokens(ids, widths, block_m)
+        sorted_ids, block_expert = align.align_tokens(ids, widths, block_m)
         n = T * k
-        nb = rmt.max_blocks_bound(n, E, block_m)
+        nb = align.max_blocks_bound(n, E, block_m)
         assert sorted_ids.shape == (nb * block_m,) and block_expert.shape == (nb,)
         assert sorted_ids.dtype == torch.int32 and block_expert.dtype == torch.int32
         flat = ids.reshape(-1)
@@ -474,39 +504,39 @@ def test_align_tokens_invariants(rmt, block_m):
         assert used.numel() == int(((counts + block_m - 1) // block_m).sum())
 
 
-def test_align_tokens_drops_negative_ids(rmt):
+def test_align_tokens_drops_negative_ids(align):
     widths = torch.tensor([2, 0, 5], dtype=torch.int32)
     ids = torch.tensor([[0, -1], [-1, 2], [1, 2], [-1, -1]])
-    sorted_ids, block_expert = rmt.align_tokens(ids, widths, 2)
+    sorted_ids, block_expert = align.align_tokens(ids, widths, 2)
     n = ids.numel()
     assert sorted(sorted_ids[sorted_ids < n].tolist()) == [0, 3, 5]  # pairs on experts 0 and 2
     assert block_expert.tolist()[:2] == [0, 2] and (block_expert[2:] == -1).all()
 
 
-def test_align_tokens_all_dead_and_empty(rmt):
+def test_align_tokens_all_dead_and_empty(align):
     widths = torch.tensor([0, 0], dtype=torch.int32)
-    sorted_ids, block_expert = rmt.align_tokens(torch.zeros(3, 1, dtype=torch.int64), widths, 4)
+    sorted_ids, block_expert = align.align_tokens(torch.zeros(3, 1, dtype=torch.int64), widths, 4)
     assert (block_expert == -1).all() and (sorted_ids == 3).all()
-    s, b = rmt.align_tokens(torch.zeros(0, 2, dtype=torch.int64), widths, 4)
+    s, b = align.align_tokens(torch.zeros(0, 2, dtype=torch.int64), widths, 4)
     assert s.numel() == 0 and b.numel() == 0
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_torch_fallback_matches_float64(rmt, dtype):
+def test_torch_fallback_matches_float64(rmt, layout, dtype):
     """Without a GPU (and outside the interpreter) ragged_fused_moe runs the torch path."""
     dt = getattr(torch, dtype)
     widths = [0, 5, 17, 32, 0, 9]
     experts, hidden, ids, weights = make_case(widths, H=32, T=11, topk=3, dtype=dt, seed=7)
-    packed = rmt.pack_ragged_experts(experts)
+    packed = layout.pack_ragged_experts(experts)
     out = rmt.ragged_fused_moe(hidden, packed, ids, weights)
     assert out.shape == hidden.shape and out.dtype == dt
     assert rel_err(out, reference64(experts, hidden, ids, weights)) <= BOUNDS[dtype]
     assert rmt.ragged_fused_moe(hidden[:0], packed, ids[:0], weights[:0]).shape == (0, 32)
 
 
-def test_input_checks(rmt):
+def test_input_checks(rmt, layout):
     experts, hidden, ids, weights = make_case([4, 0], H=16, T=3, topk=1, dtype=torch.float32, seed=1)
-    packed = rmt.pack_ragged_experts(experts)
+    packed = layout.pack_ragged_experts(experts)
     with pytest.raises(ValueError, match="hidden size"):
         rmt.ragged_fused_moe(hidden[:, :8], packed, ids, weights)
     with pytest.raises(ValueError, match="cast at load time"):
@@ -515,7 +545,7 @@ def test_input_checks(rmt):
         rmt.ragged_fused_moe(hidden, packed, ids, weights[:, :0])
 
 
-def test_custom_op_registered_with_fake(rmt):
+def test_custom_op_registered_with_fake(rmt, layout):
     op = torch.ops.heapr.ragged_fused_moe
     assert str(op.default._schema) == (
         "heapr::ragged_fused_moe(Tensor hidden, Tensor w13, Tensor w2t, Tensor widths, "
@@ -523,7 +553,7 @@ def test_custom_op_registered_with_fake(rmt):
         "SymInt max_width) -> Tensor")
     experts, hidden, ids, weights = make_case([0, 6, 3], H=16, T=5, topk=2, dtype=torch.bfloat16,
                                               seed=3)
-    p = rmt.pack_ragged_experts(experts)
+    p = layout.pack_ragged_experts(experts)
     args = (hidden, p.w13, p.w2t, p.widths, p.w13_offsets, p.w2_offsets, ids, weights, p.max_width)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -534,11 +564,11 @@ def test_custom_op_registered_with_fake(rmt):
     torch.library.opcheck(op, args)
 
 
-def test_custom_op_under_torch_compile(rmt):
+def test_custom_op_under_torch_compile(rmt, layout):
     """fullgraph=True fails on any graph break: the op must trace through its fake impl."""
     experts, hidden, ids, weights = make_case([0, 6, 3, 9], H=16, T=4, topk=2, dtype=torch.float32,
                                               seed=4)
-    p = rmt.pack_ragged_experts(experts)
+    p = layout.pack_ragged_experts(experts)
 
     def layer(x, ids, w):
         return torch.ops.heapr.ragged_fused_moe(x * 2, p.w13, p.w2t, p.widths, p.w13_offsets,
@@ -550,7 +580,7 @@ def test_custom_op_under_torch_compile(rmt):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")
 @pytest.mark.parametrize("tokens", [1, 8, 64])
-def test_custom_op_under_cuda_graph_capture(rmt, tokens):
+def test_custom_op_under_cuda_graph_capture(rmt, layout, tokens):
     """vLLM captures decode batches in CUDA graphs: the op must capture (no host sync, no allocation
     outside the graph's pool) and a replay on new inputs written into the captured buffers must give the
     eager result of those inputs."""
@@ -558,7 +588,7 @@ def test_custom_op_under_cuda_graph_capture(rmt, tokens):
                                               dtype=torch.bfloat16, seed=7)
     _, hidden2, ids2, weights2 = make_case([0, 6, 33, 9, 64, 17, 0, 40], H=128, T=tokens, topk=2,
                                            dtype=torch.bfloat16, seed=8)
-    p = rmt.pack_ragged_experts(experts).to("cuda")
+    p = layout.pack_ragged_experts(experts).to("cuda")
     x, i, w = hidden.cuda(), ids.cuda(), weights.cuda()
     p.op(x, i, w)  # compile the kernels before capture
     torch.cuda.synchronize()
@@ -586,7 +616,7 @@ def test_kernel_choice_is_said_and_only_a_missing_import_means_absent(monkeypatc
     import importlib.abc
 
     import model_patches.vllm.kernels.ragged_moe_triton  # noqa: F401  (registers the op)
-    from model_patches.vllm.layer import ragged_op_status
+    from model_patches.vllm.cuda_ragged import ragged_op_status
 
     ok, why = ragged_op_status()
     assert ok and "heapr::ragged_fused_moe" in why

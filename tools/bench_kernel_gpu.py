@@ -86,7 +86,7 @@ def pruned_widths(num_experts: int, width: int, ratio: float, align: int, seed: 
 def random_packed(widths, hidden, dtype, device, seed):
     import torch
 
-    from model_patches.vllm.kernels.ragged_moe_triton import PackedRaggedExperts, ragged_offsets
+    from model_patches.vllm.kernels.ragged_layout import PackedRaggedExperts, ragged_offsets
 
     g = torch.Generator(device=device).manual_seed(seed)
     total = sum(widths)
@@ -269,6 +269,8 @@ def bench_model(name, shape, args, timer, dtype, peak_tflops, peak_gbs, rows):
     import torch
 
     import model_patches.vllm.kernels.ragged_moe_triton as rmt
+    from model_patches.vllm.kernels.ragged_align import align_tokens, align_tokens_triton
+    from model_patches.vllm.kernels.ragged_config import choose_config
 
     H, E, I, k = shape["hidden"], shape["experts"], shape["width"], shape["topk"]
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -291,9 +293,9 @@ def bench_model(name, shape, args, timer, dtype, peak_tflops, peak_gbs, rows):
             if T <= 64:  # exact-semantics cross-check against the torch loop (fp32)
                 check = rel_err(out, rmt.ragged_moe_reference(x, packed, ids, wts))
             ms = timer(lambda: rmt.ragged_fused_moe(x, packed, ids, wts))
-            cfg = rmt.choose_config(T, k, E, H, packed.max_width)
-            align = (rmt.align_tokens_triton if ids.numel() <= rmt.TRITON_ALIGN_MAX_PAIRS
-                     else rmt.align_tokens)  # the one the op uses for this batch
+            cfg = choose_config(T, k, E, H, packed.max_width)
+            align = (align_tokens_triton if ids.numel() <= rmt.TRITON_ALIGN_MAX_PAIRS
+                     else align_tokens)  # the one the op uses for this batch
             align_ms = timer(lambda: align(ids, packed.widths, cfg.block_m))
             rows.append(dict(model=name, tokens=T, variant=vname, ratio=eff, ms=ms, flops=flops,
                              bytes=nbytes, align_ms=align_ms, check_rel_err=check))
@@ -367,6 +369,7 @@ def tune_model(name, shape, args, timer, dtype, rows):
     import torch
 
     import model_patches.vllm.kernels.ragged_moe_triton as rmt
+    from model_patches.vllm.kernels.ragged_config import choose_config
 
     H, E, I, k = shape["hidden"], shape["experts"], shape["width"], shape["topk"]
     packed = random_packed([I] * E, H, dtype, DEVICE, args.seed + 1)
@@ -384,7 +387,7 @@ def tune_model(name, shape, args, timer, dtype, rows):
                 print(f"    skip {c}: {type(exc).__name__}", flush=True)
                 return float("inf")
 
-        base = rmt.choose_config(T, k, E, H, I)
+        base = choose_config(T, k, E, H, I)
         best, best_ms = base, t_of(base)
         for bm in (16, 32, 64, 128):
             c = dataclasses.replace(best, block_m=bm, group_m=1 if bm <= 32 else 16)
@@ -418,9 +421,9 @@ def main(argv=None) -> int:
               "this benchmark only runs on a GPU.", file=sys.stderr)
         return 2
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import model_patches.vllm.kernels.ragged_moe_triton as rmt
+    from model_patches.vllm.kernels import ragged_jit
 
-    if not rmt.HAS_TRITON:
+    if not ragged_jit.HAS_TRITON:
         print("bench_kernel_gpu: triton is not importable; the ragged kernel needs it.",
               file=sys.stderr)
         return 2
@@ -438,7 +441,7 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name()
     timer = Timer(args.reps, graphs=not args.eager)
     peak_tflops, peak_gbs = ceilings(dtype)
-    print(f"device: {dev}; torch {torch.__version__}; triton {rmt.triton.__version__}; "
+    print(f"device: {dev}; torch {torch.__version__}; triton {ragged_jit.triton.__version__}; "
           f"{args.dtype}; {'eager launches' if args.eager else 'CUDA graphs'}; measured ceilings "
           f"{peak_tflops:.0f} TFLOP/s (matmul 8192^3), {peak_gbs:.0f} GB/s (1 GiB copy)", flush=True)
     rows: list[dict] = []

@@ -32,17 +32,19 @@ import math
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
+from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
-from vllm.model_executor.utils import set_weight_attrs
+from vllm.model_executor.utils import replace_parameter, set_weight_attrs
 from vllm.platforms import current_platform
 
 from heapr_serve.errors import HeaprError
 from heapr_serve.quantize.layout import QuantSpec
-from model_patches.vllm import quantized_cuda
+from model_patches.vllm import cpu_ext, quantized_cuda
+from model_patches.vllm import cpu_python_ops  # noqa: F401  (registers torch.ops.heapr_serve.cpu_quantized_moe)
+from model_patches.vllm.base import HeaprMoEMethodBase
 from model_patches.vllm.buckets import plan_buckets, rank_share, rank_widths
-from model_patches.vllm.layer import HeaprMoEMethodBase
 
-__all__ = ["HeaprQuantizedMoEMethod", "QuantSpec", "check_activation"]
+__all__ = ["HeaprQuantizedMoEMethod", "check_activation"]
 
 
 def zentorch_status() -> tuple[bool, str]:
@@ -203,8 +205,6 @@ class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
         spec = self.spec
         if self.backend == "cuda":
             quantized_cuda.prepare(self, layer)
-            from vllm.logger import init_logger
-
             init_logger("vllm.heapr_serve").info_once(
                 "heapr-serve: quantized routed experts (%s %s), backend cuda: vLLM Triton %s fused_experts per width bucket",
                 spec.format, spec.strategy, quantized_cuda.kind(spec))
@@ -220,19 +220,13 @@ class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
         self._local_t = torch.tensor(self.local_of, dtype=torch.int32)
         self.native = False
         if self.use_zentorch:  # the whole dispatch in one C++ call (model_patches.vllm.cpu_ext), else Python
-            from model_patches.vllm import cpu_ext
-
             self.native = cpu_ext.load()
             layer.register_buffer("heapr_qbucket_of", self._bucket_t.to(torch.int32), persistent=False)
             layer.register_buffer("heapr_qlocal_of", self._local_t, persistent=False)
-        from vllm.logger import init_logger
-
         init_logger("vllm.heapr_serve").info_once(
             "heapr-serve: quantized routed experts (%s %s), backend %s%s (%s)", spec.format, spec.strategy, self.backend,
             " (native dispatch)" if self.native else "", self.backend_why)
         if self.use_zentorch:
-            from vllm.model_executor.utils import replace_parameter
-
             for b, bucket in enumerate(self.buckets):
                 for proj in (13, 2):
                     q, s = getattr(layer, f"q{proj}_b{b}").data, getattr(layer, f"s{proj}_b{b}").data
@@ -268,9 +262,7 @@ class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
         down = spec.dequantize(getattr(layer, f"q2_b{b}")[i], getattr(layer, f"s2_b{b}")[i], z2, H, w).to(dtype)
         return halves[0], halves[1], down
 
-    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
-        if layer.apply_router_weight_on_input:
-            raise HeaprError("apply_router_weight_on_input is not supported by heapr-serve's ragged experts")
+    def forward(self, layer, x, topk_weights, topk_ids):
         if self.backend == "cuda":
             return quantized_cuda.apply(self, layer, x, topk_weights, topk_ids)
         if self.use_zentorch and self.native:
@@ -283,6 +275,7 @@ class HeaprQuantizedMoEMethod(HeaprMoEMethodBase):
         return torch.ops.heapr_serve.cpu_quantized_moe(x, topk_weights, topk_ids, layer._heapr_key)
 
     def run(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The Python dispatch (what `torch.ops.heapr_serve.cpu_quantized_moe` runs)."""
         T, k = topk_ids.shape
         flat = topk_ids.reshape(-1).long()
         weights = topk_weights.reshape(-1).to(torch.float32)

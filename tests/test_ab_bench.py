@@ -134,9 +134,9 @@ def test_bench_prompt_file_chat_rate_concurrent(stubs, tmp_path, monkeypatch):
     (["--concurrency", "0,4"], "--concurrency '0,4': give comma-separated positive integers"),
     (["--concurrency", "1.5"], "--concurrency '1.5': give comma-separated positive integers"),
     (["--request-rate", "fast"], "--request-rate 'fast': give comma-separated numbers"),
-    (["--schedule", "random"], "--schedule 'random': use alternate or concurrent"),
-    (["--num-prompts", "0"], "--num-prompts must be at least 1"),
-    (["--prompts", "missing.txt"], "--prompts missing.txt: no such file"),
+    (["--schedule", "random"], "'--schedule': Value error, 'random' is not one of 'alternate', 'concurrent'"),
+    (["--num-prompts", "0"], "'--num-prompts': Input should be greater than or equal to 1"),
+    (["--prompts", "missing.txt"], "'--prompts': file 'missing.txt' does not exist"),
 ])
 def test_bench_bad_flags(args, words, monkeypatch, capsys, stubs):
     a, b = stubs

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 from urllib.parse import urlsplit
 
 import typer
@@ -21,6 +21,7 @@ from heapr_serve.ab.bench import BenchArm, Plan, run_bench
 from heapr_serve.ab.bench_prompts import load_prompt_file
 from heapr_serve.ab.local_vllm import LocalVllmServer
 from heapr_serve.ab.metrics import ABMetrics
+from heapr_serve.ab.number_flags import finite, positive
 from heapr_serve.ab.report import write_reports
 from heapr_serve.errors import HeaprError
 from heapr_serve.preflight import check_output, staged_folder
@@ -61,25 +62,28 @@ def bench_command(
     request_rate: Optional[str] = typer.Option(None, "--request-rate", help="Comma-separated "
                                                "request rates in req/s (Poisson arrivals); "
                                                "replaces --concurrency."),
-    max_concurrency: int = typer.Option(64, "--max-concurrency", help="Cap on requests in flight "
-                                        "in --request-rate mode."),
-    num_prompts: int = typer.Option(32, "--num-prompts", help="Requests per arm per level."),
-    input_len: int = typer.Option(128, "--input-len", help="Synthetic prompt length in tokens."),
-    output_len: int = typer.Option(64, "--output-len", help="Output tokens per request."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file instead of "
-                                           "synthetic prompts: .txt (one per line) or .jsonl."),
-    endpoint: str = typer.Option("completions", "--endpoint", help="completions or chat."),
-    schedule: str = typer.Option("alternate", "--schedule", help="alternate (ABBA blocks, one arm "
-                                 "at a time) or concurrent (both arms at once)."),
-    blocks: int = typer.Option(4, "--blocks", help="Blocks per level for --schedule alternate."),
-    settle: float = typer.Option(2.0, "--settle", help="Idle seconds before each alternate block: a vLLM server keeps "
-                                 "polling for work ~1 s after its last step, which would slow the next arm on a "
-                                 "machine with few cores."),
-    warmup: int = typer.Option(2, "--warmup", help="Unmeasured requests per arm first, one at a "
+    max_concurrency: int = typer.Option(64, "--max-concurrency", min=1, help="Cap on requests in "
+                                        "flight in --request-rate mode."),
+    num_prompts: int = typer.Option(32, "--num-prompts", min=1, help="Requests per arm per level."),
+    input_len: int = typer.Option(128, "--input-len", min=1, help="Synthetic prompt length in tokens."),
+    output_len: int = typer.Option(64, "--output-len", min=1, help="Output tokens per request."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", exists=True, dir_okay=False,
+                                           help="Prompt file instead of synthetic prompts: .txt "
+                                           "(one per line) or .jsonl."),
+    endpoint: Literal["completions", "chat"] = typer.Option("completions", "--endpoint",
+                                                            help="completions or chat."),
+    schedule: Literal["alternate", "concurrent"] = typer.Option(
+        "alternate", "--schedule", help="alternate (ABBA blocks, one arm at a time) or concurrent "
+        "(both arms at once)."),
+    blocks: int = typer.Option(4, "--blocks", min=1, help="Blocks per level for --schedule alternate."),
+    settle: float = typer.Option(2.0, "--settle", min=0, callback=finite, help="Idle seconds before "
+                                 "each alternate block: a vLLM server keeps polling for work ~1 s after its "
+                                 "last step, which would slow the next arm on a machine with few cores."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Unmeasured requests per arm first, one at a "
                                "time (then one burst at the top concurrency); 0 for none."),
     ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos", help="Pin output "
                                     "lengths (vLLM's ignore_eos) so both arms generate the same."),
-    timeout: float = typer.Option(600.0, "--timeout", help="Seconds per request."),
+    timeout: float = typer.Option(600.0, "--timeout", callback=positive, help="Seconds per request."),
     out: Path = typer.Option(Path("runs/ab-bench"), "--out", help="Folder for results.json, "
                              "results.md, plot.png, metrics.prom and server logs."),
     model_a: Optional[str] = typer.Option(None, "--model-a", help="Model id for A (default: "
@@ -90,12 +94,12 @@ def bench_command(
     server_arg: list[str] = typer.Option([], "--server-arg", help="Extra vLLM server argument "
                                          "for arms given as folders; repeat, e.g. "
                                          "--server-arg=--max-model-len=2048."),
-    server_timeout: float = typer.Option(900.0, "--server-timeout", help="Seconds to wait for a "
-                                         "served folder's /health."),
-    kv_cache_gib: float = typer.Option(2.0, "--kv-cache-gib", help="KV cache per served folder on "
-                                       "CPU (VLLM_CPU_KVCACHE_SPACE, if not set already)."),
-    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Also serve the "
-                                               "heapr_ab_* metrics on this port while running."),
+    server_timeout: float = typer.Option(900.0, "--server-timeout", callback=positive,
+                                         help="Seconds to wait for a served folder's /health."),
+    kv_cache_gib: float = typer.Option(2.0, "--kv-cache-gib", callback=positive, help="KV cache per "
+                                       "served folder on CPU (VLLM_CPU_KVCACHE_SPACE, if not set already)."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=1, max=65535, help="Also "
+                                               "serve the heapr_ab_* metrics on this port while running."),
     seed: int = typer.Option(0, "--seed", help="Seed for synthetic prompts and arrivals."),
     confidence: float = typer.Option(0.95, "--confidence", min=0.5, max=0.9999, help="Confidence of each level's "
                                      "B/A intervals, all of them together (a level with six ratios and 0.95 is "
@@ -106,27 +110,11 @@ def bench_command(
         mode, levels = "rate", _parse_levels("--request-rate", request_rate, integer=False)
     else:
         mode, levels = "concurrency", _parse_levels("--concurrency", concurrency, integer=True)
-    if endpoint not in ("completions", "chat"):
-        raise HeaprError(f"--endpoint {endpoint!r}: use completions or chat")
-    if schedule not in ("alternate", "concurrent"):
-        raise HeaprError(f"--schedule {schedule!r}: use alternate or concurrent")
-    for flag, v in (("--num-prompts", num_prompts), ("--input-len", input_len),
-                    ("--output-len", output_len), ("--blocks", blocks),
-                    ("--max-concurrency", max_concurrency)):
-        if v < 1:
-            raise HeaprError(f"{flag} must be at least 1, got {v}")
-    if warmup < 0:
-        raise HeaprError(f"--warmup must be at least 0, got {warmup}")
-    if not 0 <= settle < float("inf"):
-        raise HeaprError(f"--settle must be a number of seconds, 0 or more, got {settle}")
-    for flag, v in (("--timeout", timeout), ("--server-timeout", server_timeout), ("--kv-cache-gib", kv_cache_gib)):
-        if not v > 0 or v == float("inf"):
-            raise HeaprError(f"{flag} must be a positive number, got {v}")
     url_a, dir_a = _arm_source("--a", a)
     url_b, dir_b = _arm_source("--b", b)
     prompt_items = load_prompt_file(prompts) if prompts else None
     if metrics_port is not None:
-        _check_port("--metrics-port", metrics_port)
+        _check_port_free("--metrics-port", metrics_port)
     check_output("--out", out, kind="folder", merge=True)  # written only at the end, staged
     plan = Plan(mode=mode, levels=levels, num_prompts=num_prompts, schedule=schedule,
                 blocks=blocks, max_concurrency=max_concurrency, endpoint=endpoint,
@@ -187,9 +175,7 @@ def bench_command(
           + ("" if plotted else " (no plot: install heapr-serve[plot] for matplotlib)"), file=sys.stderr)
 
 
-def _check_port(flag: str, port: int) -> None:
-    if not 1 <= port <= 65535:
-        raise HeaprError(f"{flag} {port} is out of range; give 1..65535")
+def _check_port_free(flag: str, port: int) -> None:
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))

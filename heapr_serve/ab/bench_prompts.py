@@ -30,9 +30,8 @@ _WORDS = (
 
 
 def load_prompt_file(path: Path) -> list[dict]:
-    """`.txt`: one prompt per non-empty line. `.jsonl`: {"prompt": ...} or {"messages": [...]}."""
-    if not path.is_file():
-        raise HeaprError(f"--prompts {path}: no such file; give a .txt (one prompt per line) or .jsonl")
+    """`.txt`: one prompt per non-empty line. `.jsonl`: {"prompt": ...} or {"messages": [...]}.
+    (That the file exists, --prompts' own type checks.)"""
     items: list[dict] = []
     if path.suffix == ".txt":
         items = [{"prompt": line} for line in path.read_text().splitlines() if line.strip()]

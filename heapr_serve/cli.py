@@ -32,7 +32,7 @@ from heapr_serve.checkpoint.inspect import inspect_command  # noqa: E402
 from heapr_serve.quantize.command import quantize_command  # noqa: E402
 from heapr_serve.eval.command import eval_command  # noqa: E402
 from heapr_serve.serve import serve_command  # noqa: E402
-from heapr_serve.ab.bench import bench_command  # noqa: E402
+from heapr_serve.ab.bench_command import bench_command  # noqa: E402
 from heapr_serve.ab.proxy_command import ab_proxy_command  # noqa: E402
 
 app.command("compress")(compress_command)

@@ -134,9 +134,9 @@ def test_bench_prompt_file_chat_rate_concurrent(stubs, tmp_path, monkeypatch):
     (["--concurrency", "0,4"], "--concurrency '0,4': give comma-separated positive integers"),
     (["--concurrency", "1.5"], "--concurrency '1.5': give comma-separated positive integers"),
     (["--request-rate", "fast"], "--request-rate 'fast': give comma-separated numbers"),
-    (["--schedule", "random"], "--schedule 'random': use alternate or concurrent"),
-    (["--num-prompts", "0"], "--num-prompts must be at least 1"),
-    (["--prompts", "missing.txt"], "--prompts missing.txt: no such file"),
+    (["--schedule", "random"], "'--schedule': Value error, 'random' is not one of 'alternate', 'concurrent'"),
+    (["--num-prompts", "0"], "'--num-prompts': Input should be greater than or equal to 1"),
+    (["--prompts", "missing.txt"], "'--prompts': file 'missing.txt' does not exist"),
 ])
 def test_bench_bad_flags(args, words, monkeypatch, capsys, stubs):
     a, b = stubs
@@ -181,7 +181,8 @@ def test_bench_bad_prompt_file(tmp_path, monkeypatch, capsys, stubs):
 def test_failures_count_and_timeouts_are_censored_latency_samples():
     """An arm that times out its slowest requests does not look faster: the timed-out ones enter TTFT
     and E2E at the moment they were given up, and the error-rate ratio says B failed."""
-    from heapr_serve.ab.bench import Result, ratios, summarize
+    from heapr_serve.ab.bench_request import Result
+    from heapr_serve.ab.bench_stats import ratios, summarize
 
     fast_ok = [Result(True, 1.0, ttft=0.1) for _ in range(8)]
     a = summarize(fast_ok + [Result(True, 5.0, ttft=0.5), Result(True, 5.0, ttft=0.5)], 10.0)
@@ -199,7 +200,7 @@ def test_failures_count_and_timeouts_are_censored_latency_samples():
 def _simulated_blocks(rng, slowdown: float, blocks: int = 4, n: int = 6):
     """One bench level's ABBA blocks from a model of the noise a live run has: a drift shared by the
     two arms' blocks k (they run next to each other in time) and per-request jitter of every latency."""
-    from heapr_serve.ab.bench import Result
+    from heapr_serve.ab.bench_request import Result
     from heapr_serve.ab.intervals import Block
 
     out = {"a": [], "b": []}
@@ -222,7 +223,7 @@ def test_intervals_are_wrong_at_most_as_often_as_they_say():
     together, Bonferroni), and an arm 25% slower per token is told apart in almost every run."""
     import numpy as np
 
-    from heapr_serve.ab.bench import RATIO_KEYS
+    from heapr_serve.ab.bench_stats import RATIO_KEYS
     from heapr_serve.ab.intervals import ratio_intervals
 
     rng = np.random.default_rng(0)

@@ -371,10 +371,10 @@ def test_failover_timeouts_and_unreachable_arm_at_start(capfd):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--share-b", "1.5"], "--share-b must be between 0 and 1"),
-    (["--share-b", "-0.1"], "--share-b must be between 0 and 1"),
+    (["--share-b", "1.5"], "'--share-b': Input should be less than or equal to 1"),
+    (["--share-b", "-0.1"], "'--share-b': Input should be greater than or equal to 0"),
     (["--a", "localhost:8000"], "--a 'localhost:8000' is not an http(s) URL"),
-    (["--timeout", "0"], "--timeout must be a positive number"),
+    (["--timeout", "0"], "'--timeout': give a positive number"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, words, monkeypatch, capsys):
     """`heapr-serve ab-proxy` with a bad value: one line naming the flag, exit code 2."""

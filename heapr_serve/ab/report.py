@@ -1,10 +1,17 @@
-"""The A/B benchmark's report: the Markdown table with B/A ratios, and the plot."""
+"""The A/B benchmark's report: the Markdown table with B/A ratios, the plot, and the files a run
+leaves in --out."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from heapr_serve.ab.bench import Plan, describe_schedule
 from heapr_serve.ab.intervals import verdict
+from heapr_serve.ab.metrics import ABMetrics
 
 
 # the ratios the verdict table reads: (column, ratio key, lower is better)
@@ -153,3 +160,32 @@ def plot_report(report: dict, path: Path) -> bool:
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def write_reports(folder: Path, arms, plan: Plan, prompts, metrics: ABMetrics, run: dict) -> tuple[str, bool]:
+    """results.json, results.md, plot.png and metrics.prom into the staging `folder` (it becomes
+    --out); returns the Markdown and whether a plot was drawn."""
+    command = "heapr-serve " + " ".join(_quote(x) for x in sys.argv[1:])
+
+    report = {
+        "tool": "heapr-serve bench", "command": command, "schedule": describe_schedule(plan), "confidence": plan.confidence,
+        "plan": asdict(plan),
+        "arms": {n: {"source": arm.source, "url": arm.url, "model": arm.model,
+                     "served_here": arm.served_here} for n, arm in arms.items()},
+        "prompt_file": str(prompts) if prompts else None,
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                    "platform": sys.platform},
+        **run,
+    }
+    md = markdown_report(report)
+    (folder / "results.json").write_text(json.dumps(report, indent=2))
+    (folder / "results.md").write_text(md)
+    plotted = plot_report(report, folder / "plot.png")
+    (folder / "metrics.prom").write_bytes(metrics.exposition())
+    return md, plotted
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)

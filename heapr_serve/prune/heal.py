@@ -155,7 +155,13 @@ class _Trainable:
                                         for t, dim in ((gate_up[:width], 0), (gate_up[width:], 0), (down, 1)))
         # only the router's weight: it is what the checkpoint stores (a score-correction bias stays)
         self.router_params = [getattr(block, family.router).weight] if router else []
-        self._dtype = next(block.parameters()).dtype
+        self._dtype = experts.down_proj.dtype
+        # The dense experts are not read while training (the targets are recorded): free them, so the
+        # float32 copies, gradients and Adam state take their place instead of joining them; close()
+        # writes the tuned values back into zeroed tensors of the dense shape.
+        self._dense_shapes = (experts.gate_up_proj.shape, experts.down_proj.shape)
+        for t in (experts.gate_up_proj, experts.down_proj):
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
         block.float()
         for p in self.router_params:
             p.requires_grad_(True)
@@ -184,6 +190,8 @@ class _Trainable:
         for p in self.router_params:
             p.requires_grad_(False)
         self.block.to(self._dtype)
+        for t, shape in zip((experts.gate_up_proj, experts.down_proj), self._dense_shapes):
+            t.data = torch.zeros(shape, dtype=self._dtype, device=t.device)  # pruned neurons and width-0 experts stay zero
         width = experts.gate_up_proj.shape[1] // 2
         tensors: dict[str, torch.Tensor] = {}
         with torch.no_grad():
@@ -191,15 +199,9 @@ class _Trainable:
                 k = self.kept[e].to(experts.down_proj.device)
                 for name, t in (("gate", gate), ("up", up), ("down", down)):
                     tensors[f"{e}.{name}"] = t.detach().to(rounded_to)
-                experts.gate_up_proj[e].zero_()
-                experts.down_proj[e].zero_()
                 experts.gate_up_proj[e, :width].index_copy_(0, k, tensors[f"{e}.gate"].to(self._dtype))
                 experts.gate_up_proj[e, width:].index_copy_(0, k, tensors[f"{e}.up"].to(self._dtype))
                 experts.down_proj[e].index_copy_(1, k, tensors[f"{e}.down"].to(self._dtype))
-            for e, k in enumerate(self.kept):
-                if len(k) == 0:
-                    experts.gate_up_proj[e].zero_()
-                    experts.down_proj[e].zero_()
             for p in self.router_params:
                 tensors["router"] = p.detach().to(rounded_to)
                 p.copy_(tensors["router"].to(p.dtype))

@@ -84,6 +84,7 @@ def preflight(path: str, extra: list[str]) -> str:
         raise HeaprError(f"{path}: not a folder; pass a model folder")
     config = read_config(folder)
     archs = config.get("architectures") or []
+    check_quantized_linears(folder, config)
     if not is_pruned(folder):
         if any(str(a).startswith("Heapr") for a in archs):
             raise HeaprError(f"{folder / 'config.json'}: architecture {archs[0]} but no `heapr` section with expert widths; re-create the folder with `heapr-serve compress`")
@@ -112,6 +113,23 @@ def check_servable(family, folder) -> None:
         if find_spec(module) is None:
             raise HeaprError(f"{folder}: vLLM cannot serve {family.model_type} in this environment, dense or pruned: {why}; "
                              f"evaluate it with `heapr-serve eval` (transformers), or serve it where {module} is installed")
+
+
+def check_quantized_linears(folder: Path, config: dict) -> None:
+    """A W4A16/W8A16 folder whose attention or dense Linears are quantized needs vLLM's WNA16 linear
+    kernel; vLLM-CPU builds it for AVX-512 CPUs only (no `cpu_gemm_wna16` elsewhere), and then fails
+    inside engine start-up. Refuse in one line instead (the routed experts alone run on our MoE layer)."""
+    quantization = config.get("quantization_config") or {}
+    record = (config.get("heapr") or {}).get("quantization") or config.get("heapr_quantization") or {}
+    if quantization.get("format") != "pack-quantized" or record.get("only_experts"):
+        return
+    import torch
+    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C, the build's kernels)
+
+    if not torch.cuda.is_available() and not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        raise HeaprError(f"{folder}: its attention/dense Linears are {quantization.get('format')} (WNA16), and this CPU's vLLM build has no "
+                         "WNA16 linear kernel (cpu_gemm_wna16 needs AVX-512); quantize the routed experts alone "
+                         "(`heapr-serve quantize SOURCE -o OUT --only-experts`) or serve on an AVX-512 CPU or a GPU")
 
 
 def server_argv(path: str, extra: list[str]) -> list[str]:

@@ -24,7 +24,8 @@ With --heal, the same for what `compress --heal` adds (plain, --heal with its de
   (i) compress --heal wall / compress wall               target <= 2.0
 
 With --quantize, the whole `compress --streamed` command on the big random model of --streamed (each
-run a fresh process): the calibration pass alone, compress, and compress --quantize w4a16 (GPTQ):
+run a fresh process): the calibration pass alone, compress, and compress --quantize w4a16 (GPTQ), and
+with --with-heal compress --heal (few steps: its memory is there from the first step):
   (j) peak RSS - baseline of each, against the streamed bound 1.2 x (one layer + saved activations)
 
 Usage: python -m tools.bench_compress [--hidden 512 --experts 64 --width 192 --layers 2 --repeats 3]
@@ -300,9 +301,14 @@ def quantize_main(args) -> None:
                   "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
                   "--dtype", args.dtype]
         runs = {"calibration pass alone": None, "compress --streamed": common,
-                "compress --streamed --quantize w4a16 (GPTQ)": [*common, "--quantize", "w4a16"]}
+                "compress --streamed --quantize w4a16 (GPTQ)": [*common, "--quantize", "w4a16"],
+                f"compress --streamed --heal (--heal-steps {args.heal_steps})": [*common, "--heal", "--heal-steps", str(args.heal_steps)]}
         if args.skip_calibration_row:
             runs.pop("calibration pass alone")
+        if not args.with_heal:
+            runs.pop(next(name for name in runs if "--heal" in name))
+        if args.skip_quantize_row:
+            runs.pop("compress --streamed --quantize w4a16 (GPTQ)")
         for name, flags in runs.items():
             if flags is None:
                 r = _run_child("streamed", big, args, args.dtype)
@@ -333,7 +339,11 @@ def main() -> None:
     parser.add_argument("--reconstruct", action="store_true", help="measure what compress --reconstruct adds (see above)")
     parser.add_argument("--heal", action="store_true", help="measure what compress --heal adds (see above)")
     parser.add_argument("--quantize", action="store_true", help="measure compress --streamed --quantize's peak memory (see above)")
-    parser.add_argument("--skip-calibration-row", action="store_true", help="--quantize: only the two compress runs")
+    parser.add_argument("--skip-calibration-row", action="store_true", help="--quantize: only the compress runs")
+    parser.add_argument("--skip-quantize-row", action="store_true", help="--quantize: leave out the --quantize w4a16 run")
+    parser.add_argument("--with-heal", action="store_true", help="--quantize: also compress --streamed --heal (peak memory of healing)")
+    parser.add_argument("--heal-steps", type=int, default=20,
+                        help="--with-heal: Adam steps per layer (memory does not depend on them: the state exists from the first)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--big-layers", type=int, default=24)
     parser.add_argument("--big-hidden", type=int, default=1024)

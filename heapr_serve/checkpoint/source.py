@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from heapr_serve.checkpoint.expert_tensors import gate_and_up
 from heapr_serve.checkpoint.format import (MXFP4_TENSOR, SCALE_SUFFIX, extra_layers, open_safetensors, read_config,
                                            safetensors_files)
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family, family_for
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_PER_EXPERT = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -339,8 +339,8 @@ class SourceCheckpoint:
                 if len(names) == 1:
                     parts = [(target, names[0])]
                 elif key.endswith("gate_up_proj"):  # [E, 2I, H] from per-expert gate [I, H] and up [I, H]
-                    half = target.shape[1] // 2
-                    parts = [(target[e // 2, (e % 2) * half : (e % 2 + 1) * half], n) for e, n in enumerate(names)]
+                    gate_up = gate_and_up(self.family, target)
+                    parts = [(gate_up[i % 2][i // 2], n) for i, n in enumerate(names)]
                 else:  # down_proj [E, H, I]
                     parts = [(target[e], n) for e, n in enumerate(names)]
                 for place, name in parts:

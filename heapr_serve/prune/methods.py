@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors import safe_open
@@ -40,8 +40,11 @@ from heapr_serve.checkpoint.format import read_config, safetensors_files
 from heapr_serve.checkpoint.source import SourceCheckpoint
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import family_for
-from heapr_serve.prune.allocation import PruningPlan, check_allocation_options, plan_pruning
+from heapr_serve.prune.allocation import PruningPlan, plan_pruning
 from heapr_serve.score.stats import REAP_KEY, ExpertStats
+
+if TYPE_CHECKING:  # the options check the method against this registry, so they import it, not the other way
+    from heapr_serve.prune.options import PruneOptions
 
 # --------------------------------------------------------------------------------------------------
 # Scores
@@ -241,29 +244,27 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def plan_for_method(method: str, stats: ExpertStats, source: Path, ratio: float, scope: str = "global", align: int = 1,
-                    keep_unrouted: bool = False, seed: int = 0) -> PruningPlan:
-    """The pruning plan of `method` at `ratio`, from one set of calibration statistics."""
-    m = get_method(method)
-    check_allocation_options(ratio, scope, align)
+def plan_for_method(stats: ExpertStats, source: Path, options: PruneOptions) -> PruningPlan:
+    """The pruning plan of `options.method` at `options.ratio`, from one set of calibration statistics."""
+    m = get_method(options.method)
     unrouted = {layer: torch.nonzero(t == 0).flatten().tolist() for layer, t in stats.tokens.items()}
     dense_width = next(iter(stats.act_sq.values())).shape[1]
-    target = Target(ratio, scope, align, keep_unrouted, unrouted, dense_width)
-    return m.allocate(m.score(ScoreInputs(stats, Path(source), seed)), target)
+    target = Target(options.ratio, options.scope, options.align, options.keep_unrouted, unrouted, dense_width)
+    return m.allocate(m.score(ScoreInputs(stats, Path(source), options.seed)), target)
 
 
-def plan_record(plan: PruningPlan, method: str, ratio: float, seed: int, keep_unrouted: bool) -> dict:
+def plan_record(plan: PruningPlan, options: PruneOptions) -> dict:
     """The `heapr` config section's record of a plan (docs/checkpoint_format.md), whoever pruned."""
     return {
-        "method": method,
-        "method_summary": get_method(method).summary,
+        "method": options.method,
+        "method_summary": get_method(options.method).summary,
         "dense_width": plan.dense_width,
         "expert_widths": {str(layer): widths for layer, widths in plan.widths.items()},
-        "ratio": ratio,
+        "ratio": options.ratio,
         "effective_ratio": round(plan.effective_ratio, 6),
         "align": plan.align,
         "scope": plan.scope,
-        **({"seed": seed} if method == "random" else {}),
-        "keep_unrouted": keep_unrouted,
+        **({"seed": options.seed} if options.method == "random" else {}),
+        "keep_unrouted": options.keep_unrouted,
         "unrouted_experts": {str(layer): e for layer, e in plan.unrouted.items() if e},
     }

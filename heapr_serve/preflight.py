@@ -4,9 +4,10 @@ Every command that writes (compress, apply, eval --json, bench --out) asks `chec
 path is not the wrong kind of thing, the nearest folder that exists is a folder this process may
 write in, every missing name fits the file system, and the disk has room for the estimated output.
 Then it writes through `staged_folder` / `staged_file`: everything goes into a hidden temporary
-sibling that is renamed into place only when complete, missing parent folders are created only at
-that moment, and any OS error on the way becomes one line naming the path (a HeaprError), with the
-temporary copy removed.
+sibling that is renamed into place only when complete (a folder flushed to disk first, and an
+existing one replaced so that a crash loses nothing: heapr_serve.folder_swap), missing parent folders
+are created only at that moment, and any OS error on the way becomes one line naming the path (a
+HeaprError), with the temporary copy removed.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ app = typer.Typer(
 )
 
 # --- command registrations, in stage order (each stage's module owns its command) ---
-from heapr_serve.prune.commands import apply_command, compress_command  # noqa: E402
+from heapr_serve.prune.compress import compress_command  # noqa: E402
+from heapr_serve.prune.apply import apply_command  # noqa: E402
 from heapr_serve.checkpoint.inspect import inspect_command  # noqa: E402
 from heapr_serve.quantize.command import quantize_command  # noqa: E402
 from heapr_serve.eval.command import eval_command  # noqa: E402

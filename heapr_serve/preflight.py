@@ -4,9 +4,10 @@ Every command that writes (compress, apply, eval --json, bench --out) asks `chec
 path is not the wrong kind of thing, the nearest folder that exists is a folder this process may
 write in, every missing name fits the file system, and the disk has room for the estimated output.
 Then it writes through `staged_folder` / `staged_file`: everything goes into a hidden temporary
-sibling that is renamed into place only when complete, missing parent folders are created only at
-that moment, and any OS error on the way becomes one line naming the path (a HeaprError), with the
-temporary copy removed.
+sibling that is renamed into place only when complete (a folder flushed to disk first, and an
+existing one replaced so that a crash loses nothing: heapr_serve.folder_swap), missing parent folders
+are created only at that moment, and any OS error on the way becomes one line naming the path (a
+HeaprError), with the temporary copy removed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from heapr_serve.errors import HeaprError
+from heapr_serve.folder_swap import flush_to_disk, put_in_place, recover, staging_name, swap_in
 
 GIB = 1024**3
 
@@ -51,6 +53,8 @@ def check_output(flag: str, path: Path, *, kind: str = "folder", overwrite: bool
     "folder" or "file"; an existing folder is refused unless `overwrite` (it will be replaced) or
     `merge` (files are added to it); an existing file is replaced."""
     check_path_text(flag, path, kind)
+    if kind == "folder":
+        recover(flag, path)  # what a run killed while it replaced this folder left behind
     if _exists(path):
         if kind == "folder" and not path.is_dir():
             raise HeaprError(f"{flag} {path}: exists and is not a folder; choose another path")
@@ -102,7 +106,7 @@ def staged_folder(flag: str, out: Path, *, overwrite: bool = False, merge: bool 
     created; OS errors become one line naming `flag` and `out`."""
     out = Path(out)
     base = nearest_existing(out.parent)
-    tmp = base / f".{out.name}.heapr-tmp-{os.getpid()}"
+    tmp = base / staging_name(out)
     try:
         if _exists(tmp):
             shutil.rmtree(tmp)
@@ -121,6 +125,7 @@ def staged_folder(flag: str, out: Path, *, overwrite: bool = False, merge: bool 
 
 
 def _move_into_place(flag: str, tmp: Path, out: Path, overwrite: bool, merge: bool) -> None:
+    flush_to_disk(tmp)
     if _exists(out) and merge and out.is_dir():
         for item in sorted(tmp.iterdir()):
             target = out / item.name
@@ -132,13 +137,10 @@ def _move_into_place(flag: str, tmp: Path, out: Path, overwrite: bool, merge: bo
     if _exists(out):
         if not overwrite:
             raise HeaprError(f"{flag} {out}: appeared while this command ran; pass --overwrite to replace it")
-        old = out.parent / f".{out.name}.heapr-old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(flag, tmp, out)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    put_in_place(tmp, out)
 
 
 @contextmanager

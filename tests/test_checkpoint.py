@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from heapr_serve.calibrate.datasets import CalibrationSet
-from heapr_serve.prune.commands import prune_to_folder
+from heapr_serve.prune.options import PruneOptions
+from heapr_serve.prune.to_folder import prune_to_folder
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import family_for, moe_blocks
 from model_patches.transformers.loader import RaggedExperts
@@ -44,7 +45,7 @@ def test_pruned_checkpoint_loads_and_computes_the_pruned_function(tmp_path, tiny
     source = tiny_models[family]
     before = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
     out = tmp_path / "pruned"
-    result = prune_to_folder(source, out, _stats(source, unrouted_expert=3), 0.4, "global", 1, False, overwrite=False)
+    result = prune_to_folder(source, out, _stats(source, unrouted_expert=3), PruneOptions(0.4))
 
     # the source is untouched, the output is complete and self-describing
     assert {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()} == before
@@ -78,7 +79,7 @@ def test_pruned_checkpoint_loads_and_computes_the_pruned_function(tmp_path, tiny
 @pytest.fixture(scope="module")
 def pruned_qwen2(tmp_path_factory, tiny_models):
     out = tmp_path_factory.mktemp("pq2") / "pruned"
-    prune_to_folder(tiny_models["qwen2_moe"], out, _stats(tiny_models["qwen2_moe"]), 0.5, "global", 16, False, False)
+    prune_to_folder(tiny_models["qwen2_moe"], out, _stats(tiny_models["qwen2_moe"]), PruneOptions(0.5, align=16))
     return out
 
 
@@ -174,7 +175,7 @@ def test_mtp_module_of_qwen3_next_is_kept_whole(tmp_path, tiny_models):
     mtp = {"mtp." + n.removeprefix("model.").replace("layers.2.", "layers.0."): t.clone() for n, t in tensors.items() if n.startswith(last)}
     mtp["mtp.fc.weight"] = torch.randn(128, 256)
     save_file({**tensors, **mtp}, source / "model.safetensors")
-    result = prune_to_folder(source, tmp_path / "pruned", _stats(source), 0.4, "global", 1, False, overwrite=False)
+    result = prune_to_folder(source, tmp_path / "pruned", _stats(source), PruneOptions(0.4))
     assert result.plan.widths[0] != [64] * 8  # layer 0 is pruned ...
     with safe_open(tmp_path / "pruned" / "model.safetensors", "pt") as f:
         for name, t in mtp.items():  # ... and the MTP module's experts are not
@@ -189,7 +190,7 @@ def test_mtp_module_of_qwen3_next_is_kept_whole(tmp_path, tiny_models):
     config = json.loads((source / "config.json").read_text())
     config["mtp_num_hidden_layers"] = 1
     (source / "config.json").write_text(json.dumps(config))
-    prune_to_folder(source, tmp_path / "dropped", _stats(source), 0.4, "global", 1, False, overwrite=False, drop_mtp=True)
+    prune_to_folder(source, tmp_path / "dropped", _stats(source), PruneOptions(0.4, drop_mtp=True))
     with safe_open(tmp_path / "dropped" / "model.safetensors", "pt") as f:
         assert not [n for n in f.keys() if n.startswith("mtp.")]
     written = json.loads((tmp_path / "dropped" / "config.json").read_text())

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from heapr_serve.calibrate.datasets import CalibrationSet
 from heapr_serve.families import moe_blocks
 from heapr_serve.prune.methods import METHODS, ScoreInputs, activation_score, magnitude_score, plan_for_method, random_score
+from heapr_serve.prune.options import PruneOptions
 from heapr_serve.models import load_model
 from heapr_serve.score.calibration_pass import collect_statistics
 from heapr_serve.score.observers import HeaprObserver
@@ -101,7 +102,7 @@ def test_allocations(calibrated, ratio):
     experts, dense = next(iter(stats.act_sq.values())).shape
     heapr_scores = stats.scores()
     for name in METHODS:
-        plan = plan_for_method(name, stats, src, ratio, align=8, seed=1)
+        plan = plan_for_method(stats, src, PruneOptions(ratio, name, align=8, seed=1))
         assert set(plan.keep) == set(stats.act_sq), name
         if name in ("reap", "frequency"):
             drop = round(ratio * experts)
@@ -125,7 +126,7 @@ def test_allocations(calibrated, ratio):
             assert abs(plan.effective_ratio - ratio) <= 8 / (len(plan.keep) * experts * dense) + 1e-9, name
             assert all(w % 8 == 0 for ws in plan.widths.values() for w in ws), name
     # the global HEAPr allocation gives experts different widths; uniform does not
-    assert len({w for ws in plan_for_method("heapr", stats, src, ratio, align=8).widths.values() for w in ws}) > 1
+    assert len({w for ws in plan_for_method(stats, src, PruneOptions(ratio, "heapr", align=8)).widths.values() for w in ws}) > 1
 
 
 def _masked_dense_logits(src, keep, ids):
@@ -154,7 +155,7 @@ def test_every_method_writes_the_same_format_and_computes_the_masked_model(tmp_p
     heapr = json.loads((out / "config.json").read_text())["heapr"]
     assert heapr["effective_ratio"] == pytest.approx(0.5, abs=1 / 64)
     stats = ExpertStats.load(out)  # the statistics travel along, readable by every loader
-    plan = plan_for_method(method, stats, src, 0.5)
+    plan = plan_for_method(stats, src, PruneOptions(0.5, method))
     assert {str(k): v for k, v in plan.widths.items()} == heapr["expert_widths"]
     ids = torch.randint(1, 4096, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -188,6 +189,6 @@ def test_keep_unrouted_keeps_never_routed_experts_whole_in_every_method(tiny_mod
         stats.tokens[layer].copy_(torch.tensor([5, 0, 3, 2, 4, 4, 4, 4]))
     stats.metadata[REAP_KEY] = {"0": [1.0] * 8, "1": [1.0] * 8}
     for name in METHODS:
-        kept = plan_for_method(name, stats, tiny_models["qwen3_moe"], 0.5, keep_unrouted=True)
+        kept = plan_for_method(stats, tiny_models["qwen3_moe"], PruneOptions(0.5, name, keep_unrouted=True))
         assert all(widths[1] == 64 for widths in kept.widths.values()), name
         assert kept.unrouted == {0: [1], 1: [1]}, name

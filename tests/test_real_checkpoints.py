@@ -31,6 +31,7 @@ from heapr_serve.checkpoint.writer import estimated_output_bytes
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import moe_blocks
 from heapr_serve.prune.methods import expert_weight_norms, plan_for_method
+from heapr_serve.prune.options import PruneOptions
 from heapr_serve.score.stats import SCORES_FILE, ExpertStats
 from model_patches.transformers.loader import RaggedExperts
 from tests.helpers.mxfp4 import decode, write_dequantised, write_mxfp4
@@ -74,8 +75,8 @@ def _plan(out: Path):
     """The plan `compress` wrote, recomputed from the saved scores (and checked against the config)."""
     heapr = json.loads((out / "config.json").read_text())["heapr"]
     stats = ExpertStats.load(out / SCORES_FILE)
-    plan = plan_for_method(heapr["method"], stats, Path(heapr["source_model"]), heapr["ratio"], heapr["scope"],
-                           heapr["align"], heapr["keep_unrouted"], heapr.get("seed", 0))
+    options = PruneOptions(heapr["ratio"], heapr["method"], heapr["scope"], heapr["align"], heapr["keep_unrouted"], heapr.get("seed", 0))
+    plan = plan_for_method(stats, Path(heapr["source_model"]), options)
     assert {str(k): v for k, v in plan.widths.items()} == heapr["expert_widths"]
     return plan
 

@@ -31,7 +31,8 @@ def main() -> None:
     from heapr_serve.models import load_model, load_tokenizer
     from heapr_serve.progress import console
     from heapr_serve.prune.methods import METHODS, Method, global_allocation
-    from heapr_serve.prune.commands import prune_to_folder
+    from heapr_serve.prune.options import PruneOptions
+    from heapr_serve.prune.to_folder import prune_to_folder
     from heapr_serve.score.calibration_pass import collect_statistics
     from heapr_serve.score.observers import MethodStatsObserver
 
@@ -80,7 +81,7 @@ def main() -> None:
             for name, score in scores.items():
                 METHODS["_probe"] = Method("_probe", name, lambda _inputs, s=score: s, global_allocation)
                 out = Path(tmp) / "probe"
-                prune_to_folder(source, out, stats, ratio, "global", 1, False, True, "_probe")
+                prune_to_folder(source, out, stats, PruneOptions(ratio, "_probe", overwrite=True))
                 ppl = perplexity(load_model(out, torch.float32, torch.device("cpu")), tokens, 256, 8)
                 rows.append((ratio, name, ppl))
                 console.print(f"ratio {ratio:g}  {name:34s} perplexity {ppl:.3f} ({ppl / dense - 1:+.2%})")

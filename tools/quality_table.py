@@ -3,7 +3,7 @@ a JSON file and a PNG plot of perplexity against the share of expert parameters 
 
 Why: "what does pruning cost in quality, and is HEAPr better than dropping whole experts?" needs
 numbers from the same pipeline for every method. The dense model is calibrated once; every method and
-ratio is pruned from those statistics through `compress.prune_to_folder` (the path `compress` and
+ratio is pruned from those statistics through `to_folder.prune_to_folder` (the path `compress` and
 `apply` use) and evaluated the same way.
 
 - perplexity through transformers (held-out built-in text, windows of --seq-len);
@@ -50,12 +50,12 @@ TASK_COLUMNS = [("heapr_nextsent", "acc_mutual_info", "next-sentence acc (MI)"),
 def calibrate(source: Path, nsamples: int, seq_len: int, batch_size: int, seed: int):
     """One forward + backward pass over the calibration set, collecting every method's statistics."""
     from heapr_serve.calibrate.datasets import load_calibration
-    from heapr_serve.prune.commands import _check_source
+    from heapr_serve.prune.to_folder import check_source
     from heapr_serve.score.calibration_pass import collect_statistics
     from heapr_serve.models import load_model, load_tokenizer
     from heapr_serve.progress import progress_bar
 
-    config = _check_source(source)
+    config = check_source(source)
     tokenizer = load_tokenizer(source)
     calibration = load_calibration(None, tokenizer, nsamples, seq_len, seed, int(config["vocab_size"]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -69,7 +69,7 @@ def calibrate(source: Path, nsamples: int, seq_len: int, batch_size: int, seed: 
 
 
 def parse_method(spec: str) -> tuple[str, dict | None]:
-    """'fisher+reconstruct' -> ('fisher', Reconstruction keywords); 'heapr' -> ('heapr', None);
+    """'fisher+reconstruct' -> ('fisher', PruneOptions keywords); 'heapr' -> ('heapr', None);
     'heapr+reconstruct-dense', 'heapr+heal', 'fisher+reconstruct+heal+e2e' likewise (the quantize
     suffix is split off by parse_quantize)."""
     from heapr_serve.prune.heal import DEFAULT_E2E_STEPS, HealOptions
@@ -81,7 +81,7 @@ def parse_method(spec: str) -> tuple[str, dict | None]:
         return name, None
     heal = HealOptions(e2e_steps=DEFAULT_E2E_STEPS if "e2e" in stages else 0) if "heal" in stages else None
     refit = "reconstruct" in stages or "reconstruct-dense" in stages
-    return name, {"inputs": "dense" if "reconstruct-dense" in stages else "pruned", "refit": refit or heal is None, "heal": heal}
+    return name, {"reconstruct_inputs": "dense" if "reconstruct-dense" in stages else "pruned", "reconstruct": refit or heal is None, "heal": heal}
 
 
 def parse_quantize(spec: str):
@@ -229,7 +229,8 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     from heapr_serve.checkpoint.format import count_source_params, dense_expert_width
     from heapr_serve.quantize.after_pruning import QuantizeRun
-    from heapr_serve.prune.commands import Reconstruction, prune_to_folder
+    from heapr_serve.prune.options import PruneOptions
+    from heapr_serve.prune.to_folder import RetuneRun, prune_to_folder
     from heapr_serve.errors import HeaprError
     from heapr_serve.eval.perplexity import eval_tokens, eval_windows
     from heapr_serve.prune.methods import METHODS, get_method
@@ -291,14 +292,15 @@ def main(argv: list[str] | None = None) -> None:
             folder = args.workdir / f"{method}-{ratio:g}"
             console.print(f"pruning: {method} at {ratio:g}")
             name, stages = parse_method(method)
-            refit = None if stages is None else Reconstruction(batches, torch.float32, torch.device("cpu"), **stages)
+            retune = None if stages is None else RetuneRun(batches, torch.float32, torch.device("cpu"))
             quantize, align = parse_quantize(method)[1], args.align
             if quantize is not None:
                 config = json.loads((source / "config.json").read_text())
                 quantize, align = quantize.resolve(source, align, int(config["hidden_size"]), dense_expert_width(config))
                 quantize = QuantizeRun(quantize, batches, torch.float32, torch.device("cpu"))
-            prune_to_folder(source, folder, stats, ratio, "global", align, False, True, name, args.seed, reconstruction=refit,
-                            quantize=quantize)
+            options = PruneOptions(ratio, name, align=align, seed=args.seed, overwrite=True, **(stages or {}),
+                                   quantize=None if quantize is None else quantize.opts)
+            prune_to_folder(source, folder, stats, options, retune, quantize)
             checkpoints.append((method, ratio, folder))
     for method, ratio, folder in checkpoints:
         console.print(f"[bold]evaluating {method} {'' if ratio is None else ratio}[/] ({folder})")

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from heapr_serve.errors import HeaprError
-from heapr_serve.families import PROJ_KINDS, Family
+from heapr_serve.families import PROJ_KINDS, Family, family_for
 from heapr_serve.preflight import check_output, check_path_text, staged_folder
-from heapr_serve.checkpoint.format import (FORMAT_VERSION, FUSED_EXPERTS_TENSOR, GPT_OSS_EXPERTS_TENSOR, MTP_REASON, MXFP4_TENSOR,
-                                           PER_EXPERT_TENSOR, SCALE_SUFFIX, dense_expert_width, num_routed_experts, open_safetensors, safetensors_files,
+from heapr_serve.checkpoint.expert_tensors import expert_parts, expert_tensor
+from heapr_serve.checkpoint.format import (FORMAT_VERSION, GPT_OSS_EXPERTS_TENSOR, MTP_REASON, MXFP4_TENSOR, SCALE_SUFFIX,
+                                           dense_expert_width, num_routed_experts, open_safetensors, read_config, safetensors_files,
                                            tensor_layer)
 from heapr_serve.checkpoint.source import RawSafetensors, SourceCheckpoint
 from heapr_serve.progress import console
@@ -53,7 +54,8 @@ def estimated_output_bytes(source: Path, ratio: float) -> int:
     `ratio`, FP8 weights and MXFP4 stacks are written as bfloat16 without their scales; plus 2% for the rest."""
     try:
         files = sorted(set(safetensors_files(source).values()))
-    except HeaprError:  # no weights: the source checks that follow say so, with their own fix
+        family = family_for(read_config(source))
+    except HeaprError:  # no weights, or no family: the source checks that follow say so, with their own fix
         return 0
     total = 0
     for file in files:
@@ -65,7 +67,7 @@ def estimated_output_bytes(source: Path, ratio: float) -> int:
                 view = f.get_slice(name)
                 # MXFP4 blocks: two values a byte, written in bfloat16
                 size = torch.Size(view.get_shape()).numel() * (4 if mxfp4 else _BYTES_PER.get(view.get_dtype(), 2))
-                expert = PER_EXPERT_TENSOR.match(name) or FUSED_EXPERTS_TENSOR.match(name) or mxfp4
+                expert = mxfp4 or expert_tensor(family, name) is not None
                 total += int(size * (1 - ratio)) if expert else size
     return int(total * 1.02)
 
@@ -173,39 +175,34 @@ def _expert_slices(family: Family, name: str, tensor: torch.Tensor, keep: dict[i
     `updates(layer, key)` gives new kept-width values ("{expert}.gate|up|down", heapr_serve.prune.updates:
     `--reconstruct`, `--heal`) or None where the source's rows and columns stay."""
 
-    def kept_part(layer: int, expert: int, proj: int, dense: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        new = updates(layer, f"{expert}.{PROJ_KINDS[proj]}") if updates is not None else None
-        old = dense.index_select(1 if proj == 2 else 0, kept)
+    def kept_part(layer: int, expert: int, part: str, dense: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        new = updates(layer, f"{expert}.{part}") if updates is not None else None
+        old = dense.index_select(1 if part == "down" else 0, kept)
         if new is None:
             return old
         if new.shape != old.shape:
-            raise ValueError(f"new {PROJ_KINDS[proj]} projection of layer {layer} expert {expert} has shape {list(new.shape)}, expected {list(old.shape)}")
+            raise ValueError(f"new {part} projection of layer {layer} expert {expert} has shape {list(new.shape)}, expected {list(old.shape)}")
         return new.to(dense.dtype)
 
     if family.expert_layout == "gpt_oss":
         return _gpt_oss_slices(family, name, tensor, keep, updates)
-    m = PER_EXPERT_TENSOR.match(name)
-    if m and int(m["layer"]) in keep and m["block"] == family.disk_block and m["proj"] in family.disk_projs:
-        layer, expert = int(m["layer"]), int(m["expert"])
-        kept = keep[layer][expert]
+    found = expert_tensor(family, name)
+    if found is None or found.layer not in keep:
+        return None
+    if found.expert is not None:
+        kept = keep[found.layer][found.expert]
         if len(kept) == 0:
             return []
-        return [(name, kept_part(layer, expert, family.disk_projs.index(m["proj"]), tensor, kept))]
-    m = FUSED_EXPERTS_TENSOR.match(name)
-    if m and int(m["layer"]) in keep:
-        layer = int(m["layer"])
-        out = []
-        for expert, kept in enumerate(keep[layer]):
-            if len(kept) == 0:
-                continue
-            if m["proj"] == "gate_up_proj":  # [E, 2I, H]
-                width = tensor.shape[1] // 2
-                for proj, dense in ((0, tensor[expert, :width]), (1, tensor[expert, width:])):
-                    out.append((family.expert_tensor_name(m["prefix"], layer, expert, proj), kept_part(layer, expert, proj, dense, kept)))
-            else:  # down_proj [E, H, I]
-                out.append((family.expert_tensor_name(m["prefix"], layer, expert, 2), kept_part(layer, expert, 2, tensor[expert], kept)))
-        return out
-    return None
+        return [(name, kept_part(found.layer, found.expert, found.part, tensor, kept))]
+    parts = expert_parts(family, found, tensor)
+    out = []
+    for expert, kept in enumerate(keep[found.layer]):
+        if len(kept) == 0:
+            continue
+        for part, stack in parts.items():
+            name = family.expert_tensor_name(found.prefix, found.layer, expert, PROJ_KINDS.index(part))
+            out.append((name, kept_part(found.layer, expert, part, stack[expert], kept)))
+    return out
 
 
 def _router(family: Family, name: str, tensor: torch.Tensor, keep: dict, updates) -> torch.Tensor:

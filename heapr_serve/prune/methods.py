@@ -30,17 +30,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors import safe_open
 
-from heapr_serve.checkpoint.format import FUSED_EXPERTS_TENSOR, PER_EXPERT_TENSOR, read_config, safetensors_files
+from heapr_serve.checkpoint.expert_tensors import expert_parts, expert_tensor
+from heapr_serve.checkpoint.format import read_config, safetensors_files
 from heapr_serve.checkpoint.source import SourceCheckpoint
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import family_for
-from heapr_serve.prune.allocation import PruningPlan, check_allocation_options, plan_pruning
+from heapr_serve.prune.allocation import PruningPlan, plan_pruning
 from heapr_serve.score.stats import REAP_KEY, ExpertStats
+
+if TYPE_CHECKING:  # the options check the method against this registry, so they import it, not the other way
+    from heapr_serve.prune.options import PruneOptions
 
 # --------------------------------------------------------------------------------------------------
 # Scores
@@ -64,8 +68,7 @@ class ScoreInputs:
 
 def expert_weight_norms(source: Path, layers: set[int]) -> dict[int, dict[str, torch.Tensor]]:
     """Per-neuron weight norms of every routed expert, streamed tensor by tensor from the safetensors."""
-    config = read_config(source)
-    family = family_for(config)
+    family = family_for(read_config(source))
     per_expert: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
     norms: dict[int, dict[str, torch.Tensor]] = {}
     src = SourceCheckpoint(source)  # FP8 weights and MXFP4 stacks are read dequantised
@@ -74,29 +77,15 @@ def expert_weight_norms(source: Path, layers: set[int]) -> dict[int, dict[str, t
         with safe_open(Path(source) / file, "pt") as f:
             for disk_name in f.keys():
                 name = src.read_name(disk_name)  # an MXFP4 stack by its blocks' stack name; scales skipped
-                if name is None:
+                found = None if name is None else expert_tensor(family, name)
+                if found is None or found.layer not in layers:
                     continue
-                m = PER_EXPERT_TENSOR.match(name)
-                if m and int(m["layer"]) in layers and m["block"] == family.disk_block and m["proj"] in family.disk_projs:
-                    proj = ("gate", "up", "down")[family.disk_projs.index(m["proj"])]
-                    w = src.get(f, disk_name).float()
-                    norm = w.norm(dim=0) if proj == "down" else w.norm(dim=1)
-                    per_expert.setdefault(int(m["layer"]), {}).setdefault(proj, {})[int(m["expert"])] = norm
-                    continue
-                m = FUSED_EXPERTS_TENSOR.match(name)
-                if m and int(m["layer"]) in layers:
-                    w = src.get(f, disk_name).float()
-                    layer_norms = norms.setdefault(int(m["layer"]), {})
-                    if family.expert_layout == "gpt_oss":  # gate_up [E, H, 2I] interleaved, down [E, I, H]
-                        if m["proj"] == "gate_up_proj":
-                            layer_norms["gate"], layer_norms["up"] = w[:, :, 0::2].norm(dim=1), w[:, :, 1::2].norm(dim=1)
-                        else:
-                            layer_norms["down"] = w.norm(dim=2)
-                    elif m["proj"] == "gate_up_proj":  # [E, 2I, H]
-                        width = w.shape[1] // 2
-                        layer_norms["gate"], layer_norms["up"] = w[:, :width].norm(dim=2), w[:, width:].norm(dim=2)
-                    else:  # down_proj [E, H, I]
-                        layer_norms["down"] = w.norm(dim=1)
+                for part, w in expert_parts(family, found, src.get(f, disk_name).float()).items():
+                    norm = w.norm(dim=-2) if part == "down" else w.norm(dim=-1)  # over each neuron's column / row
+                    if found.expert is None:
+                        norms.setdefault(found.layer, {})[part] = norm
+                    else:
+                        per_expert.setdefault(found.layer, {}).setdefault(part, {})[found.expert] = norm
     for layer, projs in per_expert.items():
         norms[layer] = {proj: torch.stack([by_expert[e] for e in sorted(by_expert)]) for proj, by_expert in projs.items()}
     missing = sorted(layers - {layer for layer, n in norms.items() if len(n) == 3})
@@ -255,29 +244,27 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def plan_for_method(method: str, stats: ExpertStats, source: Path, ratio: float, scope: str = "global", align: int = 1,
-                    keep_unrouted: bool = False, seed: int = 0) -> PruningPlan:
-    """The pruning plan of `method` at `ratio`, from one set of calibration statistics."""
-    m = get_method(method)
-    check_allocation_options(ratio, scope, align)
+def plan_for_method(stats: ExpertStats, source: Path, options: PruneOptions) -> PruningPlan:
+    """The pruning plan of `options.method` at `options.ratio`, from one set of calibration statistics."""
+    m = get_method(options.method)
     unrouted = {layer: torch.nonzero(t == 0).flatten().tolist() for layer, t in stats.tokens.items()}
     dense_width = next(iter(stats.act_sq.values())).shape[1]
-    target = Target(ratio, scope, align, keep_unrouted, unrouted, dense_width)
-    return m.allocate(m.score(ScoreInputs(stats, Path(source), seed)), target)
+    target = Target(options.ratio, options.scope, options.align, options.keep_unrouted, unrouted, dense_width)
+    return m.allocate(m.score(ScoreInputs(stats, Path(source), options.seed)), target)
 
 
-def plan_record(plan: PruningPlan, method: str, ratio: float, seed: int, keep_unrouted: bool) -> dict:
+def plan_record(plan: PruningPlan, options: PruneOptions) -> dict:
     """The `heapr` config section's record of a plan (docs/checkpoint_format.md), whoever pruned."""
     return {
-        "method": method,
-        "method_summary": get_method(method).summary,
+        "method": options.method,
+        "method_summary": get_method(options.method).summary,
         "dense_width": plan.dense_width,
         "expert_widths": {str(layer): widths for layer, widths in plan.widths.items()},
-        "ratio": ratio,
+        "ratio": options.ratio,
         "effective_ratio": round(plan.effective_ratio, 6),
         "align": plan.align,
         "scope": plan.scope,
-        **({"seed": seed} if method == "random" else {}),
-        "keep_unrouted": keep_unrouted,
+        **({"seed": options.seed} if options.method == "random" else {}),
+        "keep_unrouted": options.keep_unrouted,
         "unrouted_experts": {str(layer): e for layer, e in plan.unrouted.items() if e},
     }

@@ -36,8 +36,8 @@ from heapr_serve.checkpoint.format import FORMAT_VERSION
 from heapr_serve.checkpoint.validate import validate_checkpoint
 from heapr_serve.errors import HeaprError
 from heapr_serve.families import family_for, moe_blocks
-from heapr_serve.prune.allocation import check_allocation_options
-from heapr_serve.prune.methods import get_method, plan_for_method, plan_record
+from heapr_serve.prune.methods import plan_for_method, plan_record
+from heapr_serve.prune.options import PruneOptions
 from heapr_serve.score.calibration_pass import collect_statistics
 from heapr_serve.score.moe_forward import is_linearised
 
@@ -68,11 +68,13 @@ class HEAPrPruningModifier(Modifier):
 
     _record: dict | None = PrivateAttr(default=None)
 
+    def _prune_options(self) -> PruneOptions:
+        return PruneOptions(self.ratio, self.method, self.scope, self.align, self.keep_unrouted, self.seed)
+
     @model_validator(mode="after")
     def _check(self) -> "HEAPrPruningModifier":
         try:
-            check_allocation_options(self.ratio, self.scope, self.align)
-            get_method(self.method)
+            self._prune_options()
         except HeaprError as err:
             raise ValueError(str(err).replace("--", "")) from None
         if self.batch_size < 1:
@@ -93,12 +95,13 @@ class HEAPrPruningModifier(Modifier):
         source_params = sum(p.numel() for p in model.parameters())
         stats = collect_statistics(model, batches, float(self.batch_size * calibration.seq_len))
         source = Path(str(getattr(model.config, "_name_or_path", "") or "."))
-        plan = plan_for_method(self.method, stats, source, self.ratio, self.scope, self.align, self.keep_unrouted, self.seed)
+        options = self._prune_options()
+        plan = plan_for_method(stats, source, options)
         for layer, block in blocks.items():
             _cut(block.experts, plan.keep[layer])
         self._record = {
             "format_version": FORMAT_VERSION,
-            **plan_record(plan, self.method, self.ratio, self.seed, self.keep_unrouted),
+            **plan_record(plan, options),
             "source_architectures": list(getattr(model.config, "architectures", None) or [type(model).__name__]),
             "source_model": str(source),
             "calibration": {**calibration.describe(), "batch_size": self.batch_size},

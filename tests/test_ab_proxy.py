@@ -5,6 +5,9 @@ token after 20 ms and then one every 10 ms, B is twice as fast. The proxy runs i
 uvicorn on a real socket (the same app the command serves; starting the command costs an interpreter
 start-up per configuration, which tests/test_ab_load.py pays once). Everything is observed from
 outside, as a client and a Prometheus scraper would.
+
+Over 400 lines: one behaviour per test against the same in-process proxy and stubs, which splitting
+the file would start twice.
 """
 
 from __future__ import annotations

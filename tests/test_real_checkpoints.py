@@ -8,6 +8,9 @@ zeroed (1e-5 in float32). For an FP8 source "the dense model" is the source dequ
 bfloat16, since that is what the output stores (written unquantised; the bf16 rounding alone is
 measured and printed). The MTP and FP8 outputs are also served by the real vLLM CPU engine (one
 subprocess, three engines).
+
+Over 400 lines: every family's real layout needs its own builder here, and the served cases share
+one engine subprocess that a split file would start again.
 """
 
 from __future__ import annotations

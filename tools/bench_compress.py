@@ -33,6 +33,9 @@ Usage: python -m tools.bench_compress [--hidden 512 --experts 64 --width 192 --l
        python -m tools.bench_compress --heal [--nsamples 64 --repeats 3]
        python -m tools.bench_compress --streamed [--big-layers 24 --big-hidden 1024 --big-experts 64 --big-width 512]
        python -m tools.bench_compress --quantize [--big-layers 24 ...] [--workdir DIR]
+
+Over 400 lines because each measure (a)-(j) needs its own alternating A/B driver beside the shared
+model builders; one file keeps the `python -m tools.bench_compress` entry point the docs cite.
 """
 
 from __future__ import annotations

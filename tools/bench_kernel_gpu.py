@@ -25,6 +25,9 @@ replace the heuristic in ``choose_config``.
 Usage:  python tools/bench_kernel_gpu.py [--models qwen3-30b-a3b,deepseek-v3] [--tokens 1,16,1024]
                                          [--json out.json] [--tune] [--eager]
 Exits with status 2 and one line on stderr when no CUDA GPU (or no Triton) is present.
+
+Over 400 lines because the CUDA-graph timer, the real models' shape tables and the tile tuner are
+one GPU session's script: a GPU lease runs it as one command (gpu_check.py imports its timer).
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def test_a_bad_arm_is_rolled_back_with_the_failed_check(arms, tmp_path, b, check
 
 
 def test_an_arm_that_slows_down_mid_run_is_rolled_back_after_climbing(arms, tmp_path):
-    """B answers as fast as A for its first 12 requests, then ten times slower (a server that slows
+    """B answers as fast as A for its first 12 requests, then fifty times slower (a server that slows
     down mid-run): it passes the first step, and the next window rolls it back to 0, naming latency."""
     with proxy(arms["a"], arms["slowing"], ramp_steps=[25, 50, 100], step_after=8, seed=3,
                ramp_checks=RampChecks(latency_ratio=3.0)) as srv:

@@ -140,7 +140,10 @@ def test_w8a8_pruned_matches_stock_vllm_on_the_zero_padded_dense_equivalent(pair
     padded_q = _quantize(padded, root / "zeropad-w8a8", "--scheme", "w8a8")
     (ours, stock), log = run_engines([_run(q, "bfloat16"), _run(padded_q, "bfloat16")],
                                      _engine_dir(root, "engine-w8"), timeout=900, extra_env={"PYTHONPATH": str(ZENTORCH)})
-    assert "error" not in ours and "error" not in stock, (ours.get("error"), stock.get("error"))
+    assert "error" not in ours, ours.get("error")
+    if "No Int8 MoE backend supports" in stock.get("error", ""):  # seen on an AVX2-only EPYC: zentorch ran ours, stock chose none
+        pytest.skip(f"stock vLLM-CPU selects no int8 MoE backend on this CPU, so there is nothing to compare with: {stock['error'][:120]}")
+    assert "error" not in stock, stock.get("error")
     assert "Using zentorch_fused_moe for W8A8 INT8 MoE" in log  # stock vLLM ran its own quantized MoE kernel
     assert "channel), backend zentorch" in log  # and our buckets the same kernel
     def compare(x, y):

@@ -35,13 +35,17 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 
+# --slow-after's slow-down: large enough that the stub's own delay, not the proxy's and client's time on a
+# slow 2-core machine (~30 ms a request on an AVX2 EPYC), decides a latency check with ratio 3
+SLOW_FACTOR = 50.0
+
 
 def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0,
               models_off: bool = False, diverge_after: int = -1, slow_after: int = -1) -> Starlette:
     """Starlette app serving /v1/completions, /v1/chat/completions, /v1/models, /health, /stats,
     /metrics. With `models_off`, /v1/models answers 503 until a POST to /admin/models-on (a test
     then knows exactly when a proxy can learn this arm's model name). With `slow_after` N, from its
-    N-th completion on it is ten times slower (a server that slows down mid-run)."""
+    N-th completion on it is SLOW_FACTOR times slower (a server that slows down mid-run)."""
     # what the last request carried, so a test can check what a proxy forwarded
     stats = {"started": 0, "finished": 0, "disconnected": 0, "last_model": None,
              "last_authorization": None, "last_headers": []}
@@ -87,7 +91,7 @@ def build_app(model: str, ttft: float, token_delay: float, fail_status: int = 0,
                 prompt = " ".join(map(str, prompt))
         n_prompt = max(1, len(str(prompt).split()))
         n_out = int(body.get("max_tokens") or 16)
-        slow = 10.0 if 0 <= slow_after <= stats["started"] else 1.0
+        slow = SLOW_FACTOR if 0 <= slow_after <= stats["started"] else 1.0
         t_first, t_token = ttft * slow, token_delay * slow
         stream = bool(body.get("stream"))
         usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -366,7 +370,7 @@ def main() -> None:
                    "to /admin/models-on")
     p.add_argument("--diverge-after", type=int, default=-1, help="greedy tokens from this position on differ "
                    "(alt{i} for tok{i}): a model that answers otherwise, for shadow comparisons")
-    p.add_argument("--slow-after", type=int, default=-1, help="from this completion on, ten times slower")
+    p.add_argument("--slow-after", type=int, default=-1, help=f"from this completion on, {SLOW_FACTOR:g} times slower")
     args = p.parse_args()
     app = build_app(args.model, args.ttft, args.token_delay, args.fail_status, args.models_off, args.diverge_after,
                     args.slow_after)

@@ -79,7 +79,10 @@ def distill(load_model, family: Family, plan: PruningPlan, updates: LayerUpdates
             if steps % EVAL_EVERY == 0 or steps == opts.e2e_steps:
                 now = held_kl()
                 if now < best:
-                    best, best_state, since = now, [p.detach().clone() for p in params], 0
+                    best, since = now, 0
+                    with torch.no_grad():
+                        for s, p in zip(best_state, params):
+                            s.copy_(p)
                 else:
                     since += 1
                     if since >= PATIENCE:

@@ -174,6 +174,12 @@ class _Trainable:
     def state(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.parameters()]
 
+    def save(self, state: list[torch.Tensor]) -> None:
+        """Into `state`'s buffers: a fresh clone per improvement would hold two copies for a moment."""
+        with torch.no_grad():
+            for s, p in zip(state, self.parameters()):
+                s.copy_(p)
+
     def load(self, state: list[torch.Tensor]) -> None:
         with torch.no_grad():
             for p, s in zip(self.parameters(), state):
@@ -273,7 +279,8 @@ def heal_layer(block: nn.Module, trainable: _Trainable, train: tuple[torch.Tenso
         if steps % opts.eval_every == 0 or steps == opts.steps:
             now = held_out()
             if now < best:
-                best, best_state, since = now, trainable.state(), 0
+                best, since = now, 0
+                trainable.save(best_state)
             else:
                 since += 1
                 if since >= opts.patience:

@@ -1,7 +1,7 @@
 """`heapr-serve serve`: bad folders fail fast with one line; a pruned folder serves the OpenAI API.
 
 The server test starts the real command (which execs vLLM's OpenAI-compatible server with the plugin)
-on a pruned random Qwen3-MoE (the dense folder served through `serve` is tests/test_eval_endpoint.py's
+on a pruned random Qwen3-MoE (the dense folder served through `serve` is tests/test_vllm_endpoints.py's
 server). The refusals run the real console entry point in-process (with `os.execv` made to fail, so
 a refusal that let vLLM start fails the test instead of replacing it), and one of them also as its
 own process, to show exactly what a user's shell sees.

@@ -24,7 +24,6 @@ from heapr_serve.prune.methods import METHODS
 from heapr_serve.prune.reconstruct import DEFAULT_DAMP
 from heapr_serve.prune.summary import evaluate_pair, peak_memory_gib, summary_table, warn_unrouted
 from heapr_serve.prune.to_folder import RetuneRun, check_source, prune_to_folder
-from heapr_serve.quantize.after_pruning import QuantizeRun
 from heapr_serve.score.stats import ExpertStats
 
 
@@ -96,6 +95,8 @@ def apply_command(
         raise HeaprError(f"{scores}: scores were computed on other weights than those now in {source} (retrained or replaced?); re-run `heapr-serve compress`")
     options = flags.for_source(options, source, config)
     retune = quantize_run = None
+    if options.quantize is not None:
+        from heapr_serve.quantize.after_pruning import QuantizeRun  # compressed-tensors: only when the stage runs
     if options.retunes or (options.quantize is not None and options.quantize.method == "gptq"):
         calibration = _recorded_calibration(scores, source, config, stats, torch_device)
         if options.retunes:

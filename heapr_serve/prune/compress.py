@@ -28,7 +28,6 @@ from heapr_serve.prune.methods import METHODS, plan_for_method
 from heapr_serve.prune.reconstruct import DEFAULT_DAMP, temporary_folder
 from heapr_serve.prune.summary import evaluate_pair, peak_memory_gib, summary_table, warn_unrouted
 from heapr_serve.prune.to_folder import RetuneRun, check_source, prune_to_folder, retune_plan
-from heapr_serve.quantize.after_pruning import QuantizeRun
 from heapr_serve.score import distributed
 from heapr_serve.score.checkpointing import partial_folder
 from heapr_serve.score.memory import estimate, room_for
@@ -144,7 +143,11 @@ def compress_command(
         finish_run(out, identity)
         return
 
-    quantize_run = None if options.quantize is None else QuantizeRun(options.quantize, batches, torch_dtype, torch_device, activations_dir)
+    quantize_run = None
+    if options.quantize is not None:
+        from heapr_serve.quantize.after_pruning import QuantizeRun  # compressed-tensors: only when the stage runs
+
+        quantize_run = QuantizeRun(options.quantize, batches, torch_dtype, torch_device, activations_dir)
     result = prune_to_folder(source, out, stats, options, retune, quantize_run)
     finish_run(out, identity)
     warn_unrouted(result.plan, keep_unrouted)

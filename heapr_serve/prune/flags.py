@@ -19,7 +19,7 @@ from heapr_serve.progress import console
 from heapr_serve.prune.heal import DEFAULT_E2E_STEPS, HealOptions
 from heapr_serve.prune.methods import expert_allocation, get_method, uniform_allocation
 from heapr_serve.prune.options import PruneOptions
-from heapr_serve.quantize.after_pruning import QuantizeOptions
+from heapr_serve.quantize.options import QuantizeOptions
 from heapr_serve.score import distributed
 
 HEAL = typer.Option(False, "--heal", help="Heal every pruned layer: tune its kept weights (and router) with Adam so it reproduces the dense layer, layer by layer on the pruned model's inputs.")

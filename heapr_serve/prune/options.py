@@ -21,7 +21,7 @@ from heapr_serve.prune.reconstruct import DEFAULT_DAMP, INPUTS
 
 if TYPE_CHECKING:  # held, not built here: the llm-compressor modifier imports this module without healing's or quantizing's code
     from heapr_serve.prune.heal import HealOptions
-    from heapr_serve.quantize.after_pruning import QuantizeOptions
+    from heapr_serve.quantize.options import QuantizeOptions
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -32,8 +32,10 @@ from heapr_serve.prune.heal import heal
 from heapr_serve.prune.methods import plan_for_method, plan_record
 from heapr_serve.prune.options import PruneOptions
 from heapr_serve.prune.reconstruct import reconstruct, temporary_folder
-from heapr_serve.quantize.after_pruning import QuantizeRun, quantize_pruned
 from heapr_serve.score.stats import SCORES_FILE, ExpertStats
+
+if TYPE_CHECKING:  # compressed-tensors (~8 s to import on 2 cores) only when quantizing
+    from heapr_serve.quantize.after_pruning import QuantizeRun
 
 
 @dataclass
@@ -118,6 +120,8 @@ def prune_to_folder(source: Path, out: Path, stats: ExpertStats, options: PruneO
         write_model_card(folder, saved, plan, source_params, written["params"], out.name)
         quantized = None
         if quantize is not None:
+            from heapr_serve.quantize.after_pruning import quantize_pruned
+
             with _scratch_path(out) as gptq_folder:
                 quantized = quantize_pruned(folder, out, options.overwrite, quantize, source, family, plan, None if refit is None else refit.get,
                                             gptq_folder, progress, carry=(SCORES_FILE,))

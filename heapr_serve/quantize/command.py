@@ -24,7 +24,6 @@ from heapr_serve.errors import HeaprError
 from heapr_serve.families import family_for
 from heapr_serve.progress import console, progress_bar
 from heapr_serve.quantize.schemes import SCHEMES
-from heapr_serve.quantize.folder import quantize_folder
 
 
 def _standalone_gptq(folder: Path, out: Path, calib, nsamples: int, seq_len: int, batch_size: int, seed: int, device: str, stack):
@@ -87,6 +86,8 @@ def quantize_command(
         raise HeaprError(f"--method {method!r}: use rtn (round to nearest, the default) or gptq (calibrated)")
     with contextlib.ExitStack() as stack:
         calibrate = _standalone_gptq(folder, out, calib, nsamples, seq_len, batch_size, seed, device, stack) if method == "gptq" else None
+        from heapr_serve.quantize.folder import quantize_folder  # compressed-tensors: when the command runs
+
         record = quantize_folder(folder, out, scheme, group_size, list(ignore), overwrite, only_experts, calibrate=calibrate)
     saved = 1 - record["weight_bytes_after"] / max(record["weight_bytes_before"], 1)
     console.print(f"wrote {out}: {record['quantized_tensors']} Linear weights quantized to {scheme} "

@@ -17,11 +17,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from compressed_tensors.quantization import QuantizationConfig
 from safetensors.torch import save_file
 
 from heapr_serve.checkpoint.format import open_safetensors, read_config, safetensors_files
-from heapr_serve.quantize.rtn import dequantize_weight
 
 _PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight")
 
@@ -41,6 +39,10 @@ def dequantized_folder(folder: Path, dtype: torch.dtype = torch.bfloat16):
 def write_dequantized(folder: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """`folder` into `out` with every quantized Linear decompressed to `dtype`, and neither the
     `quantization_config` nor heapr-serve's quantization record: the float model it stands for."""
+    from compressed_tensors.quantization import QuantizationConfig  # only for a quantized folder: ~8 s to import
+
+    from heapr_serve.quantize.rtn import dequantize_weight
+
     folder, out = Path(folder), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = read_config(folder)

@@ -8,22 +8,35 @@ llm-compressor and transformers. Only the group size may be changed (`--group-si
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from compressed_tensors.config import CompressionFormat
-from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy, preset_name_to_scheme
+from typing import TYPE_CHECKING
 
 from heapr_serve.errors import HeaprError
+
+if TYPE_CHECKING:
+    from compressed_tensors.quantization import QuantizationScheme
+
+# compressed-tensors is imported when a scheme is built, not with this module: the command line names
+# the schemes in its help, and importing compressed-tensors costs every `heapr-serve` process ~8 s on 2 cores.
 
 
 @dataclass(frozen=True)
 class Scheme:
     name: str  # the --scheme value
     preset: str  # compressed-tensors preset
-    format: str  # compressed-tensors compression format of the weights
+    format_member: str  # compressed-tensors `CompressionFormat` member of the weights' format
     summary: str
+
+    @property
+    def format(self) -> str:
+        """The compressed-tensors compression format's value (what `quantization_config.format` says)."""
+        from compressed_tensors.config import CompressionFormat
+
+        return CompressionFormat[self.format_member].value
 
     def build(self, group_size: int | None) -> QuantizationScheme:
         """The compressed-tensors scheme, with `group_size` (None: the preset's; -1: per channel)."""
+        from compressed_tensors.quantization import QuantizationStrategy, preset_name_to_scheme
+
         scheme = preset_name_to_scheme(self.preset, ["Linear"])
         w = scheme.weights
         if group_size is not None:
@@ -44,6 +57,8 @@ class Scheme:
         """For a grouped scheme without --group-size: the preset's group if it divides every quantized
         weight's input width (and is at most `at_most`), else the largest of 64, 32, 16, 8 that does,
         else -1 (per channel); None for a scheme without groups."""
+        from compressed_tensors.quantization import QuantizationStrategy, preset_name_to_scheme
+
         preset = preset_name_to_scheme(self.preset, ["Linear"]).weights
         if preset.strategy != QuantizationStrategy.GROUP:
             return None
@@ -54,17 +69,17 @@ class Scheme:
 
 
 SCHEMES = {s.name: s for s in (
-    Scheme("w4a16", "W4A16", CompressionFormat.pack_quantized.value,
+    Scheme("w4a16", "W4A16", "pack_quantized",
            "int4 weights, symmetric, groups of 128 along the input; 16-bit activations (Marlin / WNA16 kernels)"),
-    Scheme("w4a16-asym", "W4A16_ASYM", CompressionFormat.pack_quantized.value,
+    Scheme("w4a16-asym", "W4A16_ASYM", "pack_quantized",
            "int4 weights with zero points, groups of 128; 16-bit activations"),
-    Scheme("w8a16", "W8A16", CompressionFormat.pack_quantized.value,
+    Scheme("w8a16", "W8A16", "pack_quantized",
            "int8 weights, symmetric, groups of 128; 16-bit activations"),
-    Scheme("w8a8", "W8A8", CompressionFormat.int_quantized.value,
+    Scheme("w8a8", "W8A8", "int_quantized",
            "int8 weights per output channel, int8 activations per token (dynamic)"),
-    Scheme("fp8", "FP8_DYNAMIC", CompressionFormat.float_quantized.value,
+    Scheme("fp8", "FP8_DYNAMIC", "float_quantized",
            "FP8 e4m3 weights per output channel, FP8 activations per token (dynamic)"),
-    Scheme("fp8-block", "FP8_BLOCK", CompressionFormat.float_quantized.value,
+    Scheme("fp8-block", "FP8_BLOCK", "float_quantized",
            "FP8 e4m3 weights in 128x128 blocks, FP8 activations in groups of 128 (DeepSeek-V3 style)"),
 )}
 

@@ -270,10 +270,10 @@ def heal_layer(block: nn.Module, trainable: _Trainable, train: tuple[torch.Tenso
         optimizer.zero_grad()
         loss.backward()
         if ranks.world > 1:  # an expert no token of this rank's minibatch reached has no gradient yet: zero
-            grads = {f"g{i:05d}": _grad(p) for i, p in enumerate(params)}
-            distributed.all_reduce_sums(ranks, grads, device)
-            for p in params:
-                p.grad /= ranks.world
+            grads = [_grad(p) for p in params]
+            distributed.all_reduce_flat(ranks, grads, device)
+            for g in grads:
+                g /= ranks.world
         optimizer.step(min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / opts.steps)))
         steps = step + 1
         if steps % opts.eval_every == 0 or steps == opts.steps:

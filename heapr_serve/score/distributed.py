@@ -82,6 +82,22 @@ def all_reduce_sums(ranks: Ranks, sums: dict[str, torch.Tensor], device: torch.d
             tensor.copy_(moved)
 
 
+def all_reduce_flat(ranks: Ranks, tensors: list[torch.Tensor], device: torch.device) -> None:
+    """Sum same-dtype tensors over the ranks, in place, with ONE collective: healing reduces every
+    kept weight's gradient every step, and one gloo call per tensor (~1 ms each, 49 per step on the
+    bundled model) cost more than the step itself."""
+    if ranks.world == 1 or not tensors:
+        return
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def finish(ranks: Ranks) -> None:
     global STARTED
     if ranks.world == 1 or not STARTED:

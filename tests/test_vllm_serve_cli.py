@@ -117,9 +117,10 @@ def test_bad_input_fails_fast_with_one_line(refusals, case):
 def test_serve_openai_endpoints(folders, tmp_path):
     which = "pruned"
     folder = folders[which]
-    # vLLM's default CPU mode (torch.compile of the model, fullgraph): the ragged dispatch must survive it
+    # vLLM's default CPU mode (torch.compile of the model, fullgraph): the ragged dispatch must survive it.
+    # The engine runs beside the API server, not in two more processes (~20 s of imports each on 2 cores)
     server = LocalVllmServer(folder, served_name=which, through_serve=True, log=tmp_path / "server.log",
-                             env={"VLLM_CPU_KVCACHE_SPACE": "1"}, startup_timeout=420,
+                             env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, startup_timeout=420,
                              extra=["--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "4",
                                     "--distributed-executor-backend", "uni"])
     with server:

@@ -25,7 +25,8 @@ from test_reconstruct import _tensors
 
 FAST = ["--nsamples", "16", "--seq-len", "64", "--batch-size", "4"]
 RATIO = "0.75"  # every layer loses enough to heal (at 0.5 the first keeps 74 % and has almost nothing to regain)
-HEAL = ["--heal", "--heal-steps", "120", "--heal-batch-tokens", "256"]
+# 120 steps of 256 tokens, one rank or two (--heal-epochs' default 4 would take 15 over these ~900 training tokens)
+HEAL = ["--heal", "--heal-steps", "120", "--heal-epochs", "100", "--heal-batch-tokens", "256"]
 
 
 def _heapr(folder: Path) -> dict:
@@ -162,6 +163,8 @@ def test_two_gloo_ranks_heal_together(healed, tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--heal-steps", "0"], "--heal-steps"),
+    (["--heal-epochs", "0"], "--heal-epochs"),
+    (["--heal-epochs", "nan"], "--heal-epochs"),
     (["--heal-lr", "0"], "--heal-lr"),
     (["--heal-lr", "2"], "--heal-lr"),
     (["--heal-holdout", "1"], "--heal-holdout"),
@@ -282,3 +285,13 @@ def test_least_squares_start_is_fitted_on_the_training_sequences_alone():
     scale = float(with_held.abs().max())  # float32 activations of other batch shapes: equal to rounding
     assert torch.allclose(with_held, training_only, rtol=0, atol=1e-5 * scale)
     assert not torch.allclose(with_held, everything, rtol=0, atol=1e-2 * scale)
+
+
+def test_heal_steps_follow_the_calibration_size():
+    """--heal-epochs passes over all ranks' training tokens, each rank a batch a step, up to --heal-steps."""
+    from heapr_serve.prune.heal import HealOptions, planned_steps
+
+    assert planned_steps(HealOptions(), 14_745, 1) == 58  # ceil(4 x 14,745 / 1024): the bundled model's default calibration
+    assert planned_steps(HealOptions(), 14_745, 2) == 29  # two ranks, a batch each per step
+    assert planned_steps(HealOptions(), 10**7, 1) == 400  # capped by --heal-steps
+    assert planned_steps(HealOptions(epochs=1e-3), 100, 1) == 1

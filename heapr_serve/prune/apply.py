@@ -62,6 +62,7 @@ def apply_command(
     device: str = typer.Option("auto", help="For --reconstruct and --heal: auto (a CUDA GPU when present), cpu, cuda, cuda:N."),
     heal_: bool = flags.HEAL,
     heal_steps: int = flags.HEAL_STEPS,
+    heal_epochs: float = flags.HEAL_EPOCHS,
     heal_lr: float = flags.HEAL_LR,
     heal_router: bool = flags.HEAL_ROUTER,
     heal_batch_tokens: int = flags.HEAL_BATCH_TOKENS,
@@ -78,7 +79,7 @@ def apply_command(
     start = time.perf_counter()
     options = flags.prune_options(
         ratio, method, scope, align, keep_unrouted, seed, drop_mtp, overwrite, reconstruct_, reconstruct_inputs, reconstruct_damp,
-        flags.heal_options(heal_, heal_steps, heal_lr, heal_router, heal_batch_tokens, heal_holdout, heal_target, heal_e2e, heal_e2e_steps, heal_e2e_lr, seed),
+        flags.heal_options(heal_, heal_steps, heal_epochs, heal_lr, heal_router, heal_batch_tokens, heal_holdout, heal_target, heal_e2e, heal_e2e_steps, heal_e2e_lr, seed),
         flags.quantize_options(quantize, quant_method, quant_group_size))
     torch_device = pick_device(device)
     stats = ExpertStats.load(scores)

@@ -71,6 +71,7 @@ def compress_command(
     reconstruct_damp: float = typer.Option(DEFAULT_DAMP, help="--reconstruct ridge damping, relative to the mean diagonal of each expert's Gram matrix."),
     heal_: bool = flags.HEAL,
     heal_steps: int = flags.HEAL_STEPS,
+    heal_epochs: float = flags.HEAL_EPOCHS,
     heal_lr: float = flags.HEAL_LR,
     heal_router: bool = flags.HEAL_ROUTER,
     heal_batch_tokens: int = flags.HEAL_BATCH_TOKENS,
@@ -87,7 +88,7 @@ def compress_command(
     start = time.perf_counter()
     options = flags.prune_options(
         ratio, method, scope, align, keep_unrouted, seed, drop_mtp, overwrite, reconstruct_, reconstruct_inputs, reconstruct_damp,
-        flags.heal_options(heal_, heal_steps, heal_lr, heal_router, heal_batch_tokens, heal_holdout, heal_target, heal_e2e, heal_e2e_steps, heal_e2e_lr, seed),
+        flags.heal_options(heal_, heal_steps, heal_epochs, heal_lr, heal_router, heal_batch_tokens, heal_holdout, heal_target, heal_e2e, heal_e2e_steps, heal_e2e_lr, seed),
         flags.quantize_options(quantize, quant_method, quant_group_size))
     ranks = distributed.ranks_from_env()
     torch_device = distributed.device_for(ranks, pick_device(device))

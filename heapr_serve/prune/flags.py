@@ -24,6 +24,7 @@ from heapr_serve.score import distributed
 
 HEAL = typer.Option(False, "--heal", help="Heal every pruned layer: tune its kept weights (and router) with Adam so it reproduces the dense layer, layer by layer on the pruned model's inputs.")
 HEAL_STEPS = typer.Option(HealOptions.steps, help="--heal: at most N Adam steps per layer (the held-out share stops it earlier).")
+HEAL_EPOCHS = typer.Option(HealOptions.epochs, help="--heal: steps per layer = this many passes over the training tokens (at --heal-batch-tokens a step), up to --heal-steps.")
 HEAL_LR = typer.Option(HealOptions.lr, help="--heal: Adam learning rate, relative to each weight's RMS.")
 HEAL_ROUTER = typer.Option(HealOptions.router, "--heal-router/--no-heal-router", help="--heal: tune the router too.")
 HEAL_BATCH_TOKENS = typer.Option(HealOptions.batch_tokens, help="--heal: calibration tokens per step (per rank).")
@@ -37,14 +38,14 @@ QUANT_METHOD = typer.Option("gptq", help="--quantize: gptq (calibrated on this r
 QUANT_GROUP = typer.Option(None, help="--quantize: group size along the input (-1: per channel; default: the scheme's where it fits, else 64/32/16/8; kept widths are aligned to it).")
 
 
-def heal_options(heal: bool, steps: int, lr: float, router: bool, batch_tokens: int, holdout: float, target: str,
+def heal_options(heal: bool, steps: int, epochs: float, lr: float, router: bool, batch_tokens: int, holdout: float, target: str,
                  e2e: bool, e2e_steps: int, e2e_lr: float, seed: int) -> HealOptions | None:
     """The healing options, or None without --heal; --heal-e2e implies --heal and needs the model in memory."""
     if e2e and (distributed.ranks_from_env().world > 1):
         raise HeaprError("--heal-e2e holds the dense and the pruned model in one process; run it without torchrun, or drop --heal-e2e")
     if e2e and e2e_steps < 1:
         raise HeaprError(f"--heal-e2e-steps must be at least 1 with --heal-e2e (got {e2e_steps})")
-    options = HealOptions(steps, lr, router, batch_tokens, holdout, seed=seed, target=target,
+    options = HealOptions(steps, lr, router, batch_tokens, holdout, seed=seed, target=target, epochs=epochs,
                           e2e_steps=e2e_steps if e2e else 0, e2e_lr=e2e_lr)
     options.check()  # a bad --heal-* value is refused with or without --heal
     return options if heal or e2e else None

@@ -64,10 +64,14 @@ class HealOptions:
     e2e_steps: int = 0  # then this many steps (at most) of end-to-end logit distillation (heapr_serve.prune.distill)
     e2e_lr: float = 3e-2  # its learning rate, relative to each tensor's RMS
     target: str = "layer"  # layer: the dense layer on the pruned inputs; stream: the dense model's own next state
+    epochs: float = 4.0  # steps per layer: this many passes over the training tokens, up to `steps`
 
     def check(self) -> None:
         if self.steps < 1:
             raise HeaprError(f"--heal-steps must be at least 1 (got {self.steps})")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise HeaprError(f"--heal-epochs must be a positive number of passes over the training tokens (got {self.epochs}); "
+                             f"{HealOptions.epochs:g} is the default")
         if not (0 < self.lr < 1):
             raise HeaprError(f"--heal-lr must be in (0, 1), relative to each weight's RMS (got {self.lr}); {HealOptions.lr:g} is the default")
         if not (0 < self.e2e_lr < 1):
@@ -250,6 +254,7 @@ def heal_layer(block: nn.Module, trainable: _Trainable, train: tuple[torch.Tenso
     generator = torch.Generator().manual_seed(opts.seed * 1000003 + layer)
     energy = _reduced(ranks, [float(y.double().pow(2).sum()), float(y.shape[0])], device)
     mean_energy = energy[0] / max(energy[1], 1.0)
+    total = planned_steps(opts, int(energy[1]), ranks.world)
     params = trainable.parameters()
     optimizer = RelativeAdam(params, opts.lr)
 
@@ -260,8 +265,8 @@ def heal_layer(block: nn.Module, trainable: _Trainable, train: tuple[torch.Tenso
     before = held_out()
     best, best_state, since, steps = before, trainable.state(), 0, 0
     batch = min(opts.batch_tokens, x.shape[0])
-    warmup = max(1, opts.steps // 10)  # Adam's first steps move every weight by ~lr, whatever its gradient
-    for step in range(opts.steps):
+    warmup = max(1, total // 10)  # Adam's first steps move every weight by ~lr, whatever its gradient
+    for step in range(total):
         idx = torch.randint(0, x.shape[0], (batch,), generator=generator)
         xb, yb = x[idx].to(device).float(), y[idx].to(device).float()
         out = block(xb.unsqueeze(0))
@@ -274,9 +279,9 @@ def heal_layer(block: nn.Module, trainable: _Trainable, train: tuple[torch.Tenso
             distributed.all_reduce_flat(ranks, grads, device)
             for g in grads:
                 g /= ranks.world
-        optimizer.step(min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / opts.steps)))
+        optimizer.step(min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total)))
         steps = step + 1
-        if steps % opts.eval_every == 0 or steps == opts.steps:
+        if steps % opts.eval_every == 0 or steps == total:
             now = held_out()
             if now < best:
                 best, since = now, 0
@@ -287,6 +292,14 @@ def heal_layer(block: nn.Module, trainable: _Trainable, train: tuple[torch.Tenso
                     break
     trainable.load(best_state)
     return {"held_out_before": before, "held_out_after": best, "steps": steps}
+
+
+def planned_steps(opts: HealOptions, train_tokens: int, world: int) -> int:
+    """`--heal-epochs` passes over the training tokens of all ranks (each rank a batch a step), at most
+    `--heal-steps`: healing's cost then follows calibration's, and a small calibration set is not
+    fitted for hundreds of steps it can only be over-fitted by (docs/quality.md, "Healing")."""
+    per_step = opts.batch_tokens * world
+    return max(1, min(opts.steps, math.ceil(opts.epochs * train_tokens / per_step)))
 
 
 def holdout_cut(lengths: list[int], holdout: float, max_tokens: int) -> int:

@@ -162,6 +162,10 @@ def test_importing_heapr_serve_stays_cheap():
     code = "import sys, heapr_serve; print('transformers.models.auto.modeling_auto' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+    # nor does the command line pay for compressed-tensors (~8 s on 2 cores) unless it quantizes
+    code = "import sys, heapr_serve.cli; print(sorted(m for m in ('compressed_tensors', 'vllm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_mtp_module_of_qwen3_next_is_kept_whole(tmp_path, tiny_models):

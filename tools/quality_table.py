@@ -86,7 +86,7 @@ def parse_method(spec: str) -> tuple[str, dict | None]:
 
 def parse_quantize(spec: str):
     """'heapr+w4a16' -> ('heapr', QuantizeOptions('w4a16', 'gptq')); 'heapr+w4a16-rtn' -> rtn; else (spec, None)."""
-    from heapr_serve.quantize.after_pruning import QuantizeOptions
+    from heapr_serve.quantize.options import QuantizeOptions
     from heapr_serve.quantize.schemes import SCHEMES
 
     head, _, last = spec.rpartition("+")

@@ -18,7 +18,8 @@ from heapr_serve.errors import HeaprError
 from heapr_serve.families import Family
 from heapr_serve.prune.allocation import PruningPlan
 from heapr_serve.quantize.folder import quantize_folder
-from heapr_serve.quantize.options import QuantizeOptions  # noqa: F401  (re-exported)
+from heapr_serve.quantize.options import QuantizeOptions
+
 
 @dataclass
 class QuantizeRun:

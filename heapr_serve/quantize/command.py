@@ -32,7 +32,8 @@ def _standalone_gptq(folder: Path, out: Path, calib, nsamples: int, seq_len: int
     from heapr_serve.checkpoint.source import SourceCheckpoint
     from heapr_serve.models import load_tokenizer, pick_device
     from heapr_serve.prune.reconstruct import temporary_folder
-    from heapr_serve.quantize.after_pruning import QuantizeOptions, QuantizeRun, gptq_calibration
+    from heapr_serve.quantize.after_pruning import QuantizeRun, gptq_calibration
+    from heapr_serve.quantize.options import QuantizeOptions
     from heapr_serve.score import distributed
 
     config = read_config(folder)
